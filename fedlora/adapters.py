@@ -1,0 +1,213 @@
+"""One representation of a LoRA adapter, and its only conversions.
+
+Everything that moves between clients and server, or is aggregated, is an :class:`AdapterState`:
+``lora = {module_name: LoraFactors(A [r, in], B [out, r], scale)}`` plus ``extra`` (non-LoRA trainables
+such as a classification head, keyed by their parameter name). Module names are the base model's module
+paths (``model.layers.0.self_attn.q_proj``), free of PEFT's ``base_model.model.`` prefix and adapter names.
+
+Conversions live here and nowhere else:
+- PEFT model  <-> AdapterState   (``from_peft`` / ``load_into_peft``)
+- flat arrays <-> AdapterState   (``to_arrays`` / ``from_arrays``; keys ``<module>.lora_A``, ``<module>.lora_B``,
+  ``extra.<param>``; numpy float32, which is what Flower's ``ArrayRecord`` carries)
+- safetensors files              (``save_file`` / ``load_file``)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+PEFT_PREFIX = "base_model.model."
+LORA_A, LORA_B, EXTRA = "lora_A", "lora_B", "extra."
+
+
+@dataclass
+class LoraFactors:
+    """LoRA factors of one adapted weight W (out x in): the update is ``scale * B @ A``."""
+
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """The dense update scale * B @ A (out x in). Only for small modules, tests and audits."""
+        return self.scale * (self.B.double() @ self.A.double())
+
+
+@dataclass
+class AdapterState:
+    lora: dict[str, LoraFactors] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # -- small helpers -------------------------------------------------------------------------
+    def ranks(self) -> dict[str, int]:
+        return {name: f.rank for name, f in self.lora.items()}
+
+    def num_parameters(self) -> int:
+        return sum(f.A.numel() + f.B.numel() for f in self.lora.values()) + sum(
+            t.numel() for t in self.extra.values()
+        )
+
+    def clone(self) -> AdapterState:
+        return AdapterState(
+            {n: LoraFactors(f.A.clone(), f.B.clone(), f.scale) for n, f in self.lora.items()},
+            {n: t.clone() for n, t in self.extra.items()},
+        )
+
+    def map(self, fn) -> AdapterState:
+        """Apply ``fn`` to every tensor (e.g. ``lambda t: t.float()``)."""
+        return AdapterState(
+            {n: LoraFactors(fn(f.A), fn(f.B), f.scale) for n, f in self.lora.items()},
+            {n: fn(t) for n, t in self.extra.items()},
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT
+# ----------------------------------------------------------------------------------------------
+def _strip(name: str) -> str:
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
+def lora_layers(model) -> dict[str, torch.nn.Module]:
+    """PEFT LoRA layers of ``model`` by base-module name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {_strip(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def from_peft(model, adapter_name: str = "default", include_A: bool = True) -> AdapterState:
+    """Read the active adapter (and trainable non-LoRA parameters) out of a PEFT model, detached, fp32."""
+    state = AdapterState()
+    for name, layer in lora_layers(model).items():
+        if adapter_name not in layer.lora_A:
+            continue
+        A = layer.lora_A[adapter_name].weight.detach().float().cpu().clone()
+        B = layer.lora_B[adapter_name].weight.detach().float().cpu().clone()
+        state.lora[name] = LoraFactors(A, B, float(layer.scaling[adapter_name]))
+    for pname, p in model.named_parameters():
+        if p.requires_grad and ".lora_" not in pname:
+            state.extra[_strip(pname)] = p.detach().float().cpu().clone()
+    return state
+
+
+@torch.no_grad()
+def load_into_peft(model, state: AdapterState, adapter_name: str = "default", strict: bool = True) -> None:
+    """Write ``state`` into a PEFT model. Ranks must match the model's (``resize_peft`` changes them)."""
+    layers = lora_layers(model)
+    for name, f in state.lora.items():
+        if name not in layers:
+            raise KeyError(f"adapter has module {name!r} that the model has no LoRA layer for")
+        layer = layers[name]
+        a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        if a.shape != f.A.shape or b.shape != f.B.shape:
+            raise ValueError(
+                f"{name}: adapter shapes A{tuple(f.A.shape)} B{tuple(f.B.shape)} do not match the model's "
+                f"A{tuple(a.shape)} B{tuple(b.shape)}"
+            )
+        a.copy_(f.A.to(a.dtype))
+        b.copy_(f.B.to(b.dtype))
+        layer.scaling[adapter_name] = f.scale
+    if state.extra:
+        params = {_strip(n): p for n, p in model.named_parameters()}
+        for pname, t in state.extra.items():
+            if pname not in params:
+                raise KeyError(f"adapter has parameter {pname!r} that the model does not have")
+            params[pname].copy_(t.to(params[pname].dtype))
+    if strict:
+        missing = set(layers) - set(state.lora)
+        if missing and state.lora:
+            raise KeyError(f"adapter lacks modules {sorted(missing)[:3]}...")
+
+
+@torch.no_grad()
+def resize_peft(model, ranks: dict[str, int] | int, alpha: float, adapter_name: str = "default") -> None:
+    """Give every LoRA layer a fresh adapter of the given rank(s) (A Kaiming, B zero), scale alpha/r."""
+    for name, layer in lora_layers(model).items():
+        r = ranks if isinstance(ranks, int) else ranks[name]
+        if layer.r[adapter_name] == r:
+            continue
+        dev = layer.lora_A[adapter_name].weight.device
+        dtype = layer.lora_A[adapter_name].weight.dtype
+        inf, outf = layer.in_features, layer.out_features
+        layer.lora_A[adapter_name] = torch.nn.Linear(inf, r, bias=False, device=dev, dtype=dtype)
+        layer.lora_B[adapter_name] = torch.nn.Linear(r, outf, bias=False, device=dev, dtype=dtype)
+        torch.nn.init.zeros_(layer.lora_B[adapter_name].weight)
+        layer.r[adapter_name] = r
+        layer.lora_alpha[adapter_name] = alpha
+        layer.scaling[adapter_name] = alpha / r
+
+
+# ----------------------------------------------------------------------------------------------
+# Flat arrays (Flower ArrayRecord content) and files
+# ----------------------------------------------------------------------------------------------
+def to_arrays(state: AdapterState, parts: tuple[str, ...] = (LORA_A, LORA_B, "extra")) -> dict[str, np.ndarray]:
+    """Flat ``{key: float32 ndarray}``. ``parts`` selects what is sent (FFA-LoRA sends only B and extra)."""
+    out: dict[str, np.ndarray] = {}
+    for name, f in state.lora.items():
+        if LORA_A in parts:
+            out[f"{name}.{LORA_A}"] = f.A.detach().float().cpu().numpy()
+        if LORA_B in parts:
+            out[f"{name}.{LORA_B}"] = f.B.detach().float().cpu().numpy()
+    if "extra" in parts:
+        for pname, t in state.extra.items():
+            out[EXTRA + pname] = t.detach().float().cpu().numpy()
+    return out
+
+
+def from_arrays(arrays: dict[str, np.ndarray | torch.Tensor], scales: dict[str, float] | float) -> AdapterState:
+    """Inverse of :func:`to_arrays` for states that carry both A and B. Unknown key forms raise ValueError."""
+    state = AdapterState()
+    As, Bs = {}, {}
+    for key, v in arrays.items():
+        t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+        if key.startswith(EXTRA):
+            state.extra[key[len(EXTRA):]] = t
+        elif key.endswith("." + LORA_A):
+            As[key[: -len(LORA_A) - 1]] = t
+        elif key.endswith("." + LORA_B):
+            Bs[key[: -len(LORA_B) - 1]] = t
+        else:
+            raise ValueError(f"unexpected array key {key!r} (expected '<module>.lora_A|lora_B' or 'extra.<name>')")
+    if set(As) != set(Bs):
+        raise ValueError(f"modules with only one factor: {sorted(set(As) ^ set(Bs))[:3]}")
+    for name in As:
+        s = scales if isinstance(scales, (int, float)) else scales[name]
+        state.lora[name] = LoraFactors(As[name], Bs[name], float(s))
+    return state
+
+
+def array_bytes(arrays: dict[str, np.ndarray]) -> int:
+    """Payload bytes of a flat array dict (raw tensor bytes)."""
+    return int(sum(np.asarray(a).nbytes for a in arrays.values()))
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """Short stable hash of a tensor's float32 bytes (used to check that frozen factors agree)."""
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def save_file(state: AdapterState, path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file as _save
+
+    tensors = {k: torch.from_numpy(v).contiguous() for k, v in to_arrays(state).items()}
+    meta = {f"scale.{n}": repr(f.scale) for n, f in state.lora.items()}
+    meta.update(metadata or {})
+    _save(tensors, str(path), metadata=meta)
+
+
+def load_file(path) -> AdapterState:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        arrays = {k: fh.get_tensor(k) for k in fh.keys()}
+    scales = {k[len("scale."):]: float(v) for k, v in meta.items() if k.startswith("scale.")}
+    return from_arrays(arrays, scales)
