@@ -1,0 +1,480 @@
+"""Server-side aggregation maths of the federated-LoRA methods: pure functions, torch in, torch out.
+
+Conventions (see ``shared/ALGORITHMS.md``): a client's update of weight W (out m x in n) is ``s_k B_k A_k`` with
+``A_k`` [r_k, n], ``B_k`` [m, r_k], ``s_k = alpha_k / r_k``; p_k = n_k / sum_j n_j; the ideal update of a round is
+``dW* = sum_k p_k s_k B_k A_k``. Every function takes ``states`` (one :class:`AdapterState` per client, same
+modules and extra keys) and ``weights`` (example counts or any non-negative numbers; normalised here).
+
+Nothing here forms an m x n matrix unless its name or a ``dense`` flag says so: low-rank paths work on the
+factors and on small r x r Gram matrices. Equations are written out in each docstring; equation numbers of the
+papers are not quoted (the formulas are).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .adapters import AdapterState, LoraFactors
+
+__all__ = [
+    "normalize", "ideal_update", "effective_update", "fedit", "flora_stack", "dense_or_stacked_bytes",
+    "ffa_average", "lora_fair", "lora_fair_dense", "flexlora", "flexlora_global", "svd_of_sum", "hetlora",
+    "truncate",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+def normalize(num_examples: Sequence[float]) -> list[float]:
+    """p_k = n_k / sum_j n_j as Python floats (idempotent: normalised weights come back unchanged)."""
+    n = [float(x) for x in num_examples]
+    if not n or any(x < 0 or not math.isfinite(x) for x in n) or sum(n) <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {n}")
+    total = math.fsum(n)
+    return [x / total for x in n]
+
+
+def _check(states: Sequence[AdapterState], weights: Sequence[float]) -> list[float]:
+    if not states:
+        raise ValueError("no client states to aggregate")
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    mods, extra = set(states[0].lora), set(states[0].extra)
+    for i, st in enumerate(states[1:], 1):
+        if set(st.lora) != mods:
+            raise ValueError(f"client {i} has different LoRA modules: {sorted(set(st.lora) ^ mods)[:3]}")
+        if set(st.extra) != extra:
+            raise ValueError(f"client {i} has different extra parameters: {sorted(set(st.extra) ^ extra)[:3]}")
+    for name in mods:
+        A0, B0 = states[0].lora[name].A, states[0].lora[name].B
+        for i, st in enumerate(states):
+            f = st.lora[name]
+            if f.A.shape[1] != A0.shape[1] or f.B.shape[0] != B0.shape[0] or f.A.shape[0] != f.B.shape[1]:
+                raise ValueError(f"{name}: client {i} has A{tuple(f.A.shape)} B{tuple(f.B.shape)}, inconsistent "
+                                 f"with client 0's A{tuple(A0.shape)} B{tuple(B0.shape)}")
+    return normalize(weights)
+
+
+def _wsum(tensors: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
+    """sum_k p_k t_k in one pass over the inputs (in-place accumulation; no stacking copy)."""
+    out = torch.mul(tensors[0], p[0])
+    for t, w in zip(tensors[1:], p[1:]):
+        out.add_(t, alpha=w)
+    return out
+
+
+def _average_extra(states: Sequence[AdapterState], p: Sequence[float]) -> dict[str, torch.Tensor]:
+    return {k: _wsum([st.extra[k] for st in states], p) for k in states[0].extra}
+
+
+def _equal_rank_and_scale(states: Sequence[AdapterState], method: str) -> None:
+    for name, f0 in states[0].lora.items():
+        for i, st in enumerate(states[1:], 1):
+            f = st.lora[name]
+            if f.rank != f0.rank:
+                raise ValueError(f"{method} needs equal ranks, but module {name!r} has rank {f0.rank} on client 0 "
+                                 f"and {f.rank} on client {i} (use flora_stack, hetlora or flexlora for mixed ranks)")
+            if not math.isclose(f.scale, f0.scale, rel_tol=1e-9):
+                raise ValueError(f"{method} needs equal scales (alpha/r), but module {name!r} has scale {f0.scale} "
+                                 f"on client 0 and {f.scale} on client {i}")
+
+
+def _stacked(fs: Sequence[LoraFactors], p, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B_s, A_s) with B_s A_s = sum_k p_k s_k B_k A_k: B_s = [B_1 ... B_K], A_s = [p_1 s_1 A_1; ...]."""
+    dtype = dtype or fs[0].A.dtype
+    R, n = sum(f.rank for f in fs), fs[0].A.shape[1]
+    A_s = torch.empty(R, n, dtype=dtype, device=fs[0].A.device)
+    off = 0
+    for f, w in zip(fs, p):
+        torch.mul(f.A.to(dtype), w * f.scale, out=A_s[off: off + f.rank])
+        off += f.rank
+    B_s = torch.cat([f.B.to(dtype) for f in fs], dim=1)
+    return B_s, A_s
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference quantities
+# ----------------------------------------------------------------------------------------------
+def ideal_update(states: Sequence[AdapterState], weights: Sequence[float],
+                 dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """Dense dW* = sum_k p_k s_k B_k A_k per module (m x n, float64 by default). Tests and audits only."""
+    p = _check(states, weights)
+    return {name: _dense_ideal([st.lora[name] for st in states], p, dtype) for name in states[0].lora}
+
+
+def _dense_ideal(fs: Sequence[LoraFactors], p, dtype) -> torch.Tensor:
+    W = torch.zeros(fs[0].B.shape[0], fs[0].A.shape[1], dtype=dtype, device=fs[0].A.device)
+    for f, w in zip(fs, p):
+        W.addmm_(f.B.to(dtype), f.A.to(dtype), alpha=w * f.scale)
+    return W
+
+
+def effective_update(new: AdapterState, old: AdapterState | None = None,
+                     dense: bool = False) -> dict[str, LoraFactors] | dict[str, torch.Tensor]:
+    """The change of the served product in a round, per module: s'B'A' - s B A (``old`` None: just s'B'A').
+
+    FedIT / FFA-LoRA / LoRA-FAIR / HetLoRA: pass the new and the previous global state. FLoRA: pass the stacked
+    state alone (its scale is 1, so the result is B_s A_s, the merge into the base). Returned factored, as
+    ``LoraFactors(A=[A'; A], B=[s'B', -sB], scale=1)`` (``.delta()`` densifies), or dense float64 if ``dense``.
+    """
+    out: dict = {}
+    for name, f in new.lora.items():
+        Bs, As = [f.B * f.scale], [f.A]
+        if old is not None and name in old.lora:
+            g = old.lora[name]
+            Bs.append(g.B * (-g.scale))
+            As.append(g.A)
+        fac = LoraFactors(torch.cat(As, 0), torch.cat(Bs, 1), 1.0)
+        out[name] = fac.delta() if dense else fac
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# FedIT
+# ----------------------------------------------------------------------------------------------
+def fedit(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
+    """FedIT (Zhang et al., "Towards Building the Federated GPT", ICASSP 2024): FedAvg on the factors.
+
+    A_bar = sum_k p_k A_k, B_bar = sum_k p_k B_k, extra averaged; served product s B_bar A_bar, which differs
+    from dW* by the cross terms sum_{k != l} p_k p_l B_k A_l. Needs equal ranks and scales (ValueError otherwise).
+    """
+    p = _check(states, weights)
+    _equal_rank_and_scale(states, "FedIT")
+    lora = {}
+    for name, f0 in states[0].lora.items():
+        fs = [st.lora[name] for st in states]
+        lora[name] = LoraFactors(_wsum([f.A for f in fs], p), _wsum([f.B for f in fs], p), f0.scale)
+    return AdapterState(lora, _average_extra(states, p))
+
+
+# ----------------------------------------------------------------------------------------------
+# FLoRA
+# ----------------------------------------------------------------------------------------------
+def flora_stack(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
+    """FLoRA (Wang et al., NeurIPS 2024): stacking, exact for any mix of ranks.
+
+    A_s = [p_1 s_1 A_1; ...; p_K s_K A_K] ((sum r_k) x n), B_s = [B_1 ... B_K] (m x sum r_k), scale 1, so
+    B_s A_s = sum_k p_k s_k B_k A_k = dW* with no cross terms. Extra (e.g. a head) averaged by p_k. The result
+    is merged into the base (W <- W + B_s A_s) by server and every client; see :func:`dense_or_stacked_bytes`.
+    """
+    p = _check(states, weights)
+    lora = {}
+    for name in states[0].lora:
+        B_s, A_s = _stacked([st.lora[name] for st in states], p)
+        lora[name] = LoraFactors(A_s, B_s, 1.0)
+    return AdapterState(lora, _average_extra(states, p))
+
+
+def dense_or_stacked_bytes(state: AdapterState, bytes_per_element: int = 4) -> dict[str, tuple[str, int]]:
+    """Per module, the cheaper download of a FLoRA merge: ``("stacked", R(m+n)·b)`` or ``("dense", m·n·b)``."""
+    out = {}
+    for name, f in state.lora.items():
+        m, n, R = f.B.shape[0], f.A.shape[1], f.rank
+        stacked, dense = R * (m + n) * bytes_per_element, m * n * bytes_per_element
+        out[name] = ("stacked", stacked) if stacked <= dense else ("dense", dense)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# FFA-LoRA
+# ----------------------------------------------------------------------------------------------
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                  and a.dtype == b.dtype):
+        return True
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def ffa_average(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
+    """FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
+
+    A is frozen and identical on all clients; B_bar = sum_k p_k B_k, extra averaged, A kept. Served product
+    s B_bar A = sum_k p_k s B_k A = dW* exactly (linear, so it composes with secure aggregation and DP noise).
+    ValueError naming the module if A (compared with torch.equal) or the scale differ between clients.
+    """
+    p = _check(states, weights)
+    lora = {}
+    for name, f0 in states[0].lora.items():
+        fs = [st.lora[name] for st in states]
+        for i, f in enumerate(fs[1:], 1):
+            if not _same(f.A, f0.A):
+                raise ValueError(f"FFA-LoRA needs the same frozen A on every client, but module {name!r} has a "
+                                 f"different A on client {i} (shape {tuple(f.A.shape)} vs {tuple(f0.A.shape)})")
+            if not math.isclose(f.scale, f0.scale, rel_tol=1e-9):
+                raise ValueError(f"FFA-LoRA needs equal scales, module {name!r}: {f0.scale} vs {f.scale} (client {i})")
+        lora[name] = LoraFactors(f0.A, _wsum([f.B for f in fs], p), f0.scale)
+    return AdapterState(lora, _average_extra(states, p))
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA-FAIR
+# ----------------------------------------------------------------------------------------------
+def _projected_ideal(fs, p, Abar) -> torch.Tensor:
+    """G = dW* Abar^T = sum_k p_k s_k B_k (A_k Abar^T), m x r, from r_k x r products only."""
+    G = torch.zeros(fs[0].B.shape[0], Abar.shape[0], dtype=Abar.dtype, device=Abar.device)
+    for f, w in zip(fs, p):
+        G.addmm_(f.B, f.A @ Abar.T, alpha=w * f.scale)
+    return G
+
+
+def _ideal_sq_norm(fs, p) -> float:
+    """||dW*||_F^2 = <B_s^T B_s, A_s A_s^T> from (sum r_k)^2 Grams (cost (sum r_k)^2 (m+n), no m x n)."""
+    B_s, A_s = _stacked(fs, p, dtype=torch.float64)
+    return float(((B_s.T @ B_s) * (A_s @ A_s.T)).sum())
+
+
+def _cosine_loss_lowrank(D, Bbar, G, C, w_norm, lam):
+    """Paper objective from r x r quantities; batched over a leading module axis (losses summed).
+
+    With X = Bbar + D:  <X Abar, dW*> = <X, G>,   ||X Abar||^2 = <X^T X, C>,   C = Abar Abar^T.
+    """
+    X = Bbar + D
+    inner = (X * G).sum((-2, -1))
+    xnorm = ((X.transpose(-2, -1) @ X) * C).sum((-2, -1)).clamp_min(0).sqrt()
+    return (-inner / (xnorm * w_norm) + lam * torch.linalg.vector_norm(D, dim=(-2, -1))).sum()
+
+
+def _solve_cosine(loss_fn, Bbar: torch.Tensor, lr: float, steps: int) -> torch.Tensor:
+    """Minimise loss_fn(D) over D (shape of Bbar, leading module axis) from D = 0 with Adam.
+
+    D = rms_i * E with rms_i the RMS entry of module i's B_bar, so ``lr`` is relative to B's magnitude per module;
+    learning rate cosine-annealed to 0 over ``steps``. Adam is elementwise, so batching modules (summed losses)
+    gives the same iterates as solving each module alone. Deterministic on CPU.
+    """
+    rms = Bbar.pow(2).mean((-2, -1), keepdim=True).sqrt()
+    E = torch.zeros_like(Bbar, requires_grad=True)
+    opt = torch.optim.Adam([E], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(rms * E).backward()
+        opt.step()
+        sched.step()
+    return (rms * E).detach()
+
+
+def _fair_common(states, weights):
+    p = _check(states, weights)
+    _equal_rank_and_scale(states, "LoRA-FAIR")
+    return p, fedit(states, p)
+
+
+def lora_fair(states: Sequence[AdapterState], weights: Sequence[float], lam: float = 0.01,
+              solver: str = "cosine", steps: int = 300, lr: float = 0.05,
+              solve_dtype: torch.dtype = torch.float64) -> AdapterState:
+    """LoRA-FAIR (Bian et al., ICCV 2025): FedIT averages plus a server correction dB of B_bar.
+
+    Clients restart from (A_bar, B_bar + dB). Scale: all clients share s (checked), the served product is
+    s (B_bar + dB) A_bar, so the target in B's units is dW*/s and dB, lam are in B's units whatever alpha is.
+
+    ``solver="cosine"`` (the paper's refinement problem, solved iteratively on the server):
+        dB = argmin  -cos(vec((B_bar + dB) A_bar), vec(dW*)) + lam ||dB||_F      (cosine is scale-free)
+    without any m x n matrix: with X = B_bar + dB, C = A_bar A_bar^T (r x r) and G = dW* A_bar^T (m x r),
+        <X A_bar, dW*>  = sum_k p_k s_k tr(X^T B_k A_k A_bar^T) = sum_k p_k s_k tr((X^T B_k)(A_k A_bar^T)) = <X, G>
+        ||X A_bar||_F^2 = tr(A_bar^T X^T X A_bar) = <X^T X, C>
+        ||dW*||_F^2     = sum_{k,l} p_k p_l s_k s_l tr((B_k^T B_l)(A_l A_k^T)) = <B_s^T B_s, A_s A_s^T>
+    G costs r(r_k)(m+n) per client; ||dW*|| costs (sum r_k)^2 (m+n) once. Solved with ``steps`` Adam steps
+    (step size ``lr`` x the module's RMS entry of B_bar, cosine-annealed; modules of one shape batched;
+    deterministic) in ``solve_dtype``. Modules with dW* = 0 or B_bar = 0 (cosine undefined) are left uncorrected.
+
+    ``solver="closed_form"`` (squared-error variant, ALGORITHMS.md):
+        dB = argmin ||dW*/s - (B_bar + dB) A_bar||_F^2 + lam ||dB||_F^2 = (G/s - B_bar C)(C + lam I)^{-1},
+    an r x r solve (in ``solve_dtype``); G is accumulated in the input dtype.
+    """
+    p, base = _fair_common(states, weights)
+    names = list(states[0].lora)
+    if solver == "closed_form":
+        for name in names:
+            fs = [st.lora[name] for st in states]
+            g = base.lora[name]
+            G = _projected_ideal(fs, p, g.A)
+            dB = _closed_form_dB(G, g.B, g.A @ g.A.T, g.scale, lam, solve_dtype)
+            g.B = g.B + dB.to(g.B.dtype)
+        return base
+    if solver != "cosine":
+        raise ValueError(f"unknown LoRA-FAIR solver {solver!r} (expected 'cosine' or 'closed_form')")
+    groups: dict[tuple, list[str]] = {}
+    wnorms: dict[str, float] = {}
+    for name in names:
+        fs = [st.lora[name] for st in states]
+        wn = math.sqrt(_ideal_sq_norm(fs, p))
+        if wn == 0 or not bool(base.lora[name].B.any()):
+            continue  # cosine undefined (dW* = 0 or B_bar = 0): no correction for this module
+        groups.setdefault(tuple(base.lora[name].B.shape), []).append(name)
+        wnorms[name] = wn
+    for group in groups.values():
+        Bbar = torch.stack([base.lora[n].B for n in group]).to(solve_dtype)
+        G = torch.stack([_projected_ideal([st.lora[n] for st in states], p, base.lora[n].A).to(solve_dtype)
+                         for n in group])
+        C = torch.stack([(base.lora[n].A @ base.lora[n].A.T).to(solve_dtype) for n in group])
+        wn = torch.tensor([wnorms[n] for n in group], dtype=solve_dtype)
+        D = _solve_cosine(lambda D: _cosine_loss_lowrank(D, Bbar, G, C, wn, lam), Bbar, lr, steps)
+        for i, n in enumerate(group):
+            base.lora[n].B = base.lora[n].B + D[i].to(base.lora[n].B.dtype)
+    return base
+
+
+def _closed_form_dB(G, Bbar, C, scale, lam, dtype):
+    r = C.shape[0]
+    Gd, Bd, Cd = G.to(dtype), Bbar.to(dtype), C.to(dtype)
+    rhs = Gd / scale - Bd @ Cd  # (dW*/s - B_bar A_bar) A_bar^T, m x r
+    M = Cd + lam * torch.eye(r, dtype=dtype, device=C.device)
+    return torch.linalg.solve(M, rhs.T).T  # M symmetric: (rhs M^-1)^T = M^-1 rhs^T
+
+
+def lora_fair_dense(states: Sequence[AdapterState], weights: Sequence[float], lam: float = 0.01,
+                    solver: str = "closed_form", steps: int = 300, lr: float = 0.05,
+                    dtype: torch.dtype = torch.float64) -> AdapterState:
+    """Dense reference for :func:`lora_fair` (tests and benchmark): forms dW* (m x n) per module in ``dtype``.
+
+    closed_form: dB = (dW*/s - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam I)^{-1} with the dense residual.
+    cosine: the same Adam loop on -cos(vec((B_bar+dB) A_bar), vec(dW*)) + lam ||dB||_F computed from dense
+    matrices by autograd (one module at a time; same initial point, learning rate and schedule).
+    """
+    p, base = _fair_common(states, weights)
+    for name, g in base.lora.items():
+        W = _dense_ideal([st.lora[name] for st in states], p, dtype)  # one module's m x n at a time
+        A, Bbar = g.A.to(dtype), g.B.to(dtype)
+        if solver == "closed_form":
+            R = W / g.scale - Bbar @ A
+            M = A @ A.T + lam * torch.eye(A.shape[0], dtype=dtype, device=A.device)
+            dB = torch.linalg.solve(M, (R @ A.T).T).T
+        elif solver == "cosine":
+            wn = torch.linalg.vector_norm(W)
+            if wn == 0 or not bool(Bbar.any()):
+                continue
+
+            def loss(D, W=W, A=A, Bbar=Bbar, wn=wn):
+                P = ((Bbar + D[0]) @ A).reshape(-1)
+                return -(P @ W.reshape(-1)) / (torch.linalg.vector_norm(P) * wn) + lam * torch.linalg.vector_norm(D)
+
+            dB = _solve_cosine(loss, Bbar[None], lr, steps)[0]
+        else:
+            raise ValueError(f"unknown LoRA-FAIR solver {solver!r} (expected 'cosine' or 'closed_form')")
+        g.B = g.B + dB.to(g.B.dtype)
+    return base
+
+
+# ----------------------------------------------------------------------------------------------
+# FlexLoRA
+# ----------------------------------------------------------------------------------------------
+def svd_of_sum(states: Sequence[AdapterState], weights: Sequence[float], dense: bool = False,
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Thin SVD (U, S, Vh) of W_g = sum_k p_k s_k B_k A_k = B_s A_s per module.
+
+    Low-rank path (default): B_s = Q_B R_B, A_s^T = Q_A R_A (reduced QR), so W_g = Q_B (R_B R_A^T) Q_A^T; the SVD
+    of the small core R_B R_A^T = U' S V'^T gives U = Q_B U', V = Q_A V'. Cost O((sum r_k)^2 (m+n)), no m x n.
+    ``dense``: torch.linalg.svd of the dense W_g (tests). Computed in float64.
+    """
+    p = _check(states, weights)
+    out = {}
+    for name in states[0].lora:
+        B_s, A_s = _stacked([st.lora[name] for st in states], p, dtype=torch.float64)
+        if dense:
+            U, S, Vh = torch.linalg.svd(B_s @ A_s, full_matrices=False)
+        else:
+            QB, RB = torch.linalg.qr(B_s)
+            QA, RA = torch.linalg.qr(A_s.T)
+            Uc, S, Vhc = torch.linalg.svd(RB @ RA.T)
+            U, Vh = QB @ Uc, Vhc @ QA.T
+        out[name] = (U, S, Vh)
+    return out
+
+
+def _rank_r_factors(U, S, Vh, r: int, scale: float, dtype) -> LoraFactors:
+    """B = U_r S_r / scale, A = V_r^T; if fewer than r directions exist, A gets orthonormal complement rows
+    (deterministic) and B zero columns, so the extra ranks start like a fresh LoRA (B = 0, A != 0)."""
+    k = min(r, S.shape[0])
+    A, B = Vh[:k], U[:, :k] * (S[:k] / scale)
+    if k < r:
+        n, extra = Vh.shape[1], r - k
+        if k + extra > n:
+            raise ValueError(f"rank {r} exceeds the input dimension {n}")
+        gen = torch.Generator().manual_seed(0)
+        E = torch.randn(n, extra, generator=gen, dtype=Vh.dtype).to(Vh.device)
+        E -= A.T @ (A @ E)
+        Q, _ = torch.linalg.qr(E)
+        A = torch.cat([A, Q.T], 0)
+        B = torch.cat([B, B.new_zeros(B.shape[0], extra)], 1)
+    return LoraFactors(A.to(dtype).contiguous(), B.to(dtype).contiguous(), float(scale))
+
+
+def flexlora_global(states: Sequence[AdapterState], weights: Sequence[float], rank: int | None = None,
+                    dense: bool = False) -> AdapterState:
+    """W_g's SVD factors (B = U S, A = V^T, scale 1; truncated to ``rank`` if given) plus averaged extra:
+    the global FlexLoRA model for evaluation (B A = W_g when untruncated)."""
+    p = _check(states, weights)
+    dtype = next(iter(states[0].lora.values())).A.dtype
+    lora = {}
+    for name, (U, S, Vh) in svd_of_sum(states, p, dense=dense).items():
+        lora[name] = _rank_r_factors(U, S, Vh, rank if rank is not None else S.shape[0], 1.0, dtype)
+    return AdapterState(lora, _average_extra(states, p))
+
+
+def flexlora(states: Sequence[AdapterState], weights: Sequence[float], ranks: Sequence[int],
+             scales: Sequence[float], dense: bool = False) -> list[AdapterState]:
+    """FlexLoRA (Bai et al., "Federated Fine-tuning of LLMs under Heterogeneous Tasks and Client Resources",
+    NeurIPS 2024): W_g = sum_k p_k s_k B_k A_k = U S V^T, and the client with rank r and scale s gets
+    B = U_r S_r / s, A = V_r^T, so its PEFT layer's s B A is the best rank-r approximation of W_g
+    (Eckart-Young). ``ranks``/``scales``: one per target client (may differ from the senders). Extra averaged.
+    SVD via :func:`svd_of_sum` (QR of the stacked factors; ``dense`` for tests).
+    """
+    if len(ranks) != len(scales):
+        raise ValueError(f"{len(ranks)} ranks but {len(scales)} scales")
+    p = _check(states, weights)
+    dtype = next(iter(states[0].lora.values())).A.dtype
+    svds = svd_of_sum(states, p, dense=dense)
+    extra = _average_extra(states, p)
+    outs = []
+    for r, s in zip(ranks, scales):
+        lora = {name: _rank_r_factors(U, S, Vh, int(r), float(s), dtype) for name, (U, S, Vh) in svds.items()}
+        outs.append(AdapterState(lora, {k: v.clone() for k, v in extra.items()}))
+    return outs
+
+
+# ----------------------------------------------------------------------------------------------
+# HetLoRA
+# ----------------------------------------------------------------------------------------------
+def hetlora(states: Sequence[AdapterState], weights: Sequence[float], r_max: int | None = None,
+            norm_weighted: bool = False) -> AdapterState:
+    """HetLoRA (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
+    EMNLP 2024): zero-pad every client's factors to rank r_max (default: the largest rank sent), then
+    A_g = sum_k w_k pad(A_k), B_g = sum_k w_k pad(s_k B_k), global scale 1 (scales folded into B so clients with
+    different alpha/r mix consistently). w_k = p_k, or with ``norm_weighted`` w_k ∝ p_k ||s_k B_k A_k||_F per
+    module (the paper's sparsity-weighted aggregation; norms from r x r Grams). Extra averaged by p_k.
+    Padding is done by accumulating into the leading rows/columns (no padded copies). Way back: :func:`truncate`.
+    """
+    p = _check(states, weights)
+    lora = {}
+    for name in states[0].lora:
+        fs = [st.lora[name] for st in states]
+        R = max([f.rank for f in fs] + [r_max or 0])
+        if norm_weighted:
+            norms = [abs(f.scale) * float(((f.B.T @ f.B) * (f.A @ f.A.T)).sum().clamp_min(0).sqrt()) for f in fs]
+            w = [pk * nk for pk, nk in zip(p, norms)]
+            w = normalize(w) if sum(w) > 0 else p
+        else:
+            w = p
+        A = fs[0].A.new_zeros(R, fs[0].A.shape[1])
+        B = fs[0].B.new_zeros(fs[0].B.shape[0], R)
+        for f, wk in zip(fs, w):
+            A[: f.rank].add_(f.A, alpha=wk)
+            B[:, : f.rank].add_(f.B, alpha=wk * f.scale)
+        lora[name] = LoraFactors(A, B, 1.0)
+    return AdapterState(lora, _average_extra(states, p))
+
+
+def truncate(global_state: AdapterState, rank: int, scale: float) -> AdapterState:
+    """HetLoRA's way back: a client of rank r and scale s gets A = A_g[:r], B = B_g[:, :r] / s (so s B A is the
+    leading rank-r part of the global product). Extra is copied. ValueError if r exceeds the global rank."""
+    lora = {}
+    for name, f in global_state.lora.items():
+        if rank > f.rank:
+            raise ValueError(f"cannot truncate module {name!r} of rank {f.rank} to the larger rank {rank} "
+                             f"(aggregate with hetlora(..., r_max={rank}))")
+        lora[name] = LoraFactors(f.A[:rank].clone(), f.B[:, :rank] * (f.scale / scale), float(scale))
+    return AdapterState(lora, {k: v.clone() for k, v in global_state.extra.items()})
