@@ -211,3 +211,13 @@ def load_file(path) -> AdapterState:
         arrays = {k: fh.get_tensor(k) for k in fh.keys()}
     scales = {k[len("scale."):]: float(v) for k, v in meta.items() if k.startswith("scale.")}
     return from_arrays(arrays, scales)
+
+
+def seeded_A(seed: int, name: str, r: int, in_features: int) -> torch.Tensor:
+    """A LoRA ``A`` (r x in) drawn from ``seed`` and the module name alone, Kaiming-uniform as PEFT's default
+    (bound 1/sqrt(in)): every party that knows the seed gets the same A without sending it."""
+    import zlib
+
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    bound = 1.0 / float(in_features) ** 0.5
+    return (torch.rand(r, in_features, generator=g) * 2 - 1) * bound

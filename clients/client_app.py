@@ -1,0 +1,122 @@
+"""The ClientApp: Flower glue only. Each message: rebuild the starting point the server asked for, train
+locally (:func:`fedlora.train.local_train`), send back the parts of the adapter the strategy wants.
+
+Per-node state that must outlive one message lives in ``context.state`` (e.g. FLoRA's merged base updates);
+the model itself is cached per process (:func:`fedlora.models.cached`) and reset every message.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import adapters, config, data, merges, models, train
+
+app = ClientApp()
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config.get("partition-id", 0))
+
+
+def _dataset(cfg, context: Context):
+    return data.partition(cfg, _partition_id(context))
+
+
+def device_info() -> dict:
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return {"device": torch.cuda.get_device_name(), "device-memory": int(total), "device-free": int(free)}
+    return {"device": "cpu", "device-memory": 0, "device-free": 0}
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Handshake: tell the server who we are (partition, examples, device)."""
+    cfg = config.from_yaml(msg.content["config"]["fedlora-config"])
+    info = device_info()
+    metrics = MetricRecord({"partition-id": _partition_id(context), "num-examples": len(_dataset(cfg, context)),
+                            "device-memory": info["device-memory"]})
+    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"device": info["device"]})}), reply_to=msg)
+
+
+def node_base_delta(context: Context) -> tuple[dict[str, torch.Tensor], int]:
+    """Updates this node has merged into its base weights so far (FLoRA), and their version; kept in
+    ``context.state`` (float64, so merging never rounds)."""
+    if "base-delta" not in context.state:
+        return {}, 0
+    version = int(context.state["base-version"]["version"])
+    return {k: torch.from_numpy(a.numpy().copy()) for k, a in context.state["base-delta"].items()}, version
+
+
+def apply_merges(arrays: dict[str, np.ndarray], context: Context) -> dict[str, torch.Tensor]:
+    delta, version = node_base_delta(context)
+    delta, new_version = merges.apply(delta, version, arrays)
+    if new_version != version:
+        context.state["base-delta"] = ArrayRecord({k: Array(v.double().numpy()) for k, v in delta.items()})
+        context.state["base-version"] = ConfigRecord({"version": new_version})
+    return delta
+
+
+@torch.no_grad()
+def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context: Context) -> None:
+    """Set the model to the round's starting point: base (+ this node's merged updates), then the adapter:
+    factors given in ``arrays`` are loaded, missing A is drawn from ``fl.a_seed``, missing B is zero."""
+    delta = apply_merges(arrays, context)
+    layers = adapters.lora_layers(bundle.model)
+    for name, layer in layers.items():
+        w = bundle.base_weights[name]
+        layer.base_layer.weight.copy_(w + delta[name].to(w) if name in delta else w)
+    r, alpha = int(conf["fl.rank"]), float(conf["fl.alpha"])
+    adapters.resize_peft(bundle.model, r, alpha=alpha)
+    state = adapters.AdapterState()
+    for name, layer in layers.items():
+        A = arrays.get(f"{name}.lora_A")
+        B = arrays.get(f"{name}.lora_B")
+        A = torch.from_numpy(A) if A is not None else adapters.seeded_A(int(conf["fl.a_seed"]), name, r, layer.in_features)
+        B = torch.from_numpy(B) if B is not None else torch.zeros(layer.out_features, r)
+        state.lora[name] = adapters.LoraFactors(A, B, alpha / r)
+    state.extra = {k[len("extra."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("extra.")}
+    adapters.load_into_peft(bundle.model, state)
+    freeze_a = bool(conf["fl.freeze_a"])
+    for pname, p in bundle.model.named_parameters():
+        if ".lora_A." in pname:
+            p.requires_grad_(not freeze_a)
+
+
+@app.train()
+def train_fn(msg: Message, context: Context) -> Message:
+    conf = msg.content["config"]
+    cfg = config.from_yaml(conf["fedlora-config"])
+    rnd = int(conf["server-round"])
+    bundle = models.cached(cfg)
+    ds = _dataset(cfg, context)
+    arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    prepare(bundle, arrays, conf, context)
+    bs = int(cfg.train.batch_size)
+    steps = int(cfg.local_steps) if not cfg.local_epochs else max(1, math.ceil(len(ds) / bs * float(cfg.local_epochs)))
+    collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+    pid = _partition_id(context)
+    result = train.local_train(
+        bundle.model, ds, collator, steps=steps, batch_size=bs, lr=float(cfg.train.lr),
+        step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
+        warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay),
+        max_grad_norm=cfg.train.max_grad_norm, seed=int(cfg.seed) * 1000 + pid, round_idx=rnd,
+        task=bundle.task, device=bundle.device,
+    )
+    state = adapters.from_peft(bundle.model)
+    parts = tuple(str(conf["fl.send"]).split(","))
+    out = adapters.to_arrays(state, parts=parts)
+    metrics = {"num-examples": len(ds), "train_loss": result["train_loss"], "train_s": result["train_s"],
+               "steps": result["steps"], "partition-id": pid, **_sync_metrics(context)}
+    reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}), "metrics": MetricRecord(metrics)})
+    return Message(reply, reply_to=msg)
+
+
+def _sync_metrics(context: Context) -> dict:
+    delta, version = node_base_delta(context)
+    return {"base-digest": merges.base_digest(delta), "base-version": version} if delta else {}

@@ -1,0 +1,128 @@
+"""``fedlora``: the command line.
+
+  fedlora run [hydra overrides]          a simulated federation (Flower simulation, Ray backend)
+  fedlora compare strategies=[a,b] [...]  several strategies on identical data, seeds and budget
+  fedlora deploy ...                     certificates, keys, SuperLink/SuperNode (see `fedlora deploy -h`)
+
+Bad input exits 2 with one sentence; a failed run exits 1; Ctrl-C stops every process started (130).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+USAGE = __doc__
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    import logging
+    import warnings
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    warnings.filterwarnings("ignore")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+def simulate(cfg, run_dir: Path, verbose: bool = False) -> dict:
+    """Run one simulated federation in this process; returns the run summary. Raises on failure."""
+    import json
+
+    from flwr.simulation import run_simulation
+
+    import clients.client_app
+    import strategies.server_app
+    from fedlora import config
+
+    os.environ["FEDLORA_OVERRIDES_YAML"] = config.to_yaml(cfg)
+    os.environ["FEDLORA_RUN_DIR"] = str(run_dir)
+    num_cpus = cfg.simulation.num_cpus or os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": int(cfg.simulation.client_cpus), "num_gpus": 0.0},
+               "init_args": {"num_cpus": int(num_cpus), "include_dashboard": False, "log_to_driver": verbose}}
+    try:
+        run_simulation(server_app=strategies.server_app.app, client_app=clients.client_app.app,
+                       num_supernodes=int(cfg.num_clients), backend_config=backend, verbose_logging=verbose)
+    finally:
+        _shutdown_ray()
+        os.environ.pop("FEDLORA_OVERRIDES_YAML", None)
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        raise RuntimeError(f"the run stopped before finishing (see the log above); partial results are in {run_dir}")
+    return json.loads(summary.read_text())
+
+
+def prepare(overrides: list[str]):
+    """Compose + validate config and data up front (errors before anything starts)."""
+    from fedlora import config, data
+    from fedlora.report import default_run_dir
+
+    cfg = config.load(overrides)
+    data.check_partitions(cfg)
+    run_dir = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg)
+    return cfg, run_dir.resolve()
+
+
+def cmd_run(argv: list[str]) -> int:
+    verbose = "-v" in argv
+    overrides = [a for a in argv if a != "-v"]
+    _quiet_libraries(verbose)
+    cfg, run_dir = prepare(overrides)
+    print(f"fedlora: {cfg.strategy.name} on {cfg.model.name}/{cfg.data.name}, {cfg.num_clients} clients, "
+          f"{cfg.num_rounds} rounds -> {run_dir}", flush=True)
+    summary = simulate(cfg, run_dir, verbose)
+    acc = summary.get("final_eval_accuracy")
+    print(f"done: final eval_loss {summary['final_eval_loss']:.4f}"
+          + (f", eval_accuracy {acc:.4f}" if acc is not None else "") + f"; adapter in {summary['adapter']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    from fedlora.config import ConfigError
+
+    try:
+        if cmd == "run":
+            return cmd_run(rest)
+        if cmd == "compare":
+            from fedlora.compare import cmd_compare
+
+            return cmd_compare(rest)
+        if cmd == "deploy":
+            from fedlora.deploy import main as deploy_main
+
+            return deploy_main(rest)
+        print(f"error: unknown command {cmd!r}; use run, compare or deploy.", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        _shutdown_ray()
+        print("interrupted: stopped all processes; results so far are kept.", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

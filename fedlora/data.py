@@ -1,0 +1,343 @@
+"""Data: load a dataset (local folder/file or Hugging Face hub id), partition it across clients with
+flwr-datasets partitioners, and turn examples into model inputs.
+
+Every dataset becomes a pair of ``datasets.Dataset`` (train, test) with either
+- ``text`` and ``label`` columns (classification), or
+- ``prompt`` and ``response`` columns (instruction data for causal LMs).
+Problems with the data are :class:`DataError` (one sentence, exit 2 in the CLI).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from .config import REPO_ROOT, ConfigError
+
+SUFFIXES = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+SHARED_SST2 = REPO_ROOT.parent / "shared" / "data" / "sst2"
+SST2_HUB = "stanfordnlp/sst2"
+
+
+class DataError(ConfigError):
+    """A data problem (missing path, malformed file, wrong columns), explained in one sentence."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------------------------
+def _read_table(path: Path, fmt: str):
+    import pandas as pd
+
+    fmt = SUFFIXES.get(path.suffix.lower(), fmt) if fmt == "auto" else fmt
+    try:
+        if fmt in ("tsv", "csv"):
+            df = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
+                             keep_default_na=False, on_bad_lines="error", dtype=str)
+        elif fmt == "json":
+            with open(path) as fh:
+                obj = json.load(fh)
+            if isinstance(obj, dict):  # {"train": [...]} or {"data": [...]}
+                obj = next((v for v in obj.values() if isinstance(v, list)), None)
+            if not isinstance(obj, list):
+                raise ValueError("expected a JSON list of records")
+            df = pd.DataFrame.from_records(obj)
+        elif fmt == "jsonl":
+            df = pd.read_json(path, lines=True, dtype=False)
+        elif fmt == "parquet":
+            df = pd.read_parquet(path)
+        else:
+            raise DataError(f"{path}: unknown data format '{fmt}': use tsv, csv, json, jsonl or parquet.")
+    except DataError:
+        raise
+    except Exception as e:  # pandas/json raise many types; the user needs the file and the reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} could not be read as {fmt} ({reason}): fix the file or set data.format.") from None
+    if len(df) == 0:
+        raise DataError(f"{path} has no rows: point data.path at a non-empty file.")
+    return df
+
+
+def _find_split(folder: Path, names: list[str]) -> Path | None:
+    for name in names:
+        for suffix in SUFFIXES:
+            p = folder / f"{name}{suffix}"
+            if p.exists():
+                return p
+    return None
+
+
+def _classification(df, data_cfg, path):
+    tcol, lcol = data_cfg.text_column, data_cfg.label_column
+    missing = [c for c in (tcol, lcol) if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path} has no column {missing[0]!r} (columns: {', '.join(map(str, df.columns))}): "
+            f"set data.text_column/data.label_column."
+        )
+    import pandas as pd
+
+    labels = pd.to_numeric(df[lcol], errors="coerce")
+    if labels.isna().any():
+        bad = df[lcol][labels.isna()].iloc[0]
+        raise DataError(f"{path}: label {bad!r} in column {lcol!r} is not an integer class id: fix the file.")
+    out = pd.DataFrame({"text": df[tcol].astype(str), "label": labels.astype(int)})
+    return out
+
+
+def _instruction(df, path):
+    for c in ("instruction", "output"):
+        if c not in df.columns:
+            raise DataError(f"{path} has no column {c!r}: Alpaca data needs instruction, input (optional) and output.")
+    import pandas as pd
+
+    inp = df["input"].fillna("").astype(str) if "input" in df.columns else pd.Series([""] * len(df))
+    prompts = [
+        f"### Instruction:\n{i}\n\n" + (f"### Input:\n{x}\n\n" if x else "") + "### Response:\n"
+        for i, x in zip(df["instruction"].astype(str), inp)
+    ]
+    return pd.DataFrame({"prompt": prompts, "response": df["output"].astype(str)})
+
+
+def resolve_path(data_cfg) -> str:
+    path = data_cfg.get("path")
+    if path in (None, "", "null"):
+        if data_cfg.name != "sst2":
+            raise DataError(f"data={data_cfg.name} needs data.path=<file or folder>.")
+        return str(SHARED_SST2) if SHARED_SST2.exists() else SST2_HUB
+    return str(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(data_yaml: str):
+    from omegaconf import OmegaConf
+
+    return _load(OmegaConf.create(data_yaml))
+
+
+def load(data_cfg):
+    """(train, test) as ``datasets.Dataset``; cached per process (clients call it every round)."""
+    from omegaconf import OmegaConf
+
+    return _load_cached(OmegaConf.to_yaml(data_cfg, resolve=True))
+
+
+def _load(data_cfg):
+    import datasets
+    import pandas as pd
+
+    src = resolve_path(data_cfg)
+    kind = data_cfg.get("kind", "classification")
+    p = Path(src).expanduser()
+    fmt = data_cfg.get("format", "auto")
+    train_df = test_df = None
+    if p.exists():
+        if p.is_dir():
+            tr = _find_split(p, [data_cfg.get("train_split", "train")])
+            te = _find_split(p, [data_cfg.get("test_split", "test"), "dev", "test", "validation"])
+            if tr is None:
+                raise DataError(f"{p} holds no train.tsv/csv/json/jsonl/parquet file: point data.path at the data.")
+            train_df = _read_table(tr, fmt)
+            test_df = _read_table(te, fmt) if te is not None else None
+            where = tr
+        else:
+            train_df, where = _read_table(p, fmt), p
+    elif "/" in src and not src.startswith((".", "/", "~")) and fmt in ("auto", "hub"):
+        try:
+            ds = datasets.load_dataset(src)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"data.path={src} is neither a local path nor a loadable hub dataset ({reason}).") from None
+        train_df = ds[data_cfg.get("train_split", "train")].to_pandas()
+        test_name = next((s for s in ("validation", "test") if s in ds and s != "train"), None)
+        test_df = ds[test_name].to_pandas() if test_name else None
+        where = src
+    else:
+        raise DataError(f"data.path={src} does not exist: point it at a file or folder (or a hub id like {SST2_HUB}).")
+
+    convert = (lambda df, w: _instruction(df, w)) if kind == "instruction" else (lambda df, w: _classification(df, data_cfg, w))
+    train_df = convert(train_df, where)
+    if test_df is not None:
+        test_df = convert(test_df, where)
+        if kind != "instruction" and (test_df["label"] < 0).all():  # hub test splits can be unlabelled (-1)
+            test_df = None
+    if test_df is None:
+        frac = float(data_cfg.get("test_fraction", 0.1))
+        test_df = train_df.sample(frac=frac, random_state=0)
+        train_df = train_df.drop(test_df.index)
+    if data_cfg.get("max_train_examples"):
+        train_df = train_df.iloc[: int(data_cfg.max_train_examples)]
+    train = datasets.Dataset.from_pandas(train_df.reset_index(drop=True), preserve_index=False)
+    test = datasets.Dataset.from_pandas(pd.DataFrame(test_df).reset_index(drop=True), preserve_index=False)
+    if kind != "instruction":
+        n_labels = int(max(train["label"])) + 1
+        if n_labels < 2:
+            raise DataError(f"{where} has a single class: classification needs at least two labels.")
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------------
+# Partitioning (flwr-datasets)
+# ----------------------------------------------------------------------------------------------
+def make_partitioner(part_cfg, num_partitions: int, seed: int, label_column: str = "label"):
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
+    name = part_cfg.name
+    if name == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if name == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions, partition_by=label_column, alpha=float(part_cfg.alpha),
+            min_partition_size=int(part_cfg.get("min_partition_size", 10)), self_balancing=False, seed=seed,
+        )
+    if name == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=num_partitions, partition_by=label_column,
+            num_classes_per_partition=int(part_cfg.classes_per_client), seed=seed,
+        )
+    if name == "label_skew":
+        return LabelSkewPartitioner(list(part_cfg.proportions), label_column=label_column, seed=seed)
+    raise ConfigError(f"unknown partitioner '{name}': choose iid, dirichlet, pathological or label_skew.")
+
+
+class LabelSkewPartitioner:
+    """Fixed label mixes per client, e.g. [[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]] (FFA-LoRA's setting):
+    the examples of each class are shuffled (seeded) and dealt so client k gets p_k[c] of its own share.
+    Every client gets len(train)/K examples (capped by availability)."""
+
+    def __init__(self, proportions, label_column="label", seed=0):
+        self.proportions = [list(map(float, p)) for p in proportions]
+        self.label_column, self.seed = label_column, seed
+        self.dataset = None
+        self._idx = None
+
+    @property
+    def num_partitions(self):
+        return len(self.proportions)
+
+    def _compute(self):
+        import numpy as np
+
+        labels = np.asarray(self.dataset[self.label_column])
+        rng = np.random.default_rng(self.seed)
+        K = len(self.proportions)
+        per_client = len(labels) // K
+        pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)}
+        self._idx = []
+        for props in self.proportions:
+            idx = []
+            for c, p in enumerate(props):
+                take = min(int(round(p * per_client)), len(pools.get(c, [])))
+                idx += [int(i) for i in pools[c][:take]]
+                pools[c] = pools[c][take:]
+            self._idx.append(sorted(idx))
+
+    def load_partition(self, partition_id: int):
+        if self._idx is None:
+            self._compute()
+        return self.dataset.select(self._idx[partition_id])
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions_cached(data_yaml: str, part_yaml: str, num_partitions: int, seed: int):
+    from omegaconf import OmegaConf
+
+    train, _ = _load_cached(data_yaml)
+    part = make_partitioner(OmegaConf.create(part_yaml), num_partitions, seed)
+    part.dataset = train
+    return part
+
+
+def partition(cfg, partition_id: int):
+    """Client ``partition_id``'s training examples (same for every strategy given the same seed)."""
+    from omegaconf import OmegaConf
+
+    data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
+    _load_cached(data_yaml)
+    part = _partitions_cached(data_yaml, OmegaConf.to_yaml(cfg.partitioner, resolve=True), int(cfg.num_clients), int(cfg.seed))
+    return part.load_partition(partition_id)
+
+
+def check_partitions(cfg) -> list[int]:
+    """Load data and partitions up front; return partition sizes. Raises DataError with one sentence."""
+    train, test = load(cfg.data)
+    if len(train) < cfg.num_clients:
+        raise ConfigError(f"num_clients={cfg.num_clients} is more than the {len(train)} training examples: use fewer clients.")
+    try:
+        sizes = [len(partition(cfg, i)) for i in range(cfg.num_clients)]
+    except ValueError as e:  # flwr-datasets refuses impossible partitionings with a ValueError
+        raise ConfigError(f"partitioner {cfg.partitioner.name} cannot split the data into {cfg.num_clients} clients ({str(e).splitlines()[0]}).") from None
+    empty = [i for i, s in enumerate(sizes) if s == 0]
+    if empty:
+        raise ConfigError(f"client {empty[0]} gets no examples with partitioner {cfg.partitioner.name}: use fewer clients or another partitioner.")
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# Turning examples into batches
+# ----------------------------------------------------------------------------------------------
+class Collator:
+    """Tokenise a list of examples into a padded batch for the model's task.
+
+    seq-cls:    input_ids, attention_mask, labels (class ids).
+    causal-lm:  input_ids, attention_mask, labels (token ids, -100 on prompt and padding), and for
+                classification data also ``class_labels`` and ``answer_pos`` (where the label word's first
+                token is predicted) so accuracy can be read off the logits of the label words.
+    """
+
+    def __init__(self, tokenizer, task: str, max_length: int, label_words=None):
+        self.tok, self.task, self.max_length = tokenizer, task, max_length
+        self.label_words = list(label_words) if label_words else None
+        if task == "causal-lm" and self.label_words:
+            self.label_token_ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in self.label_words]
+            if len(set(self.label_token_ids)) != len(self.label_token_ids):
+                raise DataError(f"label words {self.label_words} share their first token: choose distinct data.label_words.")
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if self.task == "seq-cls":
+            enc = self.tok([e["text"] for e in examples], truncation=True, max_length=self.max_length,
+                           padding=True, return_tensors="pt")
+            enc["labels"] = torch.tensor([int(e["label"]) for e in examples])
+            return dict(enc)
+        return self._causal(examples)
+
+    def _causal(self, examples):
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        seqs, labels, answer_pos, class_labels = [], [], [], []
+        for e in examples:
+            if "prompt" in e:
+                prompt, response = e["prompt"], e["response"]
+            else:
+                if not self.label_words:
+                    raise DataError("a causal LM on classification data needs data.label_words, e.g. [negative,positive].")
+                prompt = f"Review: {e['text']}\nSentiment: "
+                response = self.label_words[int(e["label"])]
+                class_labels.append(int(e["label"]))
+            p_ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+            r_ids = self.tok(response, add_special_tokens=False)["input_ids"]
+            if self.tok.eos_token_id is not None:
+                r_ids = r_ids + [self.tok.eos_token_id]
+            budget = self.max_length - len(r_ids)
+            p_ids = p_ids[-max(budget, 1):]  # keep the end of the prompt, next to the answer
+            ids = (p_ids + r_ids)[: self.max_length]
+            lab = ([-100] * len(p_ids) + r_ids)[: self.max_length]
+            seqs.append(ids)
+            labels.append(lab)
+            answer_pos.append(len(p_ids) - 1)
+        T = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        attn = torch.zeros((len(seqs), T), dtype=torch.long)
+        lab_t = torch.full((len(seqs), T), -100, dtype=torch.long)
+        for i, (s, lab) in enumerate(zip(seqs, labels)):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            attn[i, : len(s)] = 1
+            lab_t[i, : len(lab)] = torch.tensor(lab)
+        batch = {"input_ids": input_ids, "attention_mask": attn, "labels": lab_t}
+        if class_labels:
+            batch["class_labels"] = torch.tensor(class_labels)
+            batch["answer_pos"] = torch.tensor(answer_pos)
+        return batch

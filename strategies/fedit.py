@@ -1,0 +1,16 @@
+"""FedIT (Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning", ICASSP 2024):
+FedAvg applied to the LoRA factors, A and B averaged separately (weighted by examples), head averaged.
+The baseline: s·B̄Ā is not the average of the clients' updates (cross terms); see ALGORITHMS.md."""
+
+from fedlora import algebra
+
+from .base import LoraStrategy
+
+
+class FedIT(LoraStrategy):
+    name = "fedit"
+
+    def aggregate(self, server_round, states, weights, nodes):
+        new = algebra.fedit(states, weights)
+        self.last_delta = algebra.effective_update(new, self.state)
+        self.state = new

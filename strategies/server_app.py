@@ -1,0 +1,147 @@
+"""The ServerApp: compose the config, discover clients, run the rounds, evaluate the global model on the
+held-out split, and write the run directory (the server is its single writer).
+
+The round loop is written out here instead of calling ``Strategy.start`` because it also owns the things
+Flower's loop does not do: the per-round progress line and metrics, audit files, and the final PEFT adapter.
+Each strategy still exposes Flower's ``configure_train`` / ``aggregate_train`` and works with ``start``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+import strategies
+from fedlora import adapters, config, data, models, train
+from fedlora.report import Recorder, default_run_dir
+
+app = ServerApp()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, strategies.base.NodeInfo]:
+    """Wait for ``num_clients`` nodes, then ask each for its partition, size, device (a QUERY message)."""
+    from strategies.base import NodeInfo
+
+    t0 = time.time()
+    while len(ids := sorted(grid.get_node_ids())) < cfg.num_clients:
+        if time.time() - t0 > timeout:
+            raise RuntimeError(f"only {len(ids)} of {cfg.num_clients} clients connected within {timeout:.0f}s")
+        time.sleep(0.5)
+    msgs = [Message(RecordDict({"config": ConfigRecord({"fedlora-config": strategy.cfg_yaml})}),
+                    message_type=MessageType.QUERY, dst_node_id=nid) for nid in ids]
+    nodes = {}
+    for rep in grid.send_and_receive(msgs, timeout=timeout):
+        if rep.has_error():
+            log(INFO, "node %s failed the handshake: %s", rep.metadata.src_node_id, rep.error.reason)
+            continue
+        m = rep.content["metrics"]
+        ranks = config.client_ranks(cfg)
+        pid = int(m["partition-id"])
+        r = ranks[pid % len(ranks)]
+        scale = float(cfg.model.lora.alpha) / float(cfg.model.lora.r)  # one scale for all ranks
+        nodes[rep.metadata.src_node_id] = NodeInfo(
+            node_id=rep.metadata.src_node_id, partition_id=pid, num_examples=int(m["num-examples"]),
+            rank=r, alpha=scale * r, device=str(rep.content["config"].get("device", "cpu")) if "config" in rep.content else "cpu",
+        )
+    if len(nodes) < cfg.min_train_nodes:
+        raise RuntimeError(f"only {len(nodes)} clients answered the handshake (< min_train_nodes={cfg.min_train_nodes})")
+    return nodes
+
+
+def prepare_eval_model(bundle: models.Bundle, strategy) -> None:
+    """Put the global model into ``bundle.model``: base + merged updates, then the global adapter."""
+    merged = strategy.base_delta()
+    with torch.no_grad():
+        for name, layer in adapters.lora_layers(bundle.model).items():
+            w = bundle.base_weights[name]
+            layer.base_layer.weight.copy_(w + merged[name].to(w) if name in merged else w)
+    state = strategy.eval_adapter()
+    adapters.resize_peft(bundle.model, state.ranks(), alpha=float(strategy.cfg.model.lora.alpha))
+    adapters.load_into_peft(bundle.model, state)
+
+
+def evaluate_global(bundle, strategy, test, collator, cfg) -> dict:
+    prepare_eval_model(bundle, strategy)
+    return train.evaluate(bundle.model, test, collator, task=bundle.task, batch_size=int(cfg.eval.batch_size),
+                          max_examples=cfg.eval.max_examples)
+
+
+def write_audit(recorder: Recorder, rnd: int, strategy) -> None:
+    d = recorder.audit_dir(rnd)
+    for node, state, n in strategy.last.get("client_states", []):
+        adapters.save_file(state, d / f"client_{node.partition_id:03d}.safetensors",
+                           metadata={"num_examples": str(int(n)), "rank": str(node.rank), "round": str(rnd)})
+    if strategy.last_delta:
+        from safetensors.torch import save_file
+
+        save_file({k: f.delta().float().contiguous() for k, f in strategy.last_delta.items()}, str(d / "delta.safetensors"),
+                  metadata={"strategy": strategy.name, "round": str(rnd)})
+
+
+def save_adapter(bundle, strategy, path: Path) -> None:
+    prepare_eval_model(bundle, strategy)
+    bundle.model.save_pretrained(str(path))
+
+
+def run_server(grid: Grid, cfg, run_dir: Path, echo=print) -> dict:
+    seed_everything(int(cfg.seed))
+    recorder = Recorder(run_dir, config.to_yaml(cfg), int(cfg.num_rounds), echo=echo)
+    bundle = models.build(cfg)
+    _, test = data.load(cfg.data)
+    collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+    initial = adapters.from_peft(bundle.model)
+    shapes = {n: (l.out_features, l.in_features) for n, l in adapters.lora_layers(bundle.model).items()}
+    strategy = strategies.get(cfg.strategy.name)(cfg, initial, shapes)
+    strategy.nodes = discover(grid, strategy, cfg, timeout=float(cfg.round_timeout))
+    t0 = time.time()
+    recorder.log_round({"round": 0, "strategy": strategy.name, "num_clients": 0, "bytes_up": 0, "bytes_down": 0,
+                        "wall_s": 0.0, **evaluate_global(bundle, strategy, test, collator, cfg)})
+    for rnd in range(1, int(cfg.num_rounds) + 1):
+        t_round = time.time()
+        messages = strategy.configure_train(rnd, None, None, grid)
+        replies = list(grid.send_and_receive(messages, timeout=float(cfg.round_timeout)))
+        answered = {r.metadata.src_node_id for r in replies}
+        strategy.aggregate_train(rnd, replies)
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                strategy.last["rejected"].append({"node": strategy.nodes[m.metadata.dst_node_id].partition_id,
+                                                  "reason": f"no reply within round_timeout={cfg.round_timeout}s"})
+        if cfg.audit:
+            write_audit(recorder, rnd, strategy)
+        metrics = {"round": rnd, "strategy": strategy.name, "num_clients": strategy.last["num_clients"],
+                   "train_loss": strategy.last.get("train_loss"),
+                   **evaluate_global(bundle, strategy, test, collator, cfg),
+                   "bytes_up": strategy.last["bytes_up"], "bytes_down": strategy.last["bytes_down"],
+                   "round_s": time.time() - t_round, "wall_s": time.time() - t0,
+                   "sampled": strategy.last["sampled"], "rejected": strategy.last["rejected"],
+                   "skipped": strategy.last.get("skipped"), **strategy.round_metrics()}
+        recorder.log_round(metrics)
+    save_adapter(bundle, strategy, run_dir / "adapter")
+    summary = recorder.summary({"strategy": strategy.name, "model": cfg.model.name, "num_clients": cfg.num_clients,
+                                "num_rounds": cfg.num_rounds, "seed": cfg.seed,
+                                "adapter": str(run_dir / "adapter"), "status": "completed"})
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    resolved = os.environ.get("FEDLORA_OVERRIDES_YAML")  # set by `fedlora run` (already validated)
+    cfg = config.from_yaml(resolved) if resolved else config.load(str(context.run_config.get("hydra-overrides", "")))
+    run_dir = str(context.run_config.get("run-dir", "") or os.environ.get("FEDLORA_RUN_DIR", "") or cfg.out_dir or "")
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    run_server(grid, cfg, run_dir.resolve())
