@@ -1,0 +1,527 @@
+"""Differential privacy for fedlora clients: sample-level DP-SGD (Opacus), its accounting across rounds,
+and the rules for which strategy/privacy combinations make sense. No Flower in here.
+
+What a client does each round (the client process may be fresh every round)
+--------------------------------------------------------------------------
+::
+
+    cfg = DPConfig(target_epsilon=3.0, target_delta=1e-5, max_grad_norm=1.0)      # once, from the config
+    check_compatible(strategy_name, "dp_sgd", weighting=...)                       # once, at config time
+
+    q = sample_rate(train_loader)                     # Opacus' definition: 1 / len(loader)
+    sigma = plan_noise(cfg, q, total_steps=num_rounds * local_steps)   # same value every round
+    state = AccountantState.from_json(saved) if saved else AccountantState(cfg.accountant)
+    if would_exceed(state, cfg, sigma, q, local_steps):
+        ...reply without training (report epsilon(state, cfg.target_delta))
+    model, optimizer, loader, session = make_private(model, optimizer, train_loader, cfg, sigma, state)
+    for batch in iterate_steps(loader, local_steps):  # fresh Poisson draws, never itertools.cycle
+        if batch is empty: noise_only_step(optimizer); continue
+        loss = ...  (a per-example loss averaged over the batch, e.g. causal_lm_loss for an LM)
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+    state = session.state(); eps = session.epsilon()
+    session.close()                                   # removes Opacus' hooks; the PEFT model is unchanged
+    saved = state.to_json()                           # e.g. into context.state as a ConfigRecord string
+
+One accountant per client for the whole run: the accountant's history ``[(noise, sample_rate, steps)]`` is
+plain data; it is restored into every round's fresh ``PrivacyEngine``, so epsilon is always the epsilon of
+the whole run so far (creating an engine per round without restoring it reports one round's epsilon as if
+it were the run's, which is the pitfall in public FFA-LoRA code). With ``target_epsilon`` the noise is
+computed ONCE for the planned run (rounds x local steps at the client's sampling rate) and stays constant,
+so a client that takes part in every round ends at <= target_epsilon; the budget check refuses a round
+that would cross it (clients that sit out rounds simply spend less).
+
+Conventions (checked by tests/test_privacy.py against a per-example loop)
+------------------------------------------------------------------------
+- Flat clipping: each example's gradient over ALL trainable parameters (LoRA factors and head together)
+  is scaled by ``min(1, C / (||g_i|| + 1e-6))``; the clipped gradients are summed, noise
+  ``N(0, (sigma*C)^2)`` is added, and the sum is divided by Opacus' *expected* batch size
+  ``int(n / len(loader))`` (not the drawn Poisson batch size).
+- Per-example gradients are those of a per-example loss, so the batch loss must be the mean over examples
+  of a loss that depends on that example alone. Hugging Face's causal-LM loss averages over all tokens of
+  the batch, which makes one example's gradient depend on the other examples' token counts (it breaks the
+  sensitivity bound once there is padding): use :func:`causal_lm_loss`. Sequence classification's
+  cross-entropy is already a per-example mean.
+- Opacus hooks are attached without wrapping (``wrap_model=False``): the PEFT model keeps its type and
+  names, so ``adapters.from_peft`` works on it unchanged. Only parameters with ``requires_grad`` get
+  per-sample gradients: for FFA-LoRA freeze ``lora_A`` before calling :func:`make_private`. Frozen layers
+  (embeddings, RMSNorm, base linears) need no grad sampler; LoRA factors and a ``modules_to_save``
+  classifier are ``nn.Linear`` and use Opacus' own sampler. ``model.train()`` is called for you
+  (``from_pretrained`` leaves submodules in eval mode and Opacus only records activations in train mode).
+- A Poisson batch can be empty (probability (1-q)^n); Hugging Face models fail on a 0-row batch, and
+  skipping the step would break the accounting: call :func:`noise_only_step` instead.
+
+Which combinations are refused (:func:`check_compatible`), and why
+------------------------------------------------------------------
+Privacy modes: ``none``; ``dp_sgd`` (sample-level DP-SGD on every client, this module);
+``client_dp`` (client-level DP: Flower's ``DifferentialPrivacy{Server,Client}SideFixedClipping`` with its
+accountant); ``client_dp_adaptive`` (named only to refuse it).
+
+- ``dp_sgd`` works with every strategy: what a client sends is computed from DP-SGD-trained factors and
+  data-independent randomness (A's seed, FLoRA's fresh init), and everything the server does with it
+  (averaging, stacking, LoRA-FAIR's correction, SVD, padding, norm weights) is post-processing.
+  FLoRA re-initialises its LoRA each round, so A and B are both trained under DP and the same accountant
+  keeps composing across rounds. FedIT / LoRA-FAIR / FLoRA train A and B: the product B*A carries
+  noise x noise terms (a utility cost, not a privacy one); FFA-LoRA is the natural pairing.
+  Refused: ``fedpipe`` when its importance scores are computed on private data (``fedpipe_importance=
+  "private"``): those gradient statistics would leave the client outside DP-SGD's accounting.
+  Caveat (documented, not refused): the example count n_k a client reports for weighting is treated as
+  public (e.g. known partition sizes); under add/remove adjacency an exact count is not covered.
+- ``client_dp`` needs equal client weights (Flower's accounted wrappers check it at aggregation) and a
+  strategy whose aggregate is an element-wise mean of same-shaped arrays that the Gaussian noise is added
+  to: allowed for ``fedit`` and ``ffa_lora`` (their strategies must keep ``FedAvg.aggregate_train``).
+  Refused: ``flora`` (stacks each client's individual factors, so no noised sum is released),
+  ``lora_fair`` and ``flexlora`` (their server step reads each client's un-noised factors), ``hetlora`` and
+  ``fedpipe`` (clients have different ranks, so there is no common update to clip and noise).
+- ``client_dp_adaptive``: refused, Flower 1.42 has no accountant for adaptive clipping, so no epsilon
+  could be reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+__all__ = [
+    "ACCOUNTANTS",
+    "PRIVACY_MODES",
+    "STRATEGIES",
+    "AccountantState",
+    "batch_size_of",
+    "DPConfig",
+    "DPSession",
+    "causal_lm_loss",
+    "check_compatible",
+    "epsilon",
+    "iterate_steps",
+    "make_private",
+    "noise_only_step",
+    "plan_noise",
+    "sample_rate",
+    "would_exceed",
+]
+
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+STRATEGIES = ("fedit", "flora", "ffa_lora", "lora_fair", "fedpipe", "hetlora", "flexlora")
+PRIVACY_MODES = ("none", "dp_sgd", "client_dp", "client_dp_adaptive")
+_CLIENT_DP_STRATEGIES = ("fedit", "ffa_lora")
+_STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DPConfig:
+    """Sample-level DP-SGD settings of one run (identical on every client).
+
+    Give exactly one of ``noise_multiplier`` (fixed sigma; no budget check) or ``target_epsilon`` (sigma is
+    planned once for the whole run by :func:`plan_noise`; rounds that would exceed it are refused).
+    ``train_head=False`` freezes every trainable non-LoRA parameter (e.g. a ``modules_to_save`` classifier)
+    in :func:`make_private`.
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    poisson: bool = True
+    train_head: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "DPConfig needs exactly one of noise_multiplier (fixed noise) or target_epsilon "
+                "(noise planned for the run), got "
+                f"noise_multiplier={self.noise_multiplier} and target_epsilon={self.target_epsilon}."
+            )
+        if self.noise_multiplier is not None and not (
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
+        ):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}.")
+        if self.target_epsilon is not None and not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
+            raise ValueError(f"target_epsilon must be a finite number > 0, got {self.target_epsilon}.")
+        if not (0.0 < self.target_delta < 1.0):
+            raise ValueError(f"target_delta must lie strictly between 0 and 1, got {self.target_delta}.")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm (the per-example clipping norm) must be > 0, got {self.max_grad_norm}.")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}.")
+
+
+def check_compatible(
+    strategy_name: str,
+    privacy_mode: str,
+    *,
+    weighting: str = "num_examples",
+    fedpipe_importance: str = "private",
+) -> None:
+    """Refuse strategy/privacy combinations that make no sense, with one sentence (see module docstring).
+
+    ``weighting``: how the server weights clients, ``"num_examples"`` or ``"uniform"``.
+    ``fedpipe_importance``: where FedPipe's importance scores come from: ``"private"`` (client data),
+    ``"public"`` (data the server may see) or ``"none"`` (fixed choice of matrices).
+    """
+    if strategy_name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy_name!r}; expected one of {', '.join(STRATEGIES)}.")
+    if privacy_mode not in PRIVACY_MODES:
+        raise ValueError(f"Unknown privacy mode {privacy_mode!r}; expected one of {', '.join(PRIVACY_MODES)}.")
+    if weighting not in ("num_examples", "uniform"):
+        raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}.")
+    if fedpipe_importance not in ("private", "public", "none"):
+        raise ValueError(f"fedpipe_importance must be 'private', 'public' or 'none', got {fedpipe_importance!r}.")
+
+    if privacy_mode == "none":
+        return
+    if privacy_mode == "dp_sgd":
+        if strategy_name == "fedpipe" and fedpipe_importance == "private":
+            raise ValueError(
+                "fedpipe with dp_sgd is refused while its importance scores come from gradients on private "
+                "client data, which would leave the client outside DP-SGD's accounting; compute them on "
+                "public data (fedpipe_importance='public') or fix the adapted matrices ('none')."
+            )
+        return
+    if privacy_mode == "client_dp_adaptive":
+        raise ValueError(
+            "client_dp_adaptive is refused because Flower 1.42 has no privacy accountant for adaptive "
+            "clipping, so no epsilon could be reported; use client_dp (fixed clipping) instead."
+        )
+    # client_dp
+    reasons = {
+        "flora": "flora stacks each client's individual factors instead of averaging them, so there is no "
+        "noised sum for client-level DP to release",
+        "lora_fair": "lora_fair's server-side correction reads every client's un-noised factors, which "
+        "client-level DP does not cover",
+        "flexlora": "flexlora forms and decomposes sum_k p_k B_k A_k from every client's un-noised factors, "
+        "which client-level DP does not cover",
+        "hetlora": "hetlora clients have different ranks (and may be weighted by their update norms), so "
+        "there is no common update to clip and noise",
+        "fedpipe": "fedpipe clients have different ranks, so there is no common update to clip and noise",
+    }
+    if strategy_name in reasons:
+        raise ValueError(
+            f"{reasons[strategy_name]}; client_dp works with {' or '.join(_CLIENT_DP_STRATEGIES)} only."
+        )
+    if weighting != "uniform":
+        raise ValueError(
+            "client_dp needs equal client weights (weighting='uniform'): weighting by example counts lets "
+            "one client's clipped update count for more than the sensitivity the noise is calibrated for."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Accountant state: plain data that survives a fresh client process
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AccountantState:
+    """History of one client's privacy accountant: ``((noise_multiplier, sample_rate, steps), ...)``.
+
+    This is exactly Opacus' accountant ``history`` (consecutive steps with equal noise and sampling rate
+    are merged into one entry), so restoring it reproduces the accountant bit for bit.
+    """
+
+    mechanism: str = "rdp"
+    history: tuple[tuple[float, float, int], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in ACCOUNTANTS:
+            raise ValueError(f"accountant mechanism must be one of {', '.join(ACCOUNTANTS)}, got {self.mechanism!r}.")
+        clean = []
+        for entry in self.history:
+            if len(entry) != 3:
+                raise ValueError(f"accountant history entries are (noise, sample_rate, steps), got {entry!r}.")
+            sigma, q, steps = float(entry[0]), float(entry[1]), entry[2]
+            if not (sigma >= 0 and 0 < q <= 1 and int(steps) == steps and steps > 0):
+                raise ValueError(f"invalid accountant history entry {entry!r}.")
+            clean.append((sigma, q, int(steps)))
+        if self.mechanism == "gdp" and len(clean) > 1:
+            raise ValueError(
+                "the gdp accountant only supports one constant noise multiplier and sampling rate per run; "
+                "use rdp or prv when they change."
+            )
+        object.__setattr__(self, "history", tuple(clean))
+
+    @property
+    def steps(self) -> int:
+        """Number of DP-SGD steps accounted so far."""
+        return sum(s for _, _, s in self.history)
+
+    def to_dict(self) -> dict:
+        return {"version": _STATE_VERSION, "mechanism": self.mechanism, "history": [list(h) for h in self.history]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AccountantState:
+        if not isinstance(d, dict) or "mechanism" not in d or "history" not in d:
+            raise ValueError("accountant state must be a dict with 'mechanism' and 'history'.")
+        if d.get("version", _STATE_VERSION) != _STATE_VERSION:
+            raise ValueError(f"accountant state version {d.get('version')} is not supported (expected {_STATE_VERSION}).")
+        return cls(d["mechanism"], tuple(tuple(h) for h in d["history"]))
+
+    def to_json(self) -> str:
+        """A JSON string (floats round-trip exactly), e.g. for a Flower ConfigRecord in ``context.state``."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, s: str) -> AccountantState:
+        return cls.from_dict(json.loads(s))
+
+    def extended(self, noise_multiplier: float, sample_rate: float, steps: int) -> AccountantState:
+        """This history plus ``steps`` more steps, merged as the Opacus accountant merges them."""
+        hist = list(self.history)
+        if steps > 0:
+            if hist and hist[-1][0] == noise_multiplier and hist[-1][1] == sample_rate:
+                hist[-1] = (hist[-1][0], hist[-1][1], hist[-1][2] + steps)
+            else:
+                hist.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        return AccountantState(self.mechanism, tuple(hist))
+
+    def _accountant(self):
+        from opacus.accountants import create_accountant
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GDP's "experimental" warning; DPConfig users chose it knowingly
+            acc = create_accountant(mechanism=self.mechanism)
+        acc.history = [tuple(h) for h in self.history]
+        return acc
+
+
+def _as_state(state: AccountantState | str | dict | None, mechanism: str) -> AccountantState:
+    if state is None:
+        return AccountantState(mechanism)
+    if isinstance(state, str):
+        state = AccountantState.from_json(state)
+    elif isinstance(state, dict):
+        state = AccountantState.from_dict(state)
+    if not isinstance(state, AccountantState):
+        raise TypeError(f"accountant state must be an AccountantState, JSON string, dict or None, got {type(state)}.")
+    if state.mechanism != mechanism:
+        raise ValueError(
+            f"the accountant state was recorded with {state.mechanism!r} but the config asks for {mechanism!r}; "
+            "keep one accountant for the whole run."
+        )
+    return state
+
+
+def epsilon(accountant_state: AccountantState | str | dict, delta: float) -> float:
+    """Epsilon spent so far (for this delta); 0.0 before the first step, inf if any step had no noise."""
+    state = accountant_state
+    if not isinstance(state, AccountantState):
+        state = AccountantState.from_json(state) if isinstance(state, str) else AccountantState.from_dict(state)
+    if not (0.0 < delta < 1.0):
+        raise ValueError(f"delta must lie strictly between 0 and 1, got {delta}.")
+    if state.steps == 0:
+        return 0.0
+    if any(sigma == 0 for sigma, _, _ in state.history):
+        return math.inf
+    return float(state._accountant().get_epsilon(delta=delta))
+
+
+def sample_rate(data_loader) -> float:
+    """Poisson sampling rate of a client's loader as Opacus defines it: ``1 / len(data_loader)``."""
+    n = len(data_loader)
+    if n < 1:
+        raise ValueError("the data loader has no batches, so there is no sampling rate.")
+    return 1.0 / n
+
+
+def plan_noise(cfg: DPConfig, sample_rate: float, total_steps: int) -> float:
+    """Noise multiplier of the run: ``cfg.noise_multiplier``, or the one that spends exactly (at most)
+    ``cfg.target_epsilon`` over ``total_steps`` (= rounds x local steps) at this sampling rate.
+
+    Deterministic: every round of a client may call it again and gets the same sigma.
+    """
+    if cfg.noise_multiplier is not None:
+        return float(cfg.noise_multiplier)
+    if not (0.0 < sample_rate <= 1.0):
+        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}.")
+    if int(total_steps) != total_steps or total_steps < 1:
+        raise ValueError(f"total_steps (rounds x local steps) must be a positive integer, got {total_steps}.")
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=cfg.target_epsilon,
+                    target_delta=cfg.target_delta,
+                    sample_rate=sample_rate,
+                    steps=int(total_steps),
+                    accountant=cfg.accountant,
+                )
+            )
+    except ValueError as e:
+        raise ValueError(
+            f"target_epsilon={cfg.target_epsilon} cannot be met for {total_steps} steps at sampling rate "
+            f"{sample_rate:.4g} even with a noise multiplier of 1e6 ({e}); raise the budget or train fewer steps."
+        ) from e
+
+
+def would_exceed(
+    accountant_state: AccountantState | str | dict | None,
+    cfg: DPConfig,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+) -> bool:
+    """Budget check before a round: would ``steps`` more steps push epsilon above ``cfg.target_epsilon``?
+
+    Always False without a target epsilon (``cfg.noise_multiplier`` runs have no budget).
+    """
+    if cfg.target_epsilon is None:
+        return False
+    state = _as_state(accountant_state, cfg.accountant)
+    after = state.extended(noise_multiplier, sample_rate, int(steps))
+    return epsilon(after, cfg.target_delta) > cfg.target_epsilon
+
+
+# ----------------------------------------------------------------------------------------------
+# Opacus
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DPSession:
+    """One round's DP-SGD machinery on one client: the engine (with the restored accountant) and hooks."""
+
+    engine: object  # opacus.PrivacyEngine
+    hooks: object  # opacus GradSampleHooks attached to the (unwrapped) model
+    cfg: DPConfig
+    noise_multiplier: float
+    sample_rate: float
+    trainable: list[str]
+
+    def state(self) -> AccountantState:
+        """The accountant's history for the whole run so far (store it; restore it next round)."""
+        acc = self.engine.accountant
+        return AccountantState(acc.mechanism(), tuple(tuple(h) for h in acc.history))
+
+    def epsilon(self, delta: float | None = None) -> float:
+        return epsilon(self.state(), self.cfg.target_delta if delta is None else delta)
+
+    def close(self) -> None:
+        """Remove Opacus' hooks and per-sample attributes from the model (idempotent)."""
+        if self.hooks is not None:
+            self.hooks.cleanup()
+            self.hooks = None
+
+
+def make_private(model, optimizer, data_loader, cfg: DPConfig, noise_multiplier: float, accountant_state=None):
+    """Attach DP-SGD to a (PEFT) model for one round, with the client's accountant restored.
+
+    Returns ``(model, dp_optimizer, dp_loader, session)``: ``model`` is the same object (hooks attached, put
+    in train mode), ``dp_optimizer`` clips per example, adds noise and steps the accountant,
+    ``dp_loader`` draws Poisson batches (``cfg.poisson``), ``session`` gives the accountant state and
+    epsilon and must be ``close()``d before the model is attached again.
+    ``accountant_state``: :class:`AccountantState`, its JSON string/dict, or None on the first round.
+    """
+    from opacus import PrivacyEngine
+
+    state = _as_state(accountant_state, cfg.accountant)
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}.")
+    if hasattr(model, "autograd_grad_sample_hooks"):
+        raise ValueError("the model still has Opacus hooks from an earlier round; close() that DPSession first.")
+    n = len(data_loader.dataset)
+    if cfg.target_delta >= 1.0 / n:
+        raise ValueError(
+            f"target_delta={cfg.target_delta:g} is not below 1/n = {1.0 / n:.3g} for this client's {n} examples, "
+            "which makes the guarantee meaningless; choose target_delta < 1/n."
+        )
+    if not cfg.train_head:
+        for name, p in model.named_parameters():
+            if p.requires_grad and ".lora_" not in name:
+                p.requires_grad_(False)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters, so there is nothing to train with DP-SGD.")
+    model.train()
+
+    with warnings.catch_warnings():
+        # "Secure RNG turned off": secure_mode needs torchcsprng, which fedlora does not ship (open item).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="GDP accounting is experimental")
+        if not cfg.poisson:
+            warnings.warn(
+                "DP-SGD without Poisson sampling: the reported epsilon assumes Poisson sampling and is "
+                "only an approximation.",
+                stacklevel=2,
+            )
+        engine = PrivacyEngine(accountant=cfg.accountant)
+        engine.accountant.history = [tuple(h) for h in state.history]
+        hooks, dp_opt, dp_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=float(noise_multiplier),
+            max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=cfg.poisson,
+            loss_reduction="mean",
+            wrap_model=False,
+        )
+    session = DPSession(engine, hooks, cfg, float(noise_multiplier), 1.0 / len(data_loader), trainable)
+    return model, dp_opt, dp_loader, session
+
+
+def noise_only_step(optimizer) -> None:
+    """Step a DP optimizer on an empty Poisson batch: zero clipped sum plus noise, and one accounted step.
+
+    Skipping the step instead would make the released model depend on whether the batch was empty
+    without the accountant knowing; Hugging Face models cannot run a 0-row batch.
+    """
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def iterate_steps(data_loader, steps: int) -> Iterator:
+    """Yield exactly ``steps`` batches, starting a fresh pass (fresh Poisson draws) whenever one ends.
+
+    (``itertools.cycle`` would replay the first pass's batches, which the accountant does not model.)
+    """
+    done = 0
+    while done < steps:
+        progressed = False
+        for batch in data_loader:
+            progressed = True
+            yield batch
+            done += 1
+            if done >= steps:
+                return
+        if not progressed:
+            raise ValueError("the data loader yielded no batches.")
+
+
+def batch_size_of(batch) -> int:
+    """Rows in a batch (tensor, tuple/list of tensors or dict of tensors); 0 for an empty Poisson batch."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        return batch_size_of(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return batch_size_of(batch[0])
+    raise TypeError(f"cannot tell the batch size of a {type(batch)}.")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token loss that is a mean over examples of each example's own mean token loss.
+
+    ``logits`` [B, T, V], ``labels`` [B, T] (unshifted, as Hugging Face takes them). Unlike HF's loss
+    (mean over all tokens of the batch) an example's gradient does not depend on other examples, which is
+    what per-example clipping assumes. Examples without any target token contribute 0.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="none",
+    ).view(shift_labels.shape)
+    mask = (shift_labels != ignore_index).to(tok.dtype)
+    per_example = (tok * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    return per_example.mean()
