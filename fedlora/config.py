@@ -122,14 +122,14 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.kernels in ("auto", "triton", "torch", "peft"), "kernels must be auto, triton, torch or peft.")
     _require(cfg.model.task in ("seq-cls", "causal-lm"), f"model.task='{cfg.model.task}' must be seq-cls or causal-lm.")
     if cfg.model.name == "hf":
-        _require(cfg.model.source not in (None, "???"), "model=hf needs model.source=<local path or hub id>.")
+        _require(not OmegaConf.is_missing(cfg.model, "source") and cfg.model.source, "model=hf needs model.source=<local path or hub id>.")
     lora = cfg.model.lora
     _require(isinstance(lora.r, int) and lora.r >= 1, f"model.lora.r={lora.r} must be an integer >= 1 (the LoRA rank).")
     _require(lora.alpha > 0, "model.lora.alpha must be > 0.")
     _require(0 <= lora.dropout < 1, "model.lora.dropout must be in [0, 1).")
     for r in client_ranks(cfg):
         _require(r >= 1, f"client rank {r} must be >= 1: fix client_ranks.")
-    if cfg.data.get("path") in ("???",):
+    if OmegaConf.is_missing(cfg.data, "path"):
         raise ConfigError(f"data={cfg.data.name} needs data.path=<file or folder>.")
     _require(cfg.simulation.client_cpus >= 1 and int(cfg.simulation.client_cpus) == cfg.simulation.client_cpus,
              "simulation.client_cpus must be a positive integer (Flower 1.42 requires it).")

@@ -1,0 +1,114 @@
+"""Config composition/validation and data loading/partitioning: fast, no Flower run."""
+
+import json
+import subprocess
+
+import pytest
+from conftest import ROOT, SST2, fedlora_cmd
+
+from fedlora import config, data
+from fedlora.config import ConfigError
+
+
+def test_compose_defaults_and_overrides():
+    cfg = config.load(["model=tiny_llama", "num_rounds=3", "partitioner=dirichlet", "partitioner.alpha=0.3"])
+    assert cfg.model.name == "tiny_llama" and cfg.num_rounds == 3
+    assert cfg.partitioner.name == "dirichlet" and cfg.partitioner.alpha == 0.3
+    assert cfg.strategy.name == "fedit"
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["strategy=nope"], "unknown strategy 'nope'"),
+    (["model=gpt9"], "unknown model 'gpt9'"),
+    (["model.lora.r=0"], "model.lora.r=0 must be an integer >= 1"),
+    (["fraction_train=1.5"], "fraction_train=1.5 is outside (0, 1]"),
+    (["fraction_train=0"], "fraction_train=0 is outside (0, 1]"),
+    (["num_rounds=0"], "num_rounds must be an integer >= 1"),
+    (["min_train_nodes=20", "num_clients=4"], "min_train_nodes=20"),
+    (["client_ranks=[4,0]", "num_clients=2"], "client rank 0"),
+    (["model=hf"], "model=hf needs model.source"),
+])
+def test_invalid_config_is_one_sentence(overrides, fragment):
+    with pytest.raises(ConfigError) as e:
+        config.load(overrides)
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_client_ranks_forms():
+    assert config.client_ranks(config.load(["num_clients=3"])) == [8, 8, 8]
+    assert config.client_ranks(config.load(["num_clients=4", "client_ranks=[4,8]"])) == [4, 8, 4, 8]
+
+
+def test_sst2_local_folder_and_partitions_are_seeded():
+    cfg = config.load(["num_clients=5", "partitioner=dirichlet", "partitioner.alpha=0.5", f"data.path={SST2}"])
+    train, test = data.load(cfg.data)
+    assert len(train) == 67349 and len(test) == 872
+    assert set(train.column_names) == {"text", "label"}
+    sizes = data.check_partitions(cfg)
+    assert sum(sizes) == len(train)
+    a = data.partition(cfg, 2)["text"][:5]
+    data._partitions_cached.cache_clear()
+    assert data.partition(cfg, 2)["text"][:5] == a  # same seed, same partition
+    cfg2 = config.load(["num_clients=5", "partitioner=dirichlet", "partitioner.alpha=0.5", "seed=1", f"data.path={SST2}"])
+    assert len(data.partition(cfg2, 2)) != len(data.partition(cfg, 2))
+
+
+def test_label_skew_and_pathological(tmp_path):
+    cfg = config.load(["num_clients=3", "partitioner=pathological", "partitioner.classes_per_client=1"])
+    labels = [set(data.partition(cfg, i)["label"]) for i in range(3)]
+    assert all(len(s) == 1 for s in labels)
+    part = data.LabelSkewPartitioner([[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]], seed=0)
+    part.dataset = data.load(cfg.data)[0]
+    p0 = part.load_partition(0)["label"]
+    assert abs(sum(p0) / len(p0) - 0.9) < 0.01
+
+
+def test_local_csv_jsonl_and_alpaca(tmp_path):
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("review,stars\n" + "\n".join(f"\"text, number {i}\",{i % 3}" for i in range(50)))
+    cfg = config.load(["data=local", f"data.path={csv}", "data.text_column=review", "data.label_column=stars"])
+    train, test = data.load(cfg.data)
+    assert len(train) + len(test) == 50 and set(train["label"]) <= {0, 1, 2}
+    jl = tmp_path / "alpaca.jsonl"
+    jl.write_text("\n".join(json.dumps({"instruction": f"Add {i} and 1", "input": "", "output": str(i + 1)}) for i in range(40)))
+    cfg = config.load(["data=alpaca", f"data.path={jl}", "model=tiny_llama"])
+    train, test = data.load(cfg.data)
+    assert train[0]["prompt"].startswith("### Instruction:") and train[0]["response"]
+
+
+def test_bad_data_errors(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("label\tsentence\n1\tfine\nnot-a-label\toops\n")
+    with pytest.raises(data.DataError, match="is not an integer class id"):
+        data.load(config.load(["data=local", f"data.path={bad}", "data.text_column=sentence"]).data)
+    cols = tmp_path / "cols.csv"
+    cols.write_text("a,b\n1,2\n")
+    with pytest.raises(data.DataError, match="has no column 'text'"):
+        data.load(config.load(["data=local", f"data.path={cols}"]).data)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load(config.load([f"data.path={tmp_path / 'missing'}"]).data)
+
+
+def _cli(*args):
+    return subprocess.run(fedlora_cmd("run", *args), capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["strategy=nope"], "unknown strategy"),
+    (["data.path=/nonexistent/sst2"], "does not exist"),
+    (["num_clients=100000", "model=tiny_llama"], "more than the"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, fragment):
+    p = _cli(*args)
+    assert p.returncode == 2, p.stderr
+    lines = [l for l in p.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_cli_malformed_data_file(tmp_path):
+    bad = tmp_path / "train.tsv"
+    bad.write_text("label\tsentence\n1\tok\n1\tok\textra\tcolumns\n")
+    p = _cli(f"data.path={bad}", "model=tiny_llama")
+    assert p.returncode == 2 and "could not be read" in p.stderr and "Traceback" not in p.stderr
