@@ -227,34 +227,53 @@ def _ideal_sq_norm(fs, p) -> float:
     return float(((B_s.T @ B_s) * (A_s @ A_s.T)).sum())
 
 
-def _cosine_loss_lowrank(D, Bbar, G, C, w_norm, lam):
-    """Paper objective from r x r quantities; batched over a leading module axis (losses summed).
+def _lbfgs(loss_fn, x0: torch.Tensor, steps: int) -> torch.Tensor:
+    """Minimise loss_fn from x0 with L-BFGS (strong-Wolfe line search, at most ``steps`` iterations)."""
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=steps, max_eval=2 * steps, history_size=20,
+                            tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
 
-    With X = Bbar + D:  <X Abar, dW*> = <X, G>,   ||X Abar||^2 = <X^T X, C>,   C = Abar Abar^T.
-    """
-    X = Bbar + D
-    inner = (X * G).sum((-2, -1))
-    xnorm = ((X.transpose(-2, -1) @ X) * C).sum((-2, -1)).clamp_min(0).sqrt()
-    return (-inner / (xnorm * w_norm) + lam * torch.linalg.vector_norm(D, dim=(-2, -1))).sum()
-
-
-def _solve_cosine(loss_fn, Bbar: torch.Tensor, lr: float, steps: int) -> torch.Tensor:
-    """Minimise loss_fn(D) over D (shape of Bbar, leading module axis) from D = 0 with Adam.
-
-    D = rms_i * E with rms_i the RMS entry of module i's B_bar, so ``lr`` is relative to B's magnitude per module;
-    learning rate cosine-annealed to 0 over ``steps``. Adam is elementwise, so batching modules (summed losses)
-    gives the same iterates as solving each module alone. Deterministic on CPU.
-    """
-    rms = Bbar.pow(2).mean((-2, -1), keepdim=True).sqrt()
-    E = torch.zeros_like(Bbar, requires_grad=True)
-    opt = torch.optim.Adam([E], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    for _ in range(steps):
+    def closure():
         opt.zero_grad(set_to_none=True)
-        loss_fn(rms * E).backward()
-        opt.step()
-        sched.step()
-    return (rms * E).detach()
+        loss = loss_fn(x)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return x.detach()
+
+
+def _cosine_dB(Bbar, G, C, w_norm: float, lam: float, steps: int) -> torch.Tensor:
+    """The cosine refinement of one module, solved in a 2r-dimensional column space (r x r work per step).
+
+    f(D) = -<X, G> / (sqrt(<X^T X, C>) ||dW*||) + lam ||D||_F with X = B_bar + D (Gram identities: see
+    :func:`lora_fair`). Stationarity, -a G + b X C + mu D = 0 (a, b, mu scalars), gives
+    D = (a G - b B_bar C)(b C + mu I)^{-1}: the minimiser's columns lie in span[G, B_bar]. So D = c Q E with
+    Q an orthonormal basis of that span (QR of [G B_bar], m x 2r) and c = ||B_bar||_F (E is O(1)):
+        <X, G> = <B_bar, G> + c <E, Q^T G>,   X^T X = B_bar^T B_bar + S + S^T + c^2 E^T E,  S = c (Q^T B_bar)^T E,
+        ||D||_F = c ||E||_F.
+    """
+    c = torch.linalg.vector_norm(Bbar)
+    Q, _ = torch.linalg.qr(torch.cat([G, Bbar], dim=1))
+    QG, QB = Q.T @ G, Q.T @ Bbar
+    BG, BB = (Bbar * G).sum(), Bbar.T @ Bbar
+
+    def loss(E):
+        Z = c * E
+        S = QB.T @ Z
+        q = ((BB + S + S.T + Z.T @ Z) * C).sum().clamp_min(0).sqrt()
+        return -(BG + (Z * QG).sum()) / (q * w_norm) + lam * torch.linalg.vector_norm(Z)
+
+    E = _lbfgs(loss, G.new_zeros(Q.shape[1], Bbar.shape[1]), steps)
+    return Q @ (c * E)
+
+
+def _closed_form_dB(G, Bbar, C, scale, lam, dtype):
+    """(G/s - B_bar C)(C + lam I)^{-1}, an r x r solve in ``dtype``."""
+    Gd, Bd, Cd = G.to(dtype), Bbar.to(dtype), C.to(dtype)
+    rhs = Gd / scale - Bd @ Cd  # (dW*/s - B_bar A_bar) A_bar^T, m x r
+    M = Cd + lam * torch.eye(C.shape[0], dtype=dtype, device=C.device)
+    return torch.linalg.solve(M, rhs.T).T  # M symmetric: rhs M^{-1} = (M^{-1} rhs^T)^T
 
 
 def _fair_common(states, weights):
@@ -264,77 +283,58 @@ def _fair_common(states, weights):
 
 
 def lora_fair(states: Sequence[AdapterState], weights: Sequence[float], lam: float = 0.01,
-              solver: str = "cosine", steps: int = 300, lr: float = 0.05,
+              solver: str = "cosine", steps: int = 100,
               solve_dtype: torch.dtype = torch.float64) -> AdapterState:
     """LoRA-FAIR (Bian et al., ICCV 2025): FedIT averages plus a server correction dB of B_bar.
 
-    Clients restart from (A_bar, B_bar + dB). Scale: all clients share s (checked), the served product is
-    s (B_bar + dB) A_bar, so the target in B's units is dW*/s and dB, lam are in B's units whatever alpha is.
+    Clients restart from (A_bar, B_bar + dB); A_bar, scale and extra are FedIT's. Scale: all clients share s
+    (checked); the served product is s (B_bar + dB) A_bar, so the target in B's units is dW*/s, and dB and lam
+    are in B's units whatever alpha is.
 
-    ``solver="cosine"`` (the paper's refinement problem, solved iteratively on the server):
-        dB = argmin  -cos(vec((B_bar + dB) A_bar), vec(dW*)) + lam ||dB||_F      (cosine is scale-free)
+    ``solver="cosine"`` (the paper's server-side refinement problem):
+        dB = argmin_dB  -cos(vec((B_bar + dB) A_bar), vec(dW*)) + lam ||dB||_F        (the cosine is scale-free)
     without any m x n matrix: with X = B_bar + dB, C = A_bar A_bar^T (r x r) and G = dW* A_bar^T (m x r),
-        <X A_bar, dW*>  = sum_k p_k s_k tr(X^T B_k A_k A_bar^T) = sum_k p_k s_k tr((X^T B_k)(A_k A_bar^T)) = <X, G>
+        <X A_bar, dW*>  = sum_k p_k s_k tr(A_bar^T X^T B_k A_k) = sum_k p_k s_k tr((X^T B_k)(A_k A_bar^T)) = <X, G>
         ||X A_bar||_F^2 = tr(A_bar^T X^T X A_bar) = <X^T X, C>
         ||dW*||_F^2     = sum_{k,l} p_k p_l s_k s_l tr((B_k^T B_l)(A_l A_k^T)) = <B_s^T B_s, A_s A_s^T>
-    G costs r(r_k)(m+n) per client; ||dW*|| costs (sum r_k)^2 (m+n) once. Solved with ``steps`` Adam steps
-    (step size ``lr`` x the module's RMS entry of B_bar, cosine-annealed; modules of one shape batched;
-    deterministic) in ``solve_dtype``. Modules with dW* = 0 or B_bar = 0 (cosine undefined) are left uncorrected.
+    G costs r r_k (m+n) per client, ||dW*|| (sum r_k)^2 (m+n) once per module. The minimiser lies in
+    span[G, B_bar] (:func:`_cosine_dB`), so each module is solved by autograd + L-BFGS (at most ``steps``
+    iterations, strong-Wolfe line search, deterministic, from dB = 0) over 2r x r coordinates in ``solve_dtype``.
+    Modules with dW* = 0 or B_bar = 0 (cosine undefined) are left uncorrected.
 
     ``solver="closed_form"`` (squared-error variant, ALGORITHMS.md):
         dB = argmin ||dW*/s - (B_bar + dB) A_bar||_F^2 + lam ||dB||_F^2 = (G/s - B_bar C)(C + lam I)^{-1},
-    an r x r solve (in ``solve_dtype``); G is accumulated in the input dtype.
+    an r x r solve in ``solve_dtype``; G is accumulated in the input dtype.
     """
-    p, base = _fair_common(states, weights)
-    names = list(states[0].lora)
-    if solver == "closed_form":
-        for name in names:
-            fs = [st.lora[name] for st in states]
-            g = base.lora[name]
-            G = _projected_ideal(fs, p, g.A)
-            dB = _closed_form_dB(G, g.B, g.A @ g.A.T, g.scale, lam, solve_dtype)
-            g.B = g.B + dB.to(g.B.dtype)
-        return base
-    if solver != "cosine":
+    if solver not in ("cosine", "closed_form"):
         raise ValueError(f"unknown LoRA-FAIR solver {solver!r} (expected 'cosine' or 'closed_form')")
-    groups: dict[tuple, list[str]] = {}
-    wnorms: dict[str, float] = {}
-    for name in names:
+    p, base = _fair_common(states, weights)
+    for name, g in base.lora.items():
         fs = [st.lora[name] for st in states]
-        wn = math.sqrt(_ideal_sq_norm(fs, p))
-        if wn == 0 or not bool(base.lora[name].B.any()):
-            continue  # cosine undefined (dW* = 0 or B_bar = 0): no correction for this module
-        groups.setdefault(tuple(base.lora[name].B.shape), []).append(name)
-        wnorms[name] = wn
-    for group in groups.values():
-        Bbar = torch.stack([base.lora[n].B for n in group]).to(solve_dtype)
-        G = torch.stack([_projected_ideal([st.lora[n] for st in states], p, base.lora[n].A).to(solve_dtype)
-                         for n in group])
-        C = torch.stack([(base.lora[n].A @ base.lora[n].A.T).to(solve_dtype) for n in group])
-        wn = torch.tensor([wnorms[n] for n in group], dtype=solve_dtype)
-        D = _solve_cosine(lambda D: _cosine_loss_lowrank(D, Bbar, G, C, wn, lam), Bbar, lr, steps)
-        for i, n in enumerate(group):
-            base.lora[n].B = base.lora[n].B + D[i].to(base.lora[n].B.dtype)
+        G = _projected_ideal(fs, p, g.A)
+        if solver == "closed_form":
+            dB = _closed_form_dB(G, g.B, g.A @ g.A.T, g.scale, lam, solve_dtype)
+        else:
+            w_norm = math.sqrt(_ideal_sq_norm(fs, p))
+            if w_norm == 0 or not bool(g.B.any()):
+                continue  # cosine undefined (dW* = 0 or B_bar = 0): no correction for this module
+            dB = _cosine_dB(g.B.to(solve_dtype), G.to(solve_dtype), (g.A @ g.A.T).to(solve_dtype), w_norm, lam,
+                            steps)
+        g.B = g.B + dB.to(g.B.dtype)
     return base
 
 
-def _closed_form_dB(G, Bbar, C, scale, lam, dtype):
-    r = C.shape[0]
-    Gd, Bd, Cd = G.to(dtype), Bbar.to(dtype), C.to(dtype)
-    rhs = Gd / scale - Bd @ Cd  # (dW*/s - B_bar A_bar) A_bar^T, m x r
-    M = Cd + lam * torch.eye(r, dtype=dtype, device=C.device)
-    return torch.linalg.solve(M, rhs.T).T  # M symmetric: (rhs M^-1)^T = M^-1 rhs^T
-
-
 def lora_fair_dense(states: Sequence[AdapterState], weights: Sequence[float], lam: float = 0.01,
-                    solver: str = "closed_form", steps: int = 300, lr: float = 0.05,
+                    solver: str = "closed_form", steps: int = 100,
                     dtype: torch.dtype = torch.float64) -> AdapterState:
     """Dense reference for :func:`lora_fair` (tests and benchmark): forms dW* (m x n) per module in ``dtype``.
 
     closed_form: dB = (dW*/s - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam I)^{-1} with the dense residual.
-    cosine: the same Adam loop on -cos(vec((B_bar+dB) A_bar), vec(dW*)) + lam ||dB||_F computed from dense
-    matrices by autograd (one module at a time; same initial point, learning rate and schedule).
+    cosine: L-BFGS (same settings) over the full m x r matrix dB = ||B_bar||_F E, on
+    -cos(vec((B_bar + dB) A_bar), vec(dW*)) + lam ||dB||_F computed from the dense matrices by autograd.
     """
+    if solver not in ("cosine", "closed_form"):
+        raise ValueError(f"unknown LoRA-FAIR solver {solver!r} (expected 'cosine' or 'closed_form')")
     p, base = _fair_common(states, weights)
     for name, g in base.lora.items():
         W = _dense_ideal([st.lora[name] for st in states], p, dtype)  # one module's m x n at a time
@@ -343,18 +343,17 @@ def lora_fair_dense(states: Sequence[AdapterState], weights: Sequence[float], la
             R = W / g.scale - Bbar @ A
             M = A @ A.T + lam * torch.eye(A.shape[0], dtype=dtype, device=A.device)
             dB = torch.linalg.solve(M, (R @ A.T).T).T
-        elif solver == "cosine":
-            wn = torch.linalg.vector_norm(W)
-            if wn == 0 or not bool(Bbar.any()):
+        else:
+            w_norm, c = torch.linalg.vector_norm(W), torch.linalg.vector_norm(Bbar)
+            if w_norm == 0 or c == 0:
                 continue
 
-            def loss(D, W=W, A=A, Bbar=Bbar, wn=wn):
-                P = ((Bbar + D[0]) @ A).reshape(-1)
-                return -(P @ W.reshape(-1)) / (torch.linalg.vector_norm(P) * wn) + lam * torch.linalg.vector_norm(D)
+            def loss(E, W=W, A=A, Bbar=Bbar, w_norm=w_norm, c=c):
+                P = ((Bbar + c * E) @ A).reshape(-1)
+                return (-(P @ W.reshape(-1)) / (torch.linalg.vector_norm(P) * w_norm)
+                        + lam * c * torch.linalg.vector_norm(E))
 
-            dB = _solve_cosine(loss, Bbar[None], lr, steps)[0]
-        else:
-            raise ValueError(f"unknown LoRA-FAIR solver {solver!r} (expected 'cosine' or 'closed_form')")
+            dB = c * _lbfgs(loss, torch.zeros_like(Bbar), steps)
         g.B = g.B + dB.to(g.B.dtype)
     return base
 
