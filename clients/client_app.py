@@ -102,7 +102,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     pid = _partition_id(context)
     result = train.local_train(
-        bundle.model, ds, collator, steps=steps, batch_size=bs, lr=float(cfg.train.lr),
+        bundle.model, ds, collator, steps=steps, batch_size=bs,
+        lr=float(cfg.train.lr) * float(cfg.strategy.get("lr_multiplier", 1.0)),
         step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
         warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay),
         max_grad_norm=cfg.train.max_grad_norm, seed=int(cfg.seed) * 1000 + pid, round_idx=rnd,
@@ -113,6 +114,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     out = adapters.to_arrays(state, parts=parts)
     metrics = {"num-examples": len(ds), "train_loss": result["train_loss"], "train_s": result["train_s"],
                "steps": result["steps"], "partition-id": pid, **_sync_metrics(context)}
+    if bool(conf["fl.freeze_a"]):
+        metrics["a-fingerprint"] = adapters.a_fingerprint(state)
     reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}), "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)
 

@@ -15,6 +15,7 @@ Conversions live here and nowhere else:
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -221,3 +222,27 @@ def seeded_A(seed: int, name: str, r: int, in_features: int) -> torch.Tensor:
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     bound = 1.0 / float(in_features) ** 0.5
     return (torch.rand(r, in_features, generator=g) * 2 - 1) * bound
+
+
+def save_peft(model, state: AdapterState, path, adapter_name: str = "default") -> None:
+    """Write ``state`` into ``model`` and save it in PEFT's format, with the adapter config's ranks and alphas
+    set to the state's (``rank_pattern``/``alpha_pattern`` where modules differ), so that plain
+    ``PeftModel.from_pretrained(base, path)`` rebuilds exactly this adapter."""
+    from collections import Counter
+
+    ranks = state.ranks()
+    alpha_of = {n: f.scale * f.rank for n, f in state.lora.items()}
+    resize_peft(model, ranks, alpha=1.0, adapter_name=adapter_name)
+    load_into_peft(model, state, adapter_name)
+    conf = model.peft_config[adapter_name]
+    r0 = Counter(ranks.values()).most_common(1)[0][0] if ranks else conf.r
+    a0 = Counter(alpha_of[n] for n in ranks if ranks[n] == r0).most_common(1)[0][0] if ranks else conf.lora_alpha
+    conf.r, conf.lora_alpha = int(r0), float(a0)
+    conf.rank_pattern = {re.escape(n): int(r) for n, r in ranks.items() if r != r0}
+    conf.alpha_pattern = {re.escape(n): float(alpha_of[n]) for n in ranks if alpha_of[n] != a0}
+    model.save_pretrained(str(path), selected_adapters=[adapter_name])
+
+
+def a_fingerprint(state: AdapterState) -> int:
+    """A non-negative int64 fingerprint of all A factors (FFA-LoRA clients report it; the server compares)."""
+    return int(fingerprint(torch.cat([state.lora[n].A.flatten() for n in sorted(state.lora)])), 16) >> 4

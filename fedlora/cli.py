@@ -39,6 +39,19 @@ def _shutdown_ray() -> None:
         pass
 
 
+def _install_stop_handlers() -> None:
+    """Ctrl-C / SIGTERM: stop Ray (its raylet, GCS and actors) and exit; metrics already written stay."""
+    import signal
+
+    def stop(signum, frame):
+        print("\ninterrupted: stopping the simulation and every process it started...", file=sys.stderr, flush=True)
+        _shutdown_ray()
+        os._exit(130 if signum == signal.SIGINT else 143)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def simulate(cfg, run_dir: Path, verbose: bool = False) -> dict:
     """Run one simulated federation in this process; returns the run summary. Raises on failure."""
     import json
@@ -54,6 +67,7 @@ def simulate(cfg, run_dir: Path, verbose: bool = False) -> dict:
     num_cpus = cfg.simulation.num_cpus or os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": int(cfg.simulation.client_cpus), "num_gpus": 0.0},
                "init_args": {"num_cpus": int(num_cpus), "include_dashboard": False, "log_to_driver": verbose}}
+    _install_stop_handlers()
     try:
         run_simulation(server_app=strategies.server_app.app, client_app=clients.client_app.app,
                        num_supernodes=int(cfg.num_clients), backend_config=backend, verbose_logging=verbose)

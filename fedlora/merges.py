@@ -81,6 +81,8 @@ def apply(delta: dict[str, torch.Tensor], version: int, arrays: dict[str, np.nda
     """Client side: add the merges in ``arrays`` (versions version+1..) to ``delta`` in order."""
     merges = parse_payload(arrays)
     for v in sorted(merges):
+        if v <= version:  # already merged (e.g. the client failed after merging last time)
+            continue
         if v != version + 1:
             raise ValueError(f"merge version {v} arrived while the client is at version {version}: a merge is missing")
         for name, d in merges[v].items():

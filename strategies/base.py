@@ -114,6 +114,10 @@ class LoraStrategy(FedAvg):
         """*hook* The adapter the server evaluates and saves (default: the global one)."""
         return self.state
 
+    def export_adapter(self) -> AdapterState:
+        """*hook* The final model as one adapter on the pristine base (default: :meth:`eval_adapter`)."""
+        return self.eval_adapter()
+
     def round_metrics(self) -> dict:
         """*hook* Strategy-specific numbers for this round's metrics line (e.g. FLoRA's base sync error)."""
         return {}
@@ -212,5 +216,6 @@ class LoraStrategy(FedAvg):
         states = [self.to_state(n, a) for n, a, _ in accepted]
         weights = [float(m["num-examples"]) for _, _, m in accepted]
         self.last["client_states"] = list(zip(nodes, states, weights))
+        self.last["accepted"] = accepted
         self.aggregate(server_round, states, weights, nodes)
         return to_record(to_arrays(self.state)), MetricRecord({"train_loss": self.last["train_loss"]})

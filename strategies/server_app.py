@@ -94,8 +94,11 @@ def write_audit(recorder: Recorder, rnd: int, strategy) -> None:
 
 
 def save_adapter(bundle, strategy, path: Path) -> None:
-    prepare_eval_model(bundle, strategy)
-    bundle.model.save_pretrained(str(path))
+    """The final global model as a plain PEFT adapter on the pristine base (merged updates folded in)."""
+    with torch.no_grad():
+        for name, layer in adapters.lora_layers(bundle.model).items():
+            layer.base_layer.weight.copy_(bundle.base_weights[name])
+    adapters.save_peft(bundle.model, strategy.export_adapter(), path)
 
 
 def run_server(grid: Grid, cfg, run_dir: Path, echo=print) -> dict:

@@ -1,0 +1,46 @@
+"""FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024): A is drawn
+once from the run seed (identical on every client, and checked), frozen; only B (and the head) is trained
+and exchanged, so aggregation is exact (s·B̄·A = Σ p_k s B_k A) and the traffic is half of FedIT's."""
+
+import torch
+
+from fedlora import algebra
+from fedlora.adapters import LORA_B, AdapterState, LoraFactors, a_fingerprint, from_arrays, seeded_A, to_arrays
+
+from .base import LoraStrategy
+
+
+class FFALoRA(LoraStrategy):
+    name = "ffa_lora"
+    client_sends = (LORA_B, "extra")
+
+    def __init__(self, cfg, initial, shapes):
+        super().__init__(cfg, initial, shapes)
+        self.a_seed = int(cfg.seed)
+        self.state = AdapterState(
+            {n: LoraFactors(seeded_A(self.a_seed, n, f.rank, f.A.shape[1]), torch.zeros_like(f.B), f.scale)
+             for n, f in initial.lora.items()}, initial.extra)
+        self.a_fingerprint = a_fingerprint(self.state)
+
+    def payload(self, node, server_round):
+        return to_arrays(self.state, parts=(LORA_B, "extra")), {"fl.a_seed": self.a_seed, "fl.freeze_a": True}
+
+    def check_replies(self, replies):
+        accepted = super().check_replies(replies)
+        ok = []
+        for node, arrays, m in accepted:
+            if int(m.get("a-fingerprint", -1)) != self.a_fingerprint:
+                self.last["rejected"].append({"node": node.partition_id, "reason": "frozen A differs from the server's (seed mismatch)"})
+            else:
+                ok.append((node, arrays, m))
+        return ok
+
+    def to_state(self, node, arrays):
+        full = dict(arrays)
+        full.update({f"{n}.lora_A": f.A for n, f in self.state.lora.items()})
+        return from_arrays(full, node.scale)
+
+    def aggregate(self, server_round, states, weights, nodes):
+        new = algebra.ffa_average(states, weights)
+        self.last_delta = algebra.effective_update(new, self.state)
+        self.state = new
