@@ -438,6 +438,13 @@ def make_private(model, optimizer, data_loader, cfg: DPConfig, noise_multiplier:
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters, so there is nothing to train with DP-SGD.")
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    if missing:
+        raise ValueError(
+            f"trainable parameter {missing[0]} is not in the optimizer (nor are {len(missing) - 1} others), so its "
+            "per-sample gradients would never be cleared; freeze it or give it to the optimizer."
+        )
     model.train()
 
     with warnings.catch_warnings():
@@ -501,9 +508,9 @@ def batch_size_of(batch) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
     if isinstance(batch, dict):
-        return batch_size_of(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
-        return batch_size_of(batch[0])
+        return batch_size_of(next(iter(batch.values()))) if batch else 0
+    if isinstance(batch, (list, tuple)):  # Opacus yields [] when the very first Poisson batch is empty
+        return batch_size_of(batch[0]) if len(batch) else 0
     raise TypeError(f"cannot tell the batch size of a {type(batch)}.")
 
 

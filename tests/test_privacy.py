@@ -340,6 +340,9 @@ def test_bad_runtime_arguments():
         P.make_private(model, opt, loader, P.DPConfig(noise_multiplier=1.0, target_delta=0.05), 1.0)
     with pytest.raises(ValueError, match="keep one accountant"):
         P.make_private(model, opt, loader, P.DPConfig(noise_multiplier=1.0), 1.0, P.AccountantState("prv"))
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        P.make_private(model, torch.optim.SGD(list(opt.param_groups[0]["params"])[:1], lr=0.1), loader,
+                       P.DPConfig(noise_multiplier=1.0), 1.0)
     model, _, _, session = P.make_private(model, opt, loader, P.DPConfig(noise_multiplier=1.0), 1.0)
     with pytest.raises(ValueError, match="close\\(\\) that DPSession"):
         P.make_private(model, opt, loader, P.DPConfig(noise_multiplier=1.0), 1.0)
@@ -396,6 +399,12 @@ def test_client_dp_rules():
         P.check_compatible("fedavg", "none")
     with pytest.raises(ValueError, match="Unknown privacy mode"):
         P.check_compatible("fedit", "ldp")
+
+
+def test_batch_size_of_handles_empty_poisson_batches():
+    assert P.batch_size_of([]) == 0 and P.batch_size_of({}) == 0
+    assert P.batch_size_of([torch.zeros(0, 5), torch.zeros(0)]) == 0
+    assert P.batch_size_of({"input_ids": torch.zeros(3, 5)}) == 3
 
 
 def test_causal_lm_loss_is_per_example_mean():
