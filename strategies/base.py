@@ -77,10 +77,15 @@ class LoraStrategy(FedAvg):
         self.norm_factor = float(cfg.get("update_norm_factor", 0) or 0)
         self.last: dict = {}  # stats of the last round (bytes, rejected, train loss), read by the server loop
         self.last_delta: dict[str, torch.Tensor] | None = None
+        self.check_config(cfg)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse settings this method does not support, in one sentence (before anything starts)."""
         ranks = client_ranks(cfg)
-        if not self.supports_mixed_ranks and len(set(ranks)) > 1:
+        if not cls.supports_mixed_ranks and len(set(ranks)) > 1:
             raise ConfigError(
-                f"strategy {self.name} needs one rank for every client but client_ranks gives {sorted(set(ranks))}: "
+                f"strategy {cls.name} needs one rank for every client but client_ranks gives {sorted(set(ranks))}: "
                 f"use flora, flexlora or hetlora for mixed ranks."
             )
 
