@@ -192,7 +192,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def ffa_average(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
     """FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
 
-    A is frozen and identical on all clients; B_bar = sum_k p_k B_k, extra averaged, A kept. Served product
+    A is frozen and identical on all clients; B_bar = sum_k p_k B_k, extra averaged, A kept (the first state's
+    tensor itself, not a copy: a strategy can fill every client's A with its one frozen copy). Served product
     s B_bar A = sum_k p_k s B_k A = dW* exactly (linear, so it composes with secure aggregation and DP noise).
     ValueError naming the module if A (compared with torch.equal) or the scale differ between clients.
     """
