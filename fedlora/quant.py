@@ -314,10 +314,7 @@ def merge_update(model: nn.Module, module_name: str, delta: torch.Tensor) -> tor
     layer = base_layer(model, module_name)
     master: Master | None = getattr(layer, _MASTER_ATTR, None)
     if master is None:  # no original kept: start from what the layer computes with now (documented)
-        w_now = dequantized_weight(layer)
-        dtype = layer.weight.dtype if layer_bits(layer) == 16 else layer.weight.quant_state.dtype \
-            if layer_bits(layer) == 4 else torch.float16
-        master = Master(w_now.to(dtype).cpu())
+        master = Master(dequantized_weight(layer).to(master_dtype(layer)).cpu())
         setattr(layer, _MASTER_ATTR, master)
     if tuple(delta.shape) != tuple(master.w0.shape):
         raise ValueError(f"{module_name}: delta shape {tuple(delta.shape)} != weight shape {tuple(master.w0.shape)}")

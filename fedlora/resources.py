@@ -101,7 +101,6 @@ import json
 import math
 import os
 import random
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -498,7 +497,7 @@ class _LiveBytes:
         return self.mode.__exit__(*exc)
 
 
-def _storage_tensors(obj, seen_objs: set | None = None):
+def _storage_tensors(obj):
     """Tensors reachable from a bitsandbytes quant state / nested containers."""
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -710,7 +709,7 @@ def importance_scores(model: nn.Module, batches: Sequence[Mapping] | Iterable[Ma
     and the EMA are both linear, this equals the EMA of the element-wise scores summed per matrix.
 
     ∂L/∂W is formed from hooks, ``Σ_tokens δ_out ⊗ x_in`` in fp32, so it works for frozen and quantised
-    (4/8-bit: W is the dequantised weight) bases; the weights are not updated (warm-up batches are
+    (4/8-bit: W is the dequantised weight, formed one module at a time) bases; the weights are not updated (warm-up batches are
     evaluated on the same model) and the model runs in eval mode (no dropout). ``loss_fn(model, batch)``
     defaults to ``model(**batch).loss``. Batches are cycled if fewer than ``steps``.
     """
@@ -722,19 +721,19 @@ def importance_scores(model: nn.Module, batches: Sequence[Mapping] | Iterable[Ma
     batches = list(batches)
     steps = steps or len(batches)
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
-    weights = {n: dequantized_weight(m).detach() for n, m in mods.items()}
     step_score: dict[str, float] = {}
     handles = []
 
     def fwd_hook(name):
-        def hook(_mod, inputs, output):
+        def hook(mod, inputs, output):
             x = inputs[0].detach()
             if not output.requires_grad:
                 output.requires_grad_(True)
 
             def grad_hook(g):
                 gw = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
-                step_score[name] = step_score.get(name, 0.0) + float((weights[name].to(gw.device) * gw).abs().sum())
+                w = dequantized_weight(mod)  # transient fp32 copy, one module at a time
+                step_score[name] = step_score.get(name, 0.0) + float((w.to(gw.device) * gw).abs().sum())
 
             output.register_hook(grad_hook)
             return output
@@ -747,6 +746,10 @@ def importance_scores(model: nn.Module, batches: Sequence[Mapping] | Iterable[Ma
     try:
         for n, m in mods.items():
             handles.append(m.register_forward_hook(fwd_hook(n)))
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if emb is not None:  # activations then require grad everywhere (keeps bitsandbytes on its training path)
+            handles.append(emb.register_forward_hook(
+                lambda _m, _i, out: out.requires_grad_(True) if not out.requires_grad else out))
         for t in range(steps):
             step_score.clear()
             batch = batches[t % len(batches)]
@@ -1084,6 +1087,7 @@ def plan(clients_profiles: Sequence[Mapping | str], model_spec: ModelSpec, grids
     c[iT] = 1.0
     for k in range(K):
         c[k * O:(k + 1) * O] = -pb.eps * s * pb.util
+    c *= 1e3 * K  # same optimum; keeps the tie-break differences (~tie_break/K) far above HiGHS' absolute gap
     rows = 3 * K + (1 if pb.server_Bps else 0)
     ri, ci, vals = [], [], []
 
@@ -1172,5 +1176,3 @@ __all__ = [
     "list_profiles", "load_profile", "measure_peak", "memory_breakdown", "plan", "plan_to_table",
     "predict_memory", "select_modules", "static_bytes", "transfer_time",
 ]
-
-warnings.filterwarnings("ignore", message=".*kernels.*")

@@ -292,3 +292,24 @@ def test_merge_is_exact_and_error_does_not_grow(bits):
     # LoRA still trains on the merged base
     batch = R.synthetic_batch(model, 2, 16)
     model(**batch).loss.backward()
+
+
+@pytest.mark.parametrize("bits,dtype", [(4, torch.bfloat16), (8, torch.float16)])
+def test_merge_without_master_is_exact_wrt_dequantised_start(bits, dtype):
+    model = quant.quantize_model(tiny_llama(), bits, keep_master=False)
+    name = "model.layers.1.mlp.up_proj"
+    start = quant.effective_weight(model, name)
+    total = torch.zeros_like(start)
+    for _ in range(3):
+        delta = 0.01 * torch.randn(*start.shape)
+        total += delta
+        w = quant.merge_update(model, name, delta)
+        assert torch.equal(w, quant.quantize_dequantize(start.to(dtype).float() + total, bits, dtype=dtype))
+
+
+def test_spec_and_calibration_round_trip_json():
+    spec = R.ModelSpec.from_model(tiny_llama(), TARGETS, name="t")
+    assert R.ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    cal = R.analytic_activations(spec, 16)
+    back = R.ActivationCalibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert R.predict_memory(spec, 8, 2, 4, 16, back) == R.predict_memory(spec, 8, 2, 4, 16, cal)
