@@ -24,6 +24,15 @@ def _partition_id(context: Context) -> int:
 
 
 def _dataset(cfg, context: Context):
+    """This node's training examples. In simulation: partition ``partition-id`` of the configured data.
+    In deployment a node may bring its own file (``--node-config "data-path=/data/reviews.tsv"``): its whole
+    training split is used, or one partition of it when ``num-partitions`` is also given."""
+    nc = context.node_config
+    if nc.get("data-path"):
+        cfg.data.path = str(nc["data-path"])
+        if "num-partitions" not in nc:
+            return data.load(cfg.data)[0]
+        cfg.num_clients = int(nc["num-partitions"])
     return data.partition(cfg, _partition_id(context))
 
 
