@@ -76,9 +76,12 @@ def prepare_eval_model(bundle: models.Bundle, strategy) -> None:
 
 
 def evaluate_global(bundle, strategy, test, collator, cfg) -> dict:
+    t0 = time.time()
     prepare_eval_model(bundle, strategy)
-    return train.evaluate(bundle.model, test, collator, task=bundle.task, batch_size=int(cfg.eval.batch_size),
-                          max_examples=cfg.eval.max_examples)
+    res = train.evaluate(bundle.model, test, collator, task=bundle.task, batch_size=int(cfg.eval.batch_size),
+                         max_examples=cfg.eval.max_examples)
+    res["eval_s"] = time.time() - t0
+    return res
 
 
 def write_audit(recorder: Recorder, rnd: int, strategy) -> None:
@@ -113,7 +116,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print) -> dict:
     strategy.nodes = discover(grid, strategy, cfg, timeout=float(cfg.round_timeout))
     t0 = time.time()
     recorder.log_round({"round": 0, "strategy": strategy.name, "num_clients": 0, "bytes_up": 0, "bytes_down": 0,
-                        "wall_s": 0.0, **evaluate_global(bundle, strategy, test, collator, cfg)})
+                        "wall_s": 0.0, "unix": time.time(), **evaluate_global(bundle, strategy, test, collator, cfg)})
     for rnd in range(1, int(cfg.num_rounds) + 1):
         t_round = time.time()
         messages = strategy.configure_train(rnd, None, None, grid)
