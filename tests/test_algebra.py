@@ -244,12 +244,13 @@ def test_hetlora_pad_average_truncate(mixed):
     assert torch.allclose(f.A, exp_A, atol=1e-6) and torch.allclose(f.B, exp_B, atol=1e-6)
     # round trip: one client aggregated alone and truncated back to its own rank and scale is unchanged
     for st, (r, a) in zip(mixed, MIXED):
-        back = alg.truncate(alg.hetlora([st], [7], r_max=64), r, a / r)
+        back = alg.truncate(alg.hetlora([st], [7], ranks=[r for r, _ in MIXED]), r, a / r)
         for name, g in st.lora.items():
             assert back.lora[name].rank == r and back.lora[name].scale == g.scale
             assert torch.allclose(back.lora[name].A, g.A) and torch.allclose(back.lora[name].B, g.B, atol=1e-6)
     with pytest.raises(ValueError, match="larger rank"):
         alg.truncate(glob, 65, 1.0)
+    assert alg.hetlora(mixed[:2], n[:2], ranks=32).lora["l0.v"].rank == 32
 
 
 def test_hetlora_norm_weighted(mixed):
