@@ -77,6 +77,74 @@ def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: fl
             "steps": len(losses)}
 
 
+def dp_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The batch loss DP-SGD needs: a mean over examples of each example's own loss (per-example clipping
+    assumes it). Classification's cross-entropy already is; a causal LM uses :func:`fedlora.privacy.causal_lm_loss`
+    instead of Hugging Face's token-level mean."""
+    from .privacy import causal_lm_loss
+
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    logits = model(**inputs).logits.float()
+    if task == "seq-cls":
+        return F.cross_entropy(logits, batch["labels"])
+    return causal_lm_loss(logits, batch["labels"])
+
+
+def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float, accountant_state, steps: int,
+                   batch_size: int, lr: float, step_offset: int, total_steps: int, scheduler: str = "cosine",
+                   warmup: int = 0, weight_decay: float = 0.0, task: str = "seq-cls", device=None,
+                   rng_seed=None) -> dict:
+    """DP-SGD version of :func:`local_train` (sample-level DP, see :mod:`fedlora.privacy`): ``steps`` AdamW steps
+    on Poisson-sampled batches (expected size ``batch_size``, fresh draws every pass), each example's gradient
+    over the trainable parameters clipped to ``dp_cfg.max_grad_norm`` and Gaussian noise
+    (``noise_multiplier`` x that norm) added, the client's accountant restored from ``accountant_state`` and
+    advanced. No further gradient clipping (it would only distort the noised gradient). Same learning-rate
+    schedule as :func:`local_train`. Trainable parameters are those with ``requires_grad`` (FFA-LoRA: freeze
+    lora_A before); ``dp_cfg.train_head=False`` freezes the head for this call only.
+    ``rng_seed``: None draws Poisson sampling and noise from the OS (deployments); a seed makes the round
+    reproducible (tests, experiments: anyone who knows it can regenerate the noise).
+    Returns the loss/timing of :func:`local_train` plus ``epsilon`` (whole run so far, at ``dp_cfg.target_delta``),
+    ``accountant`` (JSON to store for the next round), ``noise_multiplier``, ``sample_rate``, ``empty_batches``.
+    """
+    from . import privacy as P
+
+    device = device or next(model.parameters()).device
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    gen_sample, gen_noise = P.fresh_generators(rng_seed, device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator, generator=gen_sample)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model, dp_opt, dp_loader, session = P.make_private(model, opt, loader, dp_cfg, noise_multiplier, accountant_state,
+                                                       noise_generator=gen_noise)
+    losses, empty, t0 = [], 0, time.perf_counter()
+    try:
+        dp_opt.zero_grad(set_to_none=True)
+        for i, batch in enumerate(P.iterate_steps(dp_loader, steps)):
+            for g in dp_opt.param_groups:
+                g["lr"] = lr_at(step_offset + i, total_steps, lr, scheduler, warmup)
+            if P.batch_size_of(batch) == 0:  # empty Poisson draw: noise only, still one accounted step
+                P.noise_only_step(dp_opt)
+                empty += 1
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device):
+                loss = dp_loss(model, batch, task)
+            loss.backward()
+            dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        state = session.state()
+    finally:
+        session.close()
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = None
+        model.eval()
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_s": time.perf_counter() - t0,
+            "steps": int(steps), "epsilon": P.epsilon(state, dp_cfg.target_delta), "accountant": state.to_json(),
+            "noise_multiplier": float(noise_multiplier), "sample_rate": session.sample_rate, "empty_batches": empty}
+
+
 @torch.no_grad()
 def evaluate(model, dataset, collator, *, task: str, batch_size: int = 64, max_examples: int | None = None,
              device=None) -> dict[str, float]:
