@@ -409,7 +409,8 @@ class DPSession:
             self.hooks = None
 
 
-def make_private(model, optimizer, data_loader, cfg: DPConfig, noise_multiplier: float, accountant_state=None):
+def make_private(model, optimizer, data_loader, cfg: DPConfig, noise_multiplier: float, accountant_state=None,
+                 *, noise_generator: torch.Generator | None = None):
     """Attach DP-SGD to a (PEFT) model for one round, with the client's accountant restored.
 
     Returns ``(model, dp_optimizer, dp_loader, session)``: ``model`` is the same object (hooks attached, put
@@ -417,6 +418,10 @@ def make_private(model, optimizer, data_loader, cfg: DPConfig, noise_multiplier:
     ``dp_loader`` draws Poisson batches (``cfg.poisson``), ``session`` gives the accountant state and
     epsilon and must be ``close()``d before the model is attached again.
     ``accountant_state``: :class:`AccountantState`, its JSON string/dict, or None on the first round.
+    ``noise_generator``: the source of the Gaussian noise (default: torch's global generator). The Poisson
+    sampler uses ``data_loader.generator`` (default: the global one). Both must be unpredictable in a real
+    deployment: a fresh process starts torch's global generator from a fixed seed, see
+    :func:`fresh_generators`.
     """
     from opacus import PrivacyEngine
 
@@ -467,6 +472,7 @@ def make_private(model, optimizer, data_loader, cfg: DPConfig, noise_multiplier:
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=cfg.poisson,
             loss_reduction="mean",
+            noise_generator=noise_generator,
             wrap_model=False,
         )
     session = DPSession(engine, hooks, cfg, float(noise_multiplier), 1.0 / len(data_loader), trainable)
@@ -532,3 +538,113 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     mask = (shift_labels != ignore_index).to(tok.dtype)
     per_example = (tok * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
     return per_example.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomness, and the run config's ``privacy`` group (plain mappings: DictConfig or dict)
+# ----------------------------------------------------------------------------------------------
+def fresh_generators(seed=None, device=None) -> tuple[torch.Generator, torch.Generator]:
+    """``(sampling, noise)`` generators for one DP-SGD round.
+
+    ``seed=None`` seeds both from the operating system: what a deployment needs, since every fresh client
+    process starts torch's global generator from the same fixed seed, and noise that anyone can regenerate
+    protects nothing. A ``seed`` (int or tuple of ints, e.g. ``(run_seed, partition, round)``) makes runs
+    reproducible: for tests and experiments only (anyone who knows the seed can subtract the noise).
+    The sampling generator lives on the CPU (Opacus' Poisson sampler draws there); the noise generator on
+    ``device`` (where the gradients are).
+    """
+    import numpy as np
+
+    entropy = None if seed is None else [int(x) for x in (seed if isinstance(seed, (tuple, list)) else (seed,))]
+    s_sample, s_noise = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return (torch.Generator().manual_seed(int(s_sample) >> 1),
+            torch.Generator(device=dev).manual_seed(int(s_noise) >> 1))
+
+
+def mode_of(cfg) -> str:
+    """The run's privacy mode (``none`` when the config has no ``privacy`` group)."""
+    priv = cfg.get("privacy") if hasattr(cfg, "get") else None
+    return str(priv.get("mode", "none")) if priv else "none"
+
+
+def planned_rounds(cfg) -> int:
+    """Rounds the noise is planned for: ``privacy.planned_rounds``, default ``num_rounds`` (the worst case:
+    a client sampled in every round)."""
+    r = cfg.privacy.get("planned_rounds")
+    return int(r) if r not in (None, "null") else int(cfg.num_rounds)
+
+
+def dp_config(cfg) -> DPConfig:
+    """The :class:`DPConfig` of a run. ``dp_sgd``: per-example clipping at ``privacy.max_grad_norm``.
+    ``client_dp``: the same object describes the client-level Gaussian mechanism: ``max_grad_norm`` is the
+    clipping norm of a client's whole update (``privacy.clipping_norm``), the accountant is RDP."""
+    priv = cfg.privacy
+    mode = str(priv.get("mode"))
+
+    def _opt(key):
+        v = priv.get(key)
+        return None if v in (None, "null") else float(v)
+
+    if mode == "dp_sgd":
+        return DPConfig(noise_multiplier=_opt("noise_multiplier"), target_epsilon=_opt("target_epsilon"),
+                        target_delta=float(priv.get("target_delta", 1e-5)),
+                        max_grad_norm=float(priv.get("max_grad_norm", 1.0)),
+                        accountant=str(priv.get("accountant", "rdp")), poisson=bool(priv.get("poisson", True)),
+                        train_head=bool(priv.get("train_head", True)))
+    if mode == "client_dp":
+        return DPConfig(noise_multiplier=_opt("noise_multiplier"), target_epsilon=_opt("target_epsilon"),
+                        target_delta=float(priv.get("target_delta", 1e-5)),
+                        max_grad_norm=float(priv.get("clipping_norm", 1.0)), accountant="rdp")
+    raise ValueError(f"privacy mode {mode!r} has no DP configuration.")
+
+
+def client_level_noise(cfg: DPConfig, releases: int) -> float:
+    """Noise multiplier of client-level DP (Flower's fixed-clipping wrappers): ``cfg.noise_multiplier``, or the
+    one that spends ``cfg.target_epsilon`` over ``releases`` Gaussian releases without sampling amplification
+    (Flower's accounted mode; each round's noised mean is one release)."""
+    return plan_noise(cfg, 1.0, releases)
+
+
+def validate_config(cfg) -> None:
+    """Config-time checks of the ``privacy`` group against the rest of the run config; ``ValueError`` with
+    one sentence (``fedlora.config.validate`` turns it into a ConfigError, exit 2)."""
+    mode = mode_of(cfg)
+    if mode not in PRIVACY_MODES:
+        raise ValueError(f"privacy.mode={mode!r} is unknown: choose one of {', '.join(PRIVACY_MODES)}.")
+    if mode == "none":
+        return
+    priv = cfg.privacy
+    weighting = str(priv.get("weighting", "uniform" if mode.startswith("client_dp") else "num_examples"))
+    check_compatible(str(cfg.strategy.name), mode, weighting=weighting,
+                     fedpipe_importance=str(cfg.strategy.get("importance", "private")))
+    r = priv.get("planned_rounds")
+    if r not in (None, "null") and not (isinstance(r, int) and r >= 1):
+        raise ValueError(f"privacy.planned_rounds={r} must be an integer >= 1 (or null for num_rounds).")
+    try:
+        dp = dp_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"privacy: {str(e).rstrip('.')}; set it in conf/privacy/{'dp_sgd' if mode == 'dp_sgd' else 'client_level'}.yaml or as privacy.<key>=...") from None
+    if mode == "dp_sgd":
+        if str(cfg.get("kernels", "peft")) != "peft":
+            raise ValueError(
+                f"dp_sgd needs kernels=peft: the fused LoRA kernels (kernels={cfg.kernels}) bypass the nn.Linear "
+                "forward that Opacus hooks to compute per-example gradients."
+            )
+        return
+    # client_dp: Flower's fixed-clipping wrappers with accounting
+    if str(priv.get("clipping", "server")) not in ("server", "client"):
+        raise ValueError(f"privacy.clipping={priv.get('clipping')!r} must be server or client (which side clips each update).")
+    if dp.noise_multiplier is not None and dp.noise_multiplier <= 0:
+        raise ValueError("client_dp needs privacy.noise_multiplier > 0 (Flower's accountant refuses noise-free releases).")
+    if float(cfg.get("update_norm_factor", 0) or 0) > 0:
+        raise ValueError(
+            "client_dp cannot be combined with update_norm_factor > 0: outlier rejection reads every client's "
+            "un-noised update, so which rounds are released would depend on private data."
+        )
+    if float(cfg.fraction_train) < 1.0:
+        warnings.warn(
+            "client_dp with fraction_train < 1: Flower's accountant takes no amplification from sampling, "
+            "so the reported epsilon is an upper bound.",
+            stacklevel=2,
+        )
