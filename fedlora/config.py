@@ -133,3 +133,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data={cfg.data.name} needs data.path=<file or folder>.")
     _require(cfg.simulation.client_cpus >= 1 and int(cfg.simulation.client_cpus) == cfg.simulation.client_cpus,
              "simulation.client_cpus must be a positive integer (Flower 1.42 requires it).")
+    if cfg.partitioner.name == "label_skew":
+        rows = len(cfg.partitioner.proportions)
+        _require(rows == cfg.num_clients, f"partitioner label_skew has {rows} rows of proportions but num_clients={cfg.num_clients}: give one row per client.")
+    from . import privacy
+
+    try:
+        privacy.validate_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
