@@ -621,6 +621,13 @@ def validate_config(cfg) -> None:
     r = priv.get("planned_rounds")
     if r not in (None, "null") and not (isinstance(r, int) and r >= 1):
         raise ValueError(f"privacy.planned_rounds={r} must be an integer >= 1 (or null for num_rounds).")
+    given = [k for k in ("noise_multiplier", "target_epsilon") if priv.get(k) not in (None, "null")]
+    if len(given) != 1:
+        raise ValueError(
+            f"privacy={mode} needs exactly one of privacy.target_epsilon (noise planned for the run) or "
+            "privacy.noise_multiplier (fixed noise), "
+            + ("got neither: set one of them." if not given else "got both: set one of them to null.")
+        )
     try:
         dp = dp_config(cfg)
     except ValueError as e:
@@ -637,11 +644,6 @@ def validate_config(cfg) -> None:
         raise ValueError(f"privacy.clipping={priv.get('clipping')!r} must be server or client (which side clips each update).")
     if dp.noise_multiplier is not None and dp.noise_multiplier <= 0:
         raise ValueError("client_dp needs privacy.noise_multiplier > 0 (Flower's accountant refuses noise-free releases).")
-    if float(cfg.get("update_norm_factor", 0) or 0) > 0:
-        raise ValueError(
-            "client_dp cannot be combined with update_norm_factor > 0: outlier rejection reads every client's "
-            "un-noised update, so which rounds are released would depend on private data."
-        )
     if float(cfg.fraction_train) < 1.0:
         warnings.warn(
             "client_dp with fraction_train < 1: Flower's accountant takes no amplification from sampling, "
