@@ -7,14 +7,17 @@ the model itself is cached per process (:func:`fedlora.models.cached`) and reset
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedlora import adapters, config, data, merges, models, train
+from fedlora import adapters, config, data, merges, models, privacy, train
 
 app = ClientApp()
 
@@ -99,6 +102,16 @@ def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context:
 
 @app.train()
 def train_fn(msg: Message, context: Context) -> Message:
+    """Train and reply. Client-level DP with client-side clipping (the server's
+    ``DifferentialPrivacyClientSideFixedClipping`` puts ``clipping_norm`` into the config): Flower's
+    ``fixedclipping_mod`` clips the reply's update; applied here rather than registered on the app so the
+    in-process test harness runs it too."""
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, _train)
+    return _train(msg, context)
+
+
+def _train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     cfg = config.from_yaml(conf["fedlora-config"])
     rnd = int(conf["server-round"])
@@ -110,22 +123,75 @@ def train_fn(msg: Message, context: Context) -> Message:
     steps = int(cfg.local_steps) if not cfg.local_epochs else max(1, math.ceil(len(ds) / bs * float(cfg.local_epochs)))
     collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     pid = _partition_id(context)
-    result = train.local_train(
-        bundle.model, ds, collator, steps=steps, batch_size=bs,
-        lr=float(cfg.train.lr) * float(cfg.strategy.get("lr_multiplier", 1.0)),
-        step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
-        warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay),
-        max_grad_norm=cfg.train.max_grad_norm, seed=int(cfg.seed) * 1000 + pid, round_idx=rnd,
-        task=bundle.task, device=bundle.device,
-    )
+    dp_metrics = {}
+    if privacy.mode_of(cfg) == "dp_sgd":
+        result, dp_metrics = dp_sgd_round(cfg, context, bundle, ds, collator, steps=steps, batch_size=bs, rnd=rnd, pid=pid)
+        if result is None:
+            return budget_exhausted_reply(msg, pid, len(ds), dp_metrics)
+    else:
+        result = train.local_train(
+            bundle.model, ds, collator, steps=steps, batch_size=bs,
+            lr=float(cfg.train.lr) * float(cfg.strategy.get("lr_multiplier", 1.0)),
+            step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
+            warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay),
+            max_grad_norm=cfg.train.max_grad_norm, seed=int(cfg.seed) * 1000 + pid, round_idx=rnd,
+            task=bundle.task, device=bundle.device,
+        )
     state = adapters.from_peft(bundle.model)
     parts = tuple(str(conf["fl.send"]).split(","))
     out = adapters.to_arrays(state, parts=parts)
     metrics = {"num-examples": len(ds), "train_loss": result["train_loss"], "train_s": result["train_s"],
-               "steps": result["steps"], "partition-id": pid, **_sync_metrics(context)}
+               "steps": result["steps"], "partition-id": pid, **_sync_metrics(context), **dp_metrics}
     if bool(conf["fl.freeze_a"]):
         metrics["a-fingerprint"] = adapters.a_fingerprint(state)
     reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}), "metrics": MetricRecord(metrics)})
+    return Message(reply, reply_to=msg)
+
+
+DP_STATE = "dp-sgd"  # context.state key: ConfigRecord {"accountant": JSON of fedlora.privacy.AccountantState}
+
+
+@functools.lru_cache(maxsize=64)
+def _planned_noise(dp_cfg: privacy.DPConfig, sample_rate: float, total_steps: int) -> float:
+    return privacy.plan_noise(dp_cfg, sample_rate, total_steps)
+
+
+def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, batch_size: int, rnd: int, pid: int):
+    """One round of sample-level DP-SGD on this node: ``(result of train.local_train_dp, metrics)``, or
+    ``(None, metrics)`` when ``steps`` more steps would take the node past ``privacy.target_epsilon``.
+
+    One accountant per node for the whole run, restored from and saved to ``context.state``. The noise is
+    planned once for ``privacy.planned_rounds`` (default ``num_rounds``) x ``steps`` at this node's sampling
+    rate, the worst case of a node sampled every round: with ``fraction_train < 1`` a node trains fewer rounds
+    and ends below the target.
+    """
+    dp_cfg = privacy.dp_config(cfg)
+    q = 1.0 / math.ceil(len(ds) / batch_size)  # privacy.sample_rate of the loader local_train_dp builds
+    sigma = _planned_noise(dp_cfg, q, privacy.planned_rounds(cfg) * steps)
+    saved = context.state[DP_STATE]["accountant"] if DP_STATE in context.state else None
+    state = privacy.AccountantState.from_json(str(saved)) if saved else privacy.AccountantState(dp_cfg.accountant)
+    info = {"noise_multiplier": sigma, "sample_rate": q, "delta": dp_cfg.target_delta}
+    if privacy.would_exceed(state, dp_cfg, sigma, q, steps):
+        return None, {"epsilon": privacy.epsilon(state, dp_cfg.target_delta), **info}
+    result = train.local_train_dp(
+        bundle.model, ds, collator, dp_cfg=dp_cfg, noise_multiplier=sigma, accountant_state=state, steps=steps,
+        batch_size=batch_size, lr=float(cfg.train.lr) * float(cfg.strategy.get("lr_multiplier", 1.0)),
+        step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
+        warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay), task=bundle.task,
+        device=bundle.device, rng_seed=(int(cfg.seed), pid, rnd) if cfg.privacy.get("reproducible") else None,
+    )
+    context.state[DP_STATE] = ConfigRecord({"accountant": result["accountant"]})
+    return result, {"epsilon": result["epsilon"], "empty_batches": result["empty_batches"], **info}
+
+
+def budget_exhausted_reply(msg: Message, pid: int, num_examples: int, dp_metrics: dict) -> Message:
+    """A reply without training: no arrays, the epsilon spent so far, status ``budget-exhausted``."""
+    eps = dp_metrics["epsilon"]
+    reason = (f"another round would take epsilon from {eps:.4g} past privacy.target_epsilon "
+              f"at delta={dp_metrics['delta']:g}")
+    reply = RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": num_examples, "partition-id": pid,
+                                                                        "steps": 0, **dp_metrics}),
+                        "status": ConfigRecord({"status": "budget-exhausted", "reason": reason})})
     return Message(reply, reply_to=msg)
 
 
