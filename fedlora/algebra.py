@@ -440,10 +440,10 @@ def flexlora(states: Sequence[AdapterState], weights: Sequence[float], ranks: Se
 # HetLoRA
 # ----------------------------------------------------------------------------------------------
 def hetlora(states: Sequence[AdapterState], weights: Sequence[float], ranks: int | Sequence[int] | None = None,
-            norm_weighted: bool = False) -> AdapterState:
+            norm_weighted: bool = False, r_max: int | None = None) -> AdapterState:
     """HetLoRA (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
-    EMNLP 2024): zero-pad every client's factors to rank r_max = max(``ranks``, ranks sent) (``ranks``: every
-    client's rank, or r_max itself, so that clients absent this round can still truncate), then
+    EMNLP 2024): zero-pad every client's factors to rank R = max(``ranks``, ``r_max``, ranks sent) (``ranks``:
+    every client's rank, or ``r_max`` directly, so that clients absent this round can still truncate), then
     A_g = sum_k w_k pad(A_k), B_g = sum_k w_k pad(s_k B_k), global scale 1 (scales folded into B so clients with
     different alpha/r mix consistently). w_k = p_k, or with ``norm_weighted`` w_k ∝ p_k ||s_k B_k A_k||_F per
     module (the paper's sparsity-weighted aggregation; norms from r x r Grams). Extra averaged by p_k.
@@ -453,7 +453,8 @@ def hetlora(states: Sequence[AdapterState], weights: Sequence[float], ranks: int
     lora = {}
     for name in states[0].lora:
         fs = [st.lora[name] for st in states]
-        R = max([f.rank for f in fs] + ([ranks] if isinstance(ranks, int) else list(ranks or [])))
+        wanted = [ranks] if isinstance(ranks, int) else list(ranks or [])
+        R = max([f.rank for f in fs] + wanted + [r_max or 0])
         if norm_weighted:
             norms = [abs(f.scale) * float(((f.B.T @ f.B) * (f.A @ f.A.T)).sum().clamp_min(0).sqrt()) for f in fs]
             w = [pk * nk for pk, nk in zip(p, norms)]

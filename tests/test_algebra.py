@@ -251,6 +251,7 @@ def test_hetlora_pad_average_truncate(mixed):
     with pytest.raises(ValueError, match="larger rank"):
         alg.truncate(glob, 65, 1.0)
     assert alg.hetlora(mixed[:2], n[:2], ranks=32).lora["l0.v"].rank == 32
+    assert alg.hetlora(mixed[:2], n[:2], r_max=24).lora["l0.v"].rank == 24
 
 
 def test_hetlora_norm_weighted(mixed):
