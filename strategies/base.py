@@ -77,6 +77,8 @@ class LoraStrategy(FedAvg):
         self.norm_factor = float(cfg.get("update_norm_factor", 0) or 0)
         self.last: dict = {}  # stats of the last round (bytes, rejected, train loss), read by the server loop
         self.last_delta: dict[str, torch.Tensor] | None = None
+        self.epsilon: dict[int, float] = {}  # partition -> epsilon so far, as DP-SGD clients report it
+        self.exhausted: set[int] = set()  # partitions whose privacy budget is spent (no longer sampled)
         self.check_config(cfg)
 
     @classmethod
@@ -134,7 +136,8 @@ class LoraStrategy(FedAvg):
     # ------------------------------------------------------------------ Flower steps
     def sample(self, grid) -> list[int]:
         """Seeded sampling over clients ordered by partition id, so runs are reproducible."""
-        ids = sorted(self.nodes, key=lambda n: self.nodes[n].partition_id)
+        ids = sorted((n for n in self.nodes if self.nodes[n].partition_id not in self.exhausted),
+                     key=lambda n: self.nodes[n].partition_id)
         k = max(int(len(ids) * float(self.cfg.fraction_train)), self.min_train_nodes)
         return sorted(self.rng.sample(ids, min(k, len(ids))), key=lambda n: self.nodes[n].partition_id)
 
@@ -185,6 +188,7 @@ class LoraStrategy(FedAvg):
             if node is None:
                 self.last["rejected"].append({"node": who, "reason": "reply from an unknown node"})
                 continue
+            self.note_privacy(node, msg, metrics)
             if metrics.get("status", "ok") != "ok":
                 self.last["rejected"].append({"node": who, "reason": f"client status: {metrics.get('status')}"})
                 continue
@@ -199,6 +203,13 @@ class LoraStrategy(FedAvg):
             if node.node_id in outliers:
                 self.last["rejected"].append({"node": node.partition_id, "reason": outliers[node.node_id]})
         return [a for a in accepted if a[0].node_id not in outliers]
+
+    def note_privacy(self, node: NodeInfo, msg: Message, metrics: dict) -> None:
+        """The epsilon a DP-SGD client reports (kept while it sits rounds out) and whether its budget is spent."""
+        if isinstance(metrics.get("epsilon"), (int, float)):
+            self.epsilon[node.partition_id] = float(metrics["epsilon"])
+        if "status" in msg.content and msg.content["status"].get("status") == "budget-exhausted":
+            self.exhausted.add(node.partition_id)
 
     def aggregate_train(self, server_round, replies):
         accepted = self.check_replies(list(replies))
