@@ -19,10 +19,12 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 import strategies
 from fedlora import adapters, config, data, models, train
 from fedlora.report import Recorder, default_run_dir
+from strategies import dp as privacy_server
 
 app = ServerApp()
 
@@ -114,12 +116,24 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print) -> dict:
     shapes = {n: (l.out_features, l.in_features) for n, l in adapters.lora_layers(bundle.model).items()}
     strategy = strategies.get(cfg.strategy.name)(cfg, initial, shapes)
     strategy.nodes = discover(grid, strategy, cfg, timeout=float(cfg.round_timeout))
+    strategy = privacy_server.wrap(strategy, cfg)  # client-level DP: Flower's DP wrapper around the strategy
+    status, stop = "completed", None
     t0 = time.time()
     recorder.log_round({"round": 0, "strategy": strategy.name, "num_clients": 0, "bytes_up": 0, "bytes_down": 0,
                         "wall_s": 0.0, "unix": time.time(), **evaluate_global(bundle, strategy, test, collator, cfg)})
     for rnd in range(1, int(cfg.num_rounds) + 1):
         t_round = time.time()
-        messages = strategy.configure_train(rnd, None, None, grid)
+        stop = privacy_server.stop_reason(strategy, cfg)
+        if stop is None:
+            try:
+                messages = strategy.configure_train(rnd, None, None, grid)
+            except PrivacyBudgetExhausted as e:
+                stop = f"the next release would exceed privacy.target_epsilon ({e})"
+        if stop:
+            status = "budget-exhausted"
+            log(INFO, "stopping before round %d: %s", rnd, stop)
+            echo(f"stopping before round {rnd}: {stop}")
+            break
         replies = list(grid.send_and_receive(messages, timeout=float(cfg.round_timeout)))
         answered = {r.metadata.src_node_id for r in replies}
         strategy.aggregate_train(rnd, replies)
@@ -135,12 +149,14 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print) -> dict:
                    "bytes_up": strategy.last["bytes_up"], "bytes_down": strategy.last["bytes_down"],
                    "round_s": time.time() - t_round, "wall_s": time.time() - t0,
                    "sampled": strategy.last["sampled"], "rejected": strategy.last["rejected"],
-                   "skipped": strategy.last.get("skipped"), **strategy.round_metrics()}
+                   "skipped": strategy.last.get("skipped"), **strategy.round_metrics(),
+                   **privacy_server.round_metrics(strategy, cfg)}
         recorder.log_round(metrics)
     save_adapter(bundle, strategy, run_dir / "adapter")
     summary = recorder.summary({"strategy": strategy.name, "model": cfg.model.name, "num_clients": cfg.num_clients,
                                 "num_rounds": cfg.num_rounds, "seed": cfg.seed,
-                                "adapter": str(run_dir / "adapter"), "status": "completed"})
+                                "adapter": str(run_dir / "adapter"), "status": status, "stop_reason": stop,
+                                **privacy_server.summary(strategy, cfg)})
     return summary
 
 
