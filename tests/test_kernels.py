@@ -350,3 +350,13 @@ def test_saved_activation_memory_vs_peft():
     model.base_model.model[0].lora_A["default"].weight.requires_grad_(True)
     remove_fused_lora(model)
     assert saved(model, x)[0] == peft_all
+
+
+def test_mask_does_not_depend_on_the_block_size(monkeypatch):
+    full = tb.dropout_keep(11, (103, 37), 0.3)
+    monkeypatch.setattr(tb, "_BLOCK_ELEMS", 37 * 8)  # 8-row blocks
+    assert len(tb.row_blocks(103, 37)) == 13
+    assert torch.equal(full, tb.dropout_keep(11, (103, 37), 0.3))
+    x, W, b, A, B = _factors((103,), 37, 9, 4)
+    y = tb.lora_linear(x, W, b, A, B, 1.0, 0.3, 11)
+    torch.testing.assert_close(y, _reference(x, W, b, A, B, 1.0, full.double(), tb.quantised_p(0.3)))

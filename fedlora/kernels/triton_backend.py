@@ -295,9 +295,12 @@ def _num_sms(device: torch.device) -> int:
 def _config(kind: str, dtype: torch.dtype, device: torch.device) -> dict:
     if interpreting() or device.type != "cuda":
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
-    elif kind in ("out", "dx"):  # GEMM-shaped (tensor-core friendly defaults for A100/H100-class GPUs)
+    elif kind == "out":  # GEMM: output tile BLOCK_M×BLOCK_N, reduction step BLOCK_K (A100/H100-class defaults)
         wide = dtype != torch.float32
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if wide else 32, GROUP_M=8, num_warps=8, num_stages=3)
+    elif kind == "dx":  # GEMM: output tile BLOCK_M×BLOCK_K, reduction step BLOCK_N
+        wide = dtype != torch.float32
+        cfg = dict(BLOCK_M=128, BLOCK_N=64 if wide else 32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     elif kind == "dy":
         cfg = dict(BLOCK_M=128, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
     else:  # "s", "da": bandwidth-bound skinny products
@@ -500,7 +503,8 @@ class TritonLoraFunction(torch.autograd.Function):
         dx = None
         if need_x:
             live = [g for g in range(G) if dy2s[g] is not None]
-            dx = torch.zeros(M, K, dtype=dtype if len(live) <= 1 else torch.float32, device=device)
+            alloc = torch.empty if live else torch.zeros  # the first launch overwrites every element
+            dx = alloc(M, K, dtype=dtype if len(live) <= 1 else torch.float32, device=device)
             for i, g in enumerate(live):
                 dx_backward(dy2s[g], Ws[g], dS[g], A_stack[g], dx, seed + g, p, accumulate=i > 0)
             dx = dx.to(dtype).view(ctx.x_shape)
