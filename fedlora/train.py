@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -129,7 +130,9 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device):
                 loss = dp_loss(model, batch, task)
-            loss.backward()
+            with warnings.catch_warnings():  # Opacus' hook on the first adapted layer: no input requires grad
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
             dp_opt.step()
             dp_opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
