@@ -53,7 +53,7 @@ def query(msg: Message, context: Context) -> Message:
     info = device_info()
     metrics = MetricRecord({"partition-id": _partition_id(context), "num-examples": len(_dataset(cfg, context)),
                             "device-memory": info["device-memory"]})
-    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"device": info["device"]})}), reply_to=msg)
+    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"device": info["device"], "profile": str(context.node_config.get("profile", ""))})}), reply_to=msg)
 
 
 def node_base_delta(context: Context) -> tuple[dict[str, torch.Tensor], int]:

@@ -60,9 +60,22 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, strategies.
             node_id=rep.metadata.src_node_id, partition_id=pid, num_examples=int(m["num-examples"]),
             rank=r, alpha=scale * r, device=str(rep.content["config"].get("device", "cpu")) if "config" in rep.content else "cpu",
         )
+        nodes[rep.metadata.src_node_id].extra.update({  # what each node runs on (nodes.json in the run dir)
+            "device-memory": int(m.get("device-memory", 0)),
+            "profile": str(rep.content["config"].get("profile", "")) if "config" in rep.content else ""})
     if len(nodes) < cfg.min_train_nodes:
         raise RuntimeError(f"only {len(nodes)} clients answered the handshake (< min_train_nodes={cfg.min_train_nodes})")
     return nodes
+
+
+def write_nodes(path: Path, nodes: dict) -> None:
+    """Who took part: node id, partition, examples, rank, device (GPU name or cpu), device memory, profile."""
+    import dataclasses
+    import json
+
+    from fedlora.report import atomic_write
+
+    atomic_write(Path(path), json.dumps([dataclasses.asdict(n) for n in nodes.values()], indent=2))
 
 
 def prepare_eval_model(bundle: models.Bundle, strategy) -> None:
@@ -116,6 +129,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print) -> dict:
     shapes = {n: (l.out_features, l.in_features) for n, l in adapters.lora_layers(bundle.model).items()}
     strategy = strategies.get(cfg.strategy.name)(cfg, initial, shapes)
     strategy.nodes = discover(grid, strategy, cfg, timeout=float(cfg.round_timeout))
+    write_nodes(run_dir / "nodes.json", strategy.nodes)
     strategy = privacy_server.wrap(strategy, cfg)  # client-level DP: Flower's DP wrapper around the strategy
     status, stop = "completed", None
     t0 = time.time()
