@@ -360,3 +360,12 @@ def test_mask_does_not_depend_on_the_block_size(monkeypatch):
     x, W, b, A, B = _factors((103,), 37, 9, 4)
     y = tb.lora_linear(x, W, b, A, B, 1.0, 0.3, 11)
     torch.testing.assert_close(y, _reference(x, W, b, A, B, 1.0, full.double(), tb.quantised_p(0.3)))
+
+
+def test_trainable_base_weight_is_refused():
+    x, W, b, A, B = _factors((8,), 6, 5, 2)
+    with pytest.raises(ValueError, match="frozen"):
+        tb.lora_linear(x, W.requires_grad_(), b, A, B, 1.0)
+    W.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        tb.grouped_lora_linear(x, [W], [b.requires_grad_()], [A], [B], [1.0])

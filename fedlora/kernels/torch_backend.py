@@ -37,6 +37,11 @@ def quantised_p(p: float) -> float:
     return round(float(p) * _LANES) / _LANES
 
 
+def _check_frozen(needs_grad) -> None:
+    if any(needs_grad):
+        raise ValueError("fused LoRA linear: the base weight and bias must be frozen (requires_grad=False)")
+
+
 def _check_p(p: float) -> float:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
@@ -129,6 +134,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float, p: float, seed: int):
+        _check_frozen(ctx.needs_input_grad[1:3])
         p = _check_p(p)
         k, n = x.shape[-1], weight.shape[0]
         x2 = x.reshape(-1, k)
@@ -184,6 +190,7 @@ class GroupedLoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, scales, p: float, seed: int, *params):
         p = _check_p(p)
         G = len(params) // 4
+        _check_frozen([ctx.needs_input_grad[4 + 4 * g + j] for g in range(G) for j in (0, 1)])
         Ws, bs, As, Bs = params[0::4], params[1::4], params[2::4], params[3::4]
         k = x.shape[-1]
         x2 = x.reshape(-1, k)

@@ -332,8 +332,9 @@ def _launch(kernel, name, grid, args, meta: dict, cfg: dict):
     kernel[grid](*args, **meta, **kw)
 
 
-def _precision(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype):
+    """fp32 dots in full precision (no TF32); fp16/bf16 dots use the target's default (the only option)."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _offs64(m: int, k: int) -> bool:
@@ -457,6 +458,8 @@ class TritonLoraFunction(torch.autograd.Function):
             raise TypeError(f"triton backend supports {_SUPPORTED}, got {x.dtype}")
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        if any(ctx.needs_input_grad[4 + 4 * g + j] for g in range(G) for j in (0, 1)):
+            raise ValueError("fused LoRA linear: the base weight and bias must be frozen (requires_grad=False)")
         Ws, bs, As, Bs = params[0::4], params[1::4], params[2::4], params[3::4]
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
