@@ -1,0 +1,214 @@
+"""FFA-LoRA vs LoRA (FedIT) under sample-level DP-SGD, the FFA-LoRA paper's setting at our scale.
+
+MiniLM (all-MiniLM-L6-v2, LoRA r=8 on query/value + trained classifier head) on SST-2, 3 clients with label
+skew [0.1,0.9], [0.9,0.1], [0.5,0.5] (partitioner=label_skew), delta = 1e-5, epsilon in {1, 3, 6, inf}
+(inf = no DP at all, the paper's non-private column). Every client runs DP-SGD (Opacus: Poisson batches of
+expected size 32, per-example clipping at max_grad_norm, noise planned once for the whole run from
+target_epsilon; one accountant per client across rounds). Metric: accuracy of the global model on the SST-2
+dev set (872 examples) after the last round, mean and spread over seeds.
+
+Runs go through the real ServerApp loop and ClientApp functions on the in-process grid of tests/harness.py
+(no Ray). Results are appended to the JSON after every run, and runs already there are skipped, so the grid
+can be stopped and resumed.
+
+    nice -n 19 .venv/bin/python bench/dp_experiment.py                     # the grid (README table)
+    nice -n 19 .venv/bin/python bench/dp_experiment.py --tune              # the one-off lr sweep at epsilon=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = ROOT / "bench" / "results"
+EPSILONS = ("1", "3", "6", "inf")
+STRATEGIES = ("ffa_lora", "fedit")
+
+
+def overrides(strategy: str, eps: str, seed: int, a) -> list[str]:
+    ov = ["model=minilm", "data=sst2", "partitioner=label_skew", "num_clients=3", "min_train_nodes=3",
+          "fraction_train=1.0", f"num_rounds={a.rounds}", f"local_steps={a.steps}", f"train.batch_size={a.batch}",
+          "train.max_length=64", "eval.max_examples=null", f"strategy={strategy}", f"seed={seed}",
+          f"train.lr={a.lr[strategy]}", "update_norm_factor=0"]
+    if strategy == "ffa_lora":
+        ov.append(f"strategy.lr_multiplier={a.ffa_multiplier}")
+    if eps != "inf":
+        ov += ["privacy=dp_sgd", f"privacy.target_epsilon={eps}", "privacy.target_delta=1e-5",
+               f"privacy.max_grad_norm={a.clip}", "privacy.reproducible=true"]
+    return ov
+
+
+def run_one(ov: list[str], out_dir: Path) -> dict:
+    import shutil
+
+    from harness import InProcessGrid
+
+    from fedlora import config
+    from strategies.server_app import run_server
+
+    cfg = config.load(ov)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    t0 = time.time()
+    summary = run_server(InProcessGrid(cfg.num_clients), cfg, out_dir, echo=lambda s: print("   ", s, flush=True))
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "final_accuracy": summary["final_eval_accuracy"], "best_accuracy": summary["best_eval_accuracy"],
+        "accuracy_by_round": [r.get("eval_accuracy") for r in rows], "status": summary["status"],
+        "epsilon_max": summary.get("epsilon_max"), "epsilon": summary.get("epsilon"),
+        "rounds": summary["rounds"],
+        "wall_s": round(time.time() - t0, 1),
+    }
+
+
+def noise_table(a) -> dict:
+    """Each client's planned noise multiplier per epsilon (sampling rate 1/ceil(n/batch), rounds x steps)."""
+    from fedlora import config, data
+    from fedlora import privacy as P
+
+    cfg = config.load(overrides("fedit", "3", 0, a))
+    sizes = [len(data.partition(cfg, i)) for i in range(cfg.num_clients)]
+    out = {"client_sizes": sizes}
+    for e in EPSILONS[:-1]:
+        dp = P.DPConfig(target_epsilon=float(e), target_delta=1e-5, max_grad_norm=a.clip)
+        out[e] = [round(P.plan_noise(dp, 1.0 / math.ceil(n / a.batch), a.rounds * a.steps), 4) for n in sizes]
+    return out
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+
+
+def table(doc: dict, seeds: list[int]) -> str:
+    import numpy as np
+
+    runs = doc["runs"]
+    head = "| method | " + " | ".join(f"ε = {e}" if e != "inf" else "ε = ∞ (no DP)" for e in EPSILONS) + " |"
+    lines = [head, "|" + "---|" * (len(EPSILONS) + 1)]
+    for s in STRATEGIES:
+        cells = []
+        for e in EPSILONS:
+            accs = [runs[k]["final_accuracy"] for k in (f"{s}/eps={e}/seed={sd}" for sd in seeds) if k in runs]
+            if not accs:
+                cells.append("–")
+                continue
+            m = 100 * float(np.mean(accs))
+            spread = f" ± {100 * float(np.std(accs)):.1f}" if len(accs) > 1 else ""
+            cells.append(f"{m:.1f}{spread} (n={len(accs)})")
+        lines.append(f"| {'FFA-LoRA' if s == 'ffa_lora' else 'LoRA (FedIT)'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--eps", nargs="+", default=list(EPSILONS), choices=EPSILONS)
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr-fedit", type=float, default=2e-3)
+    ap.add_argument("--lr-ffa", type=float, default=2e-3, help="base lr of FFA-LoRA (times --ffa-multiplier)")
+    ap.add_argument("--ffa-multiplier", type=float, default=5.0)
+    ap.add_argument("--clip", type=float, default=1.0, help="per-example clipping norm")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tune", action="store_true", help="lr sweep at epsilon=3, seed 0 (writes dp_experiment_tune.json)")
+    ap.add_argument("--out", default=str(RESULTS / "dp_experiment.json"))
+    a = ap.parse_args()
+    a.lr = {"fedit": a.lr_fedit, "ffa_lora": a.lr_ffa}
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+    command = ".venv/bin/python bench/" + " ".join(shlex.quote(x) for x in [Path(__file__).name, *sys.argv[1:]])
+    if a.tune:
+        path = RESULTS / "dp_experiment_tune.json"
+        doc = load(path) or {"command": command, "runs": {}}
+        grid = [(s, lr) for s in a.strategies for lr in ((5e-4, 2e-3, 8e-3) if s == "fedit" else (5e-4, 2e-3, 8e-3))]
+        for s, lr in grid:
+            key = f"{s}/lr={lr:g}/eps=3/seed=0"
+            if key in doc["runs"]:
+                continue
+            a.lr = {s: lr}
+            print(f"== {key}", flush=True)
+            res = run_one(overrides(s, "3", 0, a), Path("/tmp/fedlora_dp_tune") / key.replace("/", "_"))
+            res["lr"] = lr * (a.ffa_multiplier if s == "ffa_lora" else 1.0)
+            doc["runs"][key] = res
+            save(path, doc)
+            print(f"   -> final acc {res['final_accuracy']:.4f} eps {res['epsilon_max']}", flush=True)
+        return 0
+
+    path = Path(a.out)
+    doc = load(path)
+    settings = {"rounds": a.rounds, "local_steps": a.steps, "batch_size": a.batch, "lr": a.lr,
+                "ffa_lr_multiplier": a.ffa_multiplier, "max_grad_norm": a.clip, "delta": 1e-5}
+    if doc.get("settings") not in (None, settings):
+        print(f"{path} holds runs with other settings {doc['settings']}: move it away first.", file=sys.stderr)
+        return 2
+    doc.setdefault("runs", {})
+    doc.update({"command": command, "settings": settings, "setting": {
+        "model": "minilm (all-MiniLM-L6-v2, LoRA r=8 alpha=16 on query/value, classifier head trained)",
+        "data": "SST-2 train split over 3 clients, label skew [[0.1,0.9],[0.9,0.1],[0.5,0.5]]; dev split (872) for accuracy",
+        "dp": "sample-level DP-SGD on every client (Opacus RDP, Poisson sampling, noise planned once for rounds x steps)",
+        "optimizer": "AdamW, cosine schedule over the run", "metric": "final dev accuracy of the global model"},
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": a.threads, "platform": platform.platform()}})
+    doc["noise_multipliers"] = noise_table(a)
+    t_all = time.time()
+    for seed in a.seeds:
+        for e in a.eps:
+            for s in a.strategies:
+                key = f"{s}/eps={e}/seed={seed}"
+                if key in doc["runs"]:
+                    continue
+                print(f"== {key}", flush=True)
+                res = run_one(overrides(s, e, seed, a), Path("/tmp/fedlora_dp_experiment") / key.replace("/", "_"))
+                doc["runs"][key] = res
+                save(path, doc)
+                print(f"   -> final acc {res['final_accuracy']:.4f} eps {res['epsilon_max']} ({res['wall_s']} s)", flush=True)
+    seeds = sorted({int(k.rsplit("=", 1)[1]) for k in doc["runs"]})
+    md = [
+        "# FFA-LoRA vs LoRA under DP-SGD (MiniLM, SST-2, 3 label-skewed clients)",
+        "",
+        f"Final SST-2 dev accuracy (%) of the global model, mean ± std over seeds {seeds}; δ = 1e-5 per client.",
+        f"{a.rounds} rounds × {a.steps} local steps, expected batch {a.batch}, per-example clipping norm {a.clip}, "
+        f"AdamW lr {a.lr['fedit']:g} (FedIT) / {a.lr['ffa_lora']:g} × {a.ffa_multiplier:g} (FFA-LoRA), cosine schedule.",
+        "",
+        table(doc, seeds),
+        "",
+        "Reproduce (resumes: runs already in the JSON are skipped):",
+        "",
+        f"    nice -n 19 {command}",
+        "",
+    ]
+    (path.with_suffix(".md")).write_text("\n".join(md))
+    print("\n".join(md))
+    print(f"total {time.time() - t_all:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Differential privacy through the real ServerApp loop and ClientApp functions (in-process grid, tiny Llama):
+DP-SGD clients stop at their budget and the run stops cleanly, every round's metrics carry every client's
+epsilon, one accountant per client survives the rounds (through ``context.state``), FFA-LoRA under DP-SGD
+trains only B; client-level DP through Flower's fixed-clipping wrappers releases exactly the mean of the
+clipped updates plus the documented noise; bad combinations exit 2 with one sentence."""
+
+import json
+import math
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, fedlora_cmd
+from harness import InProcessGrid
+from opacus.accountants import RDPAccountant
+
+import strategies
+import strategies.dp as server_dp
+from fedlora import adapters, config, data
+from fedlora import privacy as P
+from strategies.server_app import run_server
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+FAST = ["model=tiny_llama", "num_clients=3", "local_steps=2", "train.batch_size=4", "eval.max_examples=8",
+        "train.max_length=24", "data.max_train_examples=240"]
+
+
+def run(tmp_path, *overrides, name="run", capture_wrapper=None):
+    cfg = config.load(FAST + list(overrides) + ["privacy.reproducible=true"])
+    grid = InProcessGrid(cfg.num_clients)
+    captured = {}
+    cls = strategies.get(cfg.strategy.name)
+
+    class Spy(cls):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            captured["strategy"] = self
+
+    orig_cls, orig_wrap = strategies.STRATEGIES[cfg.strategy.name], server_dp.wrap
+
+    def spy_wrap(strategy, cfg_):
+        captured["wrapped"] = orig_wrap(strategy, cfg_)
+        return captured["wrapped"]
+
+    strategies.STRATEGIES[cfg.strategy.name] = Spy
+    server_dp.wrap = spy_wrap
+    try:
+        summary = run_server(grid, cfg, tmp_path / name, echo=lambda *_: None)
+    finally:
+        strategies.STRATEGIES[cfg.strategy.name] = orig_cls
+        server_dp.wrap = orig_wrap
+    rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return cfg, rows, summary, captured, grid
+
+
+def sample_rate(cfg, pid) -> float:
+    return 1.0 / math.ceil(len(data.partition(cfg, pid)) / int(cfg.train.batch_size))
+
+
+def trained(rows, pid) -> int:
+    """Rounds in which partition pid was sampled and its update accepted."""
+    return sum(1 for r in rows[1:] if pid in r.get("sampled", []) and
+               all(x["node"] != pid for x in r.get("rejected", [])))
+
+
+# ----------------------------------------------------------------------------------------------
+# sample-level DP-SGD
+# ----------------------------------------------------------------------------------------------
+def test_budget_stops_every_client_at_target_epsilon_and_the_run_cleanly(tmp_path):
+    """Noise planned for 2 rounds, 12 rounds asked, 2 of 3 clients sampled per round: every client trains
+    exactly 2 rounds, refuses the third with status budget-exhausted (logged, the others go on), ends at
+    epsilon <= 1, and the run stops once no client can train."""
+    cfg, rows, summary, cap, _ = run(tmp_path, "privacy=dp_sgd", "privacy.target_epsilon=1.0",
+                                     "privacy.planned_rounds=2", "num_rounds=12", "fraction_train=0.67",
+                                     "min_train_nodes=1")
+    assert summary["status"] == "budget-exhausted"
+    assert "can still train" in summary["stop_reason"]
+    assert summary["epsilon_max"] <= 1.0 + 1e-9
+    assert all(0.9 <= e <= 1.0 + 1e-9 for e in summary["epsilon"].values())  # the budget was used, not exceeded
+    assert all(trained(rows, p) == 2 for p in range(3))
+    refusals = [(r["round"], x["node"]) for r in rows[1:] for x in r.get("rejected", [])]
+    assert sorted(p for _, p in refusals) == [0, 1, 2]  # each client refuses once, then is no longer sampled
+    assert all("budget-exhausted" in x["reason"] for r in rows[1:] for x in r.get("rejected", []))
+    # the round a client refused, another one trained
+    assert any(r["num_clients"] >= 1 and r.get("rejected") for r in rows[1:])
+    assert cap["strategy"].exhausted == {0, 1, 2}
+    # metrics: every client's epsilon in every round, never decreasing, <= the target
+    for p in map(str, range(3)):
+        seq = [r["epsilon"][p] for r in rows[1:]]
+        assert all(b >= a for a, b in zip(seq, seq[1:])) and seq[-1] <= 1.0 + 1e-9
+    assert all(set(r["epsilon"]) == {"0", "1", "2"} for r in rows[1:])
+
+
+def test_accountant_survives_rounds_through_client_state(tmp_path):
+    """Fixed noise, 3 rounds x 2 steps: each round's reported epsilon is that of ONE accountant over all
+    steps so far (checked against a plain Opacus RDPAccountant stepped step by step), strictly increasing,
+    and the accountant lives in the node's context.state."""
+    R, T, sigma = 3, 2, 1.0
+    cfg, rows, summary, _, grid = run(tmp_path, "privacy=dp_sgd", "privacy.target_epsilon=null",
+                                      f"privacy.noise_multiplier={sigma}", f"num_rounds={R}", f"local_steps={T}")
+    assert summary["status"] == "completed"
+    delta = float(cfg.privacy.target_delta)
+    for pid in range(3):
+        q = sample_rate(cfg, pid)
+        for rnd in range(1, R + 1):
+            acc = RDPAccountant()
+            for _ in range(rnd * T):
+                acc.step(noise_multiplier=sigma, sample_rate=q)
+            assert rows[rnd]["epsilon"][str(pid)] == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
+        seq = [r["epsilon"][str(pid)] for r in rows[1:]]
+        assert all(b > a for a, b in zip(seq, seq[1:]))  # a per-round engine would report the same value R times
+    for nid, ctx in grid.contexts.items():
+        state = P.AccountantState.from_json(str(ctx.state["dp-sgd"]["accountant"]))
+        pid = int(ctx.node_config["partition-id"])
+        assert state.history == ((sigma, sample_rate(cfg, pid), R * T),)
+        assert P.epsilon(state, delta) == pytest.approx(summary["epsilon"][str(pid)], rel=1e-12)
+    assert summary["epsilon_max"] == max(summary["epsilon"].values())
+
+
+def test_ffa_lora_under_dp_sgd_trains_and_noises_only_b(tmp_path, monkeypatch):
+    seen = []
+    orig = P.make_private
+
+    def spy(model, *a, **k):
+        out = orig(model, *a, **k)
+        seen.append(list(out[3].trainable))
+        return out
+
+    monkeypatch.setattr(P, "make_private", spy)
+    cfg, rows, summary, cap, _ = run(tmp_path, "strategy=ffa_lora", "privacy=dp_sgd", "privacy.target_epsilon=3.0",
+                                     "num_rounds=2")
+    assert summary["status"] == "completed" and all(r["num_clients"] == 3 and not r["rejected"] for r in rows[1:])
+    assert len(seen) == 6 and all(names and all(".lora_B." in n for n in names) for names in seen)
+    # A never moved: the global A is still the seeded one (clients' fingerprints were checked every round)
+    strat = cap["strategy"]
+    for name, f in strat.state.lora.items():
+        assert torch.equal(f.A, adapters.seeded_A(strat.a_seed, name, f.rank, f.A.shape[1]))
+        assert float(f.B.abs().sum()) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# client-level DP (Flower's wrappers)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy, clipping", [("ffa_lora", "server"), ("fedit", "client")])
+def test_client_level_release_is_mean_of_clipped_updates_plus_flowers_noise(tmp_path, strategy, clipping):
+    C = 0.05
+    cfg, rows, summary, cap, _ = run(tmp_path, f"strategy={strategy}", "privacy=client_level",
+                                     f"privacy.clipping={clipping}", f"privacy.clipping_norm={C}",
+                                     "privacy.target_epsilon=2.0", "num_rounds=2", "audit=false")
+    w = cap["wrapped"]
+    assert isinstance(w, server_dp.ClientLevelDP) and w.clipping == clipping
+    assert summary["status"] == "completed" and summary["epsilon_max"] <= 2.0 + 1e-9
+    # one accountant, two no-amplification releases
+    acc = RDPAccountant()
+    acc.history = [(w.noise_multiplier, 1.0, 2)]
+    assert summary["epsilon_max"] == pytest.approx(acc.get_epsilon(float(cfg.privacy.target_delta)), rel=1e-9)
+    assert [r["releases"] for r in rows[1:]] == [1, 2]
+    # the last round: start point, clipped client arrays, released global arrays
+    start = {k: a.numpy() for k, a in w.current.items()}
+    inner = cap["strategy"]
+    clients = [adapters.to_arrays(s, parts=inner.client_sends) for _, s, _ in inner.last["client_states"]]
+    assert len(clients) == 3
+    for c in clients:
+        norm = math.sqrt(sum(float(np.sum((c[k].astype(np.float64) - start[k]) ** 2)) for k in start))
+        assert norm <= C * (1 + 1e-4)
+    ss = np.random.SeedSequence([int(cfg.seed), 2])
+    np.random.seed(ss.generate_state(4))
+    std = w.noise_multiplier * C / 3
+    released = adapters.to_arrays(inner.state, parts=inner.client_sends)
+    for k in start:  # Flower's add_gaussian_noise_inplace: one normal draw per array, in record order
+        expect = np.mean([c[k] for c in clients], axis=0) + np.random.normal(0, std, start[k].shape).astype(np.float32)
+        np.testing.assert_allclose(released[k], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_client_level_budget_stops_the_run(tmp_path):
+    _, rows, summary, _, _ = run(tmp_path, "strategy=fedit", "privacy=client_level", "privacy.target_epsilon=2.0",
+                                 "privacy.planned_rounds=2", "num_rounds=4")
+    assert summary["status"] == "budget-exhausted" and "max_epsilon" in summary["stop_reason"]
+    assert len(rows) == 3 and summary["epsilon_max"] <= 2.0 + 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# refused combinations
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, fragment", [
+    (["privacy=client_level", "strategy=flora"], "flora stacks each client's individual factors"),
+    (["privacy=client_level", "strategy=lora_fair"], "lora_fair's server-side correction"),
+    (["privacy=client_level", "strategy=flexlora"], "flexlora forms and decomposes"),
+    (["privacy=client_level", "strategy=hetlora"], "different ranks"),
+    (["privacy=client_level", "privacy.weighting=num_examples"], "equal client weights"),
+    (["privacy=client_level", "privacy.clipping=adaptive"], "must be server or client"),
+    (["privacy=client_level", "privacy.target_epsilon=null", "privacy.noise_multiplier=0.0"], "noise_multiplier > 0"),
+    (["privacy=dp_sgd", "kernels=torch"], "needs kernels=peft"),
+    (["privacy=dp_sgd", "privacy.noise_multiplier=1.0"], "got both"),
+    (["privacy=dp_sgd", "privacy.target_epsilon=null"], "got neither"),
+    (["privacy=dp_sgd", "privacy.max_grad_norm=0"], "clipping norm"),
+    (["privacy=dp_sgd", "privacy.accountant=moments"], "accountant must be one of"),
+    (["privacy=dp_sgd", "privacy.planned_rounds=0"], "planned_rounds"),
+    (["privacy=dp_sgd", "privacy.target_delta=1.5"], "target_delta"),
+    (["privacy=none", "privacy.mode=client_dp_adaptive"], "no privacy accountant for adaptive"),
+    (["partitioner=label_skew"], "one row per client"),
+])
+def test_bad_combinations_are_one_sentence_config_errors(overrides, fragment):
+    with pytest.raises(config.ConfigError) as e:
+        config.load(overrides)
+    msg = str(e.value)
+    assert fragment in msg and "\n" not in msg and msg.endswith(".")
+
+
+def test_cli_exits_2_with_the_sentence():
+    p = subprocess.run(fedlora_cmd("run", "privacy=client_level", "strategy=flora"), capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert p.returncode == 2
+    out = (p.stdout + p.stderr).strip().splitlines()
+    assert any("flora stacks each client's individual factors" in line for line in out)
+    assert "Traceback" not in p.stdout + p.stderr
