@@ -15,7 +15,7 @@ registered; ``--insecure`` exists for debugging and prints a warning.
                                       --auth-supernode-private-key`)
                DIR/supernode-<i>.pub  public key: register it on the SuperLink (`flwr supernode register`)
       With --connection the public keys are registered right away against that running SuperLink.
-  fedlora deploy register PUBKEY... --connection NAME
+  fedlora deploy register PUBKEY... --connection NAME [--skip-registered]
       Register public keys (files or directories of *.pub) with `flwr supernode register PUBKEY NAME`.
   fedlora deploy connect NAME --superlink HOST:PORT (--ca FILE | --insecure) [--default]
       Write a `[superlink.NAME]` entry into $FLWR_HOME/config.toml so `flwr run . NAME` submits runs.
@@ -227,18 +227,29 @@ def public_keys(paths: list[str]) -> list[Path]:
     return out
 
 
-def register(pubkeys: list[Path], connection: str, timeout: float = 60) -> dict[str, int]:
-    """`flwr supernode register KEY CONNECTION` for each key; {key path: node id}. Raises on refusal."""
-    ids = {}
+def register(pubkeys: list[Path], connection: str, timeout: float = 60,
+             skip_registered: bool = False) -> dict[str, int | None]:
+    """`flwr supernode register KEY CONNECTION` for each key; {key path: node id}. Raises on refusal;
+    with ``skip_registered`` a key the SuperLink already knows is kept (node id None) instead."""
+    ids: dict[str, int | None] = {}
     for pub in pubkeys:
         cmd = [flwr_bin("flwr"), "supernode", "register", str(pub), connection, "--format", "json"]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=flwr_env())
         reply = _last_json(p.stdout)
-        if p.returncode != 0 or not reply.get("success"):
-            why = reply.get("error-message") or (p.stderr or p.stdout).strip()[-500:]
-            raise RuntimeError(f"registering {pub} on '{connection}' failed: {why}")
-        ids[str(pub)] = int(reply["node-id"])
+        if p.returncode == 0 and reply.get("success"):
+            ids[str(pub)] = int(reply["node-id"])
+            continue
+        why = reply.get("error-message") or (p.stderr or p.stdout).strip()[-500:]
+        if skip_registered and "already in use" in (why + p.stdout + p.stderr):
+            ids[str(pub)] = None
+            continue
+        raise RuntimeError(f"registering {pub} on '{connection}' failed: {why}")
     return ids
+
+
+def _print_registered(ids: dict[str, int | None]) -> None:
+    for pub, nid in ids.items():
+        print(f"registered {pub} as node {nid}" if nid is not None else f"already registered: {pub}")
 
 
 def _last_json(text: str) -> dict:
@@ -409,6 +420,220 @@ def launch(cmd: list[str], dry_run: bool) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# A whole secured federation on one machine (the compose file's rehearsal, without Docker)
+# ----------------------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """{pid: (ppid, start time)} from /proc (empty where there is none)."""
+    table = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            table[int(d)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def descendants(pids: list[int]) -> list[tuple[int, int]]:
+    """(pid, start time) of every process below ``pids`` (Flower's SuperExec, ServerApp, ClientApps)."""
+    table = _proc_table()
+    out, todo = [], list(pids)
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, start) in table.items():
+            if ppid == parent:
+                out.append((pid, start))
+                todo.append(pid)
+    return out
+
+
+def _alive(pid: int, start: int | None = None) -> bool:
+    if start is not None:  # same process, not a reused PID
+        return _proc_table().get(pid, (None, None))[1] == start
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def stop_pids(procs: list, others: list[tuple[int, int]], grace: float = 20.0) -> None:
+    """SIGTERM each Popen in ``procs`` (in order) and wait; SIGKILL after ``grace``. Then give ``others``
+    (pid, start time: processes they started) ``grace`` seconds to follow, and stop those still there."""
+    import signal
+    import time
+
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+    deadline = time.time() + grace
+    while any(_alive(pid, st) for pid, st in others) and time.time() < deadline:
+        time.sleep(0.25)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = [(pid, st) for pid, st in others if _alive(pid, st)]
+        for pid, _ in left:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        if left:
+            time.sleep(2)
+
+
+class LocalFederation:
+    """A SuperLink (TLS + node authentication) and SuperNodes on loopback, started with the same
+    `fedlora deploy ...` commands a real deployment uses, every process stopped by PID on exit.
+
+        with LocalFederation(workdir, nodes=3, data=path) as fed:
+            fed.start()                     # certs, keys, SuperLink, connection, registration, SuperNodes
+            run_id, info = fed.run("strategy=ffa_lora model=tiny_llama ...")
+    """
+
+    def __init__(self, workdir: Path, nodes: int, data: str, profile: str = "cpu", partitions: bool = True,
+                 app_dir: Path | None = None, connection: str = "rehearsal", env: dict | None = None):
+        self.dir = Path(workdir).resolve()
+        self.nodes, self.data, self.profile, self.partitions = int(nodes), str(data), profile, partitions
+        self.app_dir = Path(app_dir or CONF_DIR.parent).resolve()
+        self.connection = connection
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**flwr_env(), "FLWR_HOME": str(self.dir / "flwr_home"), **(env or {})}
+        self.certs, self.keys = self.dir / "certs", self.dir / "keys"
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []  # everything started, in order
+        self.node_ids: dict[int, int] = {}
+        self._seen: set[tuple[int, int]] = set()
+
+    # -- processes -------------------------------------------------------------------------------
+    def fedlora(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, "-m", "fedlora.cli", "deploy", *args], capture_output=True,
+                           text=True, timeout=timeout, env=self.env, cwd=self.dir)
+        if check and p.returncode != 0:
+            raise RuntimeError(f"fedlora deploy {args[0]} failed ({p.returncode}): {p.stderr[-2000:]}")
+        return p
+
+    def spawn(self, name: str, args: list[str], raw: bool = False) -> subprocess.Popen:
+        """`fedlora deploy ARGS` (or, ``raw``, the command ARGS) in the background, output in NAME.log.
+        `fedlora deploy superlink/supernode` exec into the Flower process: the PID is Flower's."""
+        cmd = list(args) if raw else [sys.executable, "-m", "fedlora.cli", "deploy", *args]
+        with open(self.dir / f"{name}.log", "wb") as log:
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.dir)
+        p.log_path = self.dir / f"{name}.log"
+        self.procs.append(p)
+        return p
+
+    @staticmethod
+    def log(p: subprocess.Popen) -> str:
+        return Path(p.log_path).read_text(errors="replace")
+
+    def wait_for(self, p: subprocess.Popen, text: str, timeout: float) -> str:
+        import re
+        import time
+
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            self._remember()
+            if (m := re.search(text, self.log(p))):
+                return m.group(0)
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.log_path.stem} exited ({p.returncode}) before {text!r}:\n{self.log(p)[-3000:]}")
+            time.sleep(0.5)
+        raise RuntimeError(f"{p.log_path.stem}: no {text!r} within {timeout:.0f}s:\n{self.log(p)[-3000:]}")
+
+    def _remember(self) -> None:
+        self._seen.update(descendants([p.pid for p in self.procs]))
+
+    # -- steps ------------------------------------------------------------------------------------
+    def make_credentials(self, extra_keys: int = 1) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fedlora("certs", str(self.certs), "--hosts", "127.0.0.1,localhost")
+        self.fedlora("keys", str(self.keys), "--nodes", str(self.nodes + extra_keys))
+
+    def start_superlink(self, timeout: float = 120) -> None:
+        self.superlink = self.spawn("superlink", ["superlink", "--certs", str(self.certs), "--host", "127.0.0.1",
+                                                  "--port", str(self.port)])
+        self.wait_for(self.superlink, r"Uvicorn running on https://", timeout)
+        self.fedlora("connect", self.connection, "--superlink", self.address, "--ca", str(self.certs / CA_CERT))
+
+    def register(self, indices: list[int]) -> None:
+        p = self.fedlora("register", *[str(key_paths(self.keys, i)[1]) for i in indices],
+                         "--connection", self.connection, timeout=60 * len(indices))
+        for line, i in zip(p.stdout.strip().splitlines(), indices):
+            self.node_ids[i] = int(line.rsplit(" ", 1)[1])
+
+    def supernode_args(self, i: int, key: int | None = None, ca: bool = True, extra: tuple = ()) -> list[str]:
+        args = ["supernode", "--superlink", self.address, "--data", self.data, "--profile", self.profile,
+                "--port", str(free_port())]
+        if self.partitions:
+            args += ["--partition-id", str(i), "--num-partitions", str(self.nodes)]
+        if key is not None:
+            args += ["--key", str(key_paths(self.keys, key)[0])]
+        if ca:
+            args += ["--ca", str(self.certs / CA_CERT)]
+        return args + list(extra)
+
+    def start_supernodes(self, timeout: float = 180) -> None:
+        for i in range(self.nodes):
+            self.supernodes.append(self.spawn(f"supernode-{i + 1}", self.supernode_args(i, key=i + 1)))
+        for p in self.supernodes:
+            self.wait_for(p, r"SuperNode ID: \d+", timeout)
+
+    def start(self) -> None:
+        self.make_credentials()
+        self.start_superlink()
+        self.register(list(range(1, self.nodes + 1)))
+        self.start_supernodes()
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([flwr_bin("flwr"), *args], capture_output=True, text=True, timeout=timeout,
+                              env=self.env, cwd=self.app_dir)
+
+    def run(self, overrides: str, timeout: float = 1800) -> tuple[int, dict, str]:
+        """`flwr run APP CONNECTION --run-config hydra-overrides=... --stream`; returns (run id, the run's
+        `flwr ls` record, the streamed log). The status is read from `flwr ls` (`flwr run` exits 0 even
+        when the ServerApp failed)."""
+        import re
+
+        rc = f"hydra-overrides={json.dumps(overrides)}"
+        p = self.flwr("run", str(self.app_dir), self.connection, "--run-config", rc, "--stream", timeout=timeout)
+        self._remember()
+        m = re.search(r"Successfully started run (\d+)", p.stdout + p.stderr)
+        if not m:
+            raise RuntimeError(f"flwr run did not start a run ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+        run_id = int(m.group(1))
+        ls = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
+        runs = _last_json(ls.stdout).get("runs") or [{}]
+        return run_id, runs[0], p.stdout + p.stderr
+
+    def stop(self) -> None:
+        self._remember()
+        order = [p for p in self.procs if p is not self.superlink] + ([self.superlink] if self.superlink else [])
+        stop_pids(order, sorted(self._seen))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# ----------------------------------------------------------------------------------------------
 # argparse
 # ----------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
@@ -438,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("register", help="register SuperNode public keys on a running SuperLink")
     r.add_argument("pubkeys", nargs="+", help="*.pub files or directories holding them")
     r.add_argument("--connection", required=True, help="connection name in $FLWR_HOME/config.toml")
+    r.add_argument("--skip-registered", action="store_true", help="keys the SuperLink already knows are not an error")
 
     n = sub.add_parser("connect", help="a [superlink.NAME] entry for `flwr run . NAME`")
     n.add_argument("name")
@@ -487,15 +713,13 @@ def main(argv: list[str]) -> int:
         for priv, pub in pairs:
             print(f"  {priv}  -> node only (--key)   {pub.name} -> register on the SuperLink")
         if args.connection:
-            for pub, nid in register([pub for _, pub in pairs], args.connection).items():
-                print(f"registered {pub} as node {nid}")
+            _print_registered(register([pub for _, pub in pairs], args.connection))
         else:
             print(f"register them: fedlora deploy register {args.dir} --connection NAME "
                   f"(or: flwr supernode register {pairs[0][1]} NAME)")
         return 0
     if args.cmd == "register":
-        for pub, nid in register(public_keys(args.pubkeys), args.connection).items():
-            print(f"registered {pub} as node {nid}")
+        _print_registered(register(public_keys(args.pubkeys), args.connection, skip_registered=args.skip_registered))
         return 0
     if args.cmd == "connect":
         path = write_connection(args.name, args.superlink, args.ca, args.insecure, args.default)
