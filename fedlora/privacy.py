@@ -68,12 +68,51 @@ accountant); ``client_dp_adaptive`` (named only to refuse it).
   public (e.g. known partition sizes); under add/remove adjacency an exact count is not covered.
 - ``client_dp`` needs equal client weights (Flower's accounted wrappers check it at aggregation) and a
   strategy whose aggregate is an element-wise mean of same-shaped arrays that the Gaussian noise is added
-  to: allowed for ``fedit`` and ``ffa_lora`` (their strategies must keep ``FedAvg.aggregate_train``).
+  to: allowed for ``fedit`` and ``ffa_lora`` (Flower's accounted mode also requires the wrapped strategy to
+  use ``FedAvg.aggregate_train`` unchanged: ``strategies/dp.py`` hands the wrapper a FedAvg view of them).
   Refused: ``flora`` (stacks each client's individual factors, so no noised sum is released),
   ``lora_fair`` and ``flexlora`` (their server step reads each client's un-noised factors), ``hetlora`` and
   ``fedpipe`` (clients have different ranks, so there is no common update to clip and noise).
 - ``client_dp_adaptive``: refused, Flower 1.42 has no accountant for adaptive clipping, so no epsilon
   could be reported.
+
+How the framework uses this module
+----------------------------------
+Config (``conf/privacy/``): ``privacy=none``; ``privacy=dp_sgd`` (mode ``dp_sgd``); ``privacy=client_level``
+(mode ``client_dp``). :func:`validate_config` runs inside ``fedlora.config.validate``: every refusal above,
+and bad DP settings, are one-sentence ConfigErrors (the CLI exits 2) before anything starts.
+
+``dp_sgd`` — client (``clients/client_app.py:dp_sgd_round``), every round:
+
+- the node's accountant is restored from ``context.state["dp-sgd"]`` (a ConfigRecord holding
+  :meth:`AccountantState.to_json`) and saved back after training: one accountant per client for the run;
+- sigma = :func:`plan_noise` for ``planned_rounds`` (default ``num_rounds``) x local steps at the node's
+  rate ``1/ceil(n/batch)``. That is the worst case of a node sampled in every round: with
+  ``fraction_train < 1`` a node trains fewer rounds than planned and ends below ``target_epsilon`` (planning
+  for fewer rounds gives less noise, and the budget check stops nodes that are sampled more often);
+- budget check first (:func:`would_exceed`): a node whose next round would exceed ``target_epsilon`` replies
+  without training: no arrays, ``epsilon`` in its metrics, ConfigRecord ``status`` =
+  ``{"status": "budget-exhausted", "reason": ...}``;
+- training is ``fedlora.train.local_train_dp``: Poisson loader from :func:`make_private`,
+  :func:`iterate_steps`, :func:`noise_only_step` on empty draws, per-example losses (:func:`causal_lm_loss`
+  for LMs), no gradient clipping besides DP-SGD's own; sampling and noise generators from the OS
+  (:func:`fresh_generators`; ``privacy.reproducible=true`` derives them from the run seed, for tests and
+  experiments only). FFA-LoRA: ``lora_A`` is frozen before :func:`make_private`, so only B (and the head,
+  ``train_head``) get per-example gradients, clipping and noise.
+
+``dp_sgd`` — server (``strategies/dp.py``, ``strategies/base.py``): every round's metrics carry
+``epsilon: {partition: epsilon so far}`` for every client (0 before its first round), ``epsilon_max`` and
+``delta``; a budget-exhausted reply is logged among the round's rejections and that client is no longer
+sampled; when fewer than ``min_train_nodes`` clients can still train the run stops cleanly (summary
+``status: budget-exhausted``, ``stop_reason``); the summary carries ``epsilon_max`` and every client's epsilon.
+
+``client_dp``: Flower 1.42's ``DifferentialPrivacyServerSideFixedClipping`` (``privacy.clipping=server``) or
+``DifferentialPrivacyClientSideFixedClipping`` + ``fixedclipping_mod`` (``client``) with an accountant, for
+fedit and ffa_lora. Flower's conditions: fixed clipping, equal client weights, a fixed number of sampled
+clients per round, no-amplification accounting, and a ``FedAvg`` with its own ``aggregate_train``. Flower's
+``RdpAccountant`` needs the ``flwr[dp]`` extra (``dp-accounting``), absent here, so the wrapper gets an
+accountant with Flower's ``PrivacyAccountant`` protocol computed with Opacus' RDP (the same event: Gaussian,
+sampling rate 1, one step per round). Details and what the guarantee leaves out: ``strategies/dp.py``.
 """
 
 from __future__ import annotations
@@ -96,12 +135,18 @@ __all__ = [
     "DPSession",
     "causal_lm_loss",
     "check_compatible",
+    "client_level_noise",
+    "dp_config",
     "epsilon",
+    "fresh_generators",
     "iterate_steps",
     "make_private",
+    "mode_of",
     "noise_only_step",
     "plan_noise",
+    "planned_rounds",
     "sample_rate",
+    "validate_config",
     "would_exceed",
 ]
 
