@@ -52,7 +52,7 @@ def query(msg: Message, context: Context) -> Message:
     cfg = config.from_yaml(msg.content["config"]["fedlora-config"])
     info = device_info()
     metrics = MetricRecord({"partition-id": _partition_id(context), "num-examples": len(_dataset(cfg, context)),
-                            "device-memory": info["device-memory"]})
+                            "device-memory": info["device-memory"], "base-version": node_base_delta(context)[1]})
     return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"device": info["device"], "profile": str(context.node_config.get("profile", ""))})}), reply_to=msg)
 
 
@@ -118,7 +118,12 @@ def _train(msg: Message, context: Context) -> Message:
     bundle = models.cached(cfg)
     ds = _dataset(cfg, context)
     arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
-    prepare(bundle, arrays, conf, context)
+    try:
+        prepare(bundle, arrays, conf, context)
+    except merges.OutOfSync as e:  # tell the server which merges we hold; it sends the rest next time
+        status = ConfigRecord({"status": "out-of-sync", "reason": str(e)})
+        metrics = MetricRecord({"num-examples": len(ds), "base-version": node_base_delta(context)[1]})
+        return Message(RecordDict({"status": status, "metrics": metrics, "arrays": ArrayRecord()}), reply_to=msg)
     bs = int(cfg.train.batch_size)
     steps = int(cfg.local_steps) if not cfg.local_epochs else max(1, math.ceil(len(ds) / bs * float(cfg.local_epochs)))
     collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))

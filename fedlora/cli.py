@@ -30,6 +30,11 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _shutdown_ray() -> None:
+    """Stop Ray, then every process it left behind (its workers can linger for a minute after shutdown):
+    all our descendants get SIGTERM, and SIGKILL 3 s later."""
+    import psutil
+
+    kids = psutil.Process().children(recursive=True)
     try:
         import ray
 
@@ -37,6 +42,18 @@ def _shutdown_ray() -> None:
             ray.shutdown()
     except Exception:
         pass
+    kids = [k for k in kids if k.is_running()]
+    for k in kids:
+        try:
+            k.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(kids, timeout=3)
+    for k in alive:
+        try:
+            k.kill()
+        except psutil.Error:
+            pass
 
 
 def _install_stop_handlers() -> None:
@@ -52,7 +69,7 @@ def _install_stop_handlers() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def simulate(cfg, run_dir: Path, verbose: bool = False) -> dict:
+def simulate(cfg, run_dir: Path, verbose: bool = False, resume: bool = False) -> dict:
     """Run one simulated federation in this process; returns the run summary. Raises on failure."""
     import json
 
@@ -64,6 +81,8 @@ def simulate(cfg, run_dir: Path, verbose: bool = False) -> dict:
 
     os.environ["FEDLORA_OVERRIDES_YAML"] = config.to_yaml(cfg)
     os.environ["FEDLORA_RUN_DIR"] = str(run_dir)
+    if resume:
+        os.environ["FEDLORA_RESUME"] = "1"
     num_cpus = cfg.simulation.num_cpus or os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": int(cfg.simulation.client_cpus), "num_gpus": 0.0},
                "init_args": {"num_cpus": int(num_cpus), "include_dashboard": False, "log_to_driver": verbose}}
@@ -74,6 +93,7 @@ def simulate(cfg, run_dir: Path, verbose: bool = False) -> dict:
     finally:
         _shutdown_ray()
         os.environ.pop("FEDLORA_OVERRIDES_YAML", None)
+        os.environ.pop("FEDLORA_RESUME", None)
     summary = run_dir / "summary.json"
     if not summary.exists():
         raise RuntimeError(f"the run stopped before finishing (see the log above); partial results are in {run_dir}")
@@ -81,24 +101,39 @@ def simulate(cfg, run_dir: Path, verbose: bool = False) -> dict:
 
 
 def prepare(overrides: list[str]):
-    """Compose + validate config and data up front (errors before anything starts)."""
+    """Compose + validate config and data up front (errors before anything starts).
+    ``resume=<run dir>`` continues that run with its saved config (``num_rounds=N`` may extend it)."""
+    from omegaconf import OmegaConf
+
     from fedlora import config, data
     from fedlora.report import default_run_dir
 
+    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
+    if resume:
+        run_dir = Path(resume).resolve()
+        if not (run_dir / "config.yaml").exists():
+            raise config.ConfigError(f"resume={resume} is not a run directory (no config.yaml there).")
+        cfg = config.from_yaml((run_dir / "config.yaml").read_text())
+        rest = [o for o in overrides if not o.startswith("resume=")]
+        if rest:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
+        config.validate(cfg)
+        data.check_partitions(cfg)
+        return cfg, run_dir, True
     cfg = config.load(overrides)
     data.check_partitions(cfg)
     run_dir = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg)
-    return cfg, run_dir.resolve()
+    return cfg, run_dir.resolve(), False
 
 
 def cmd_run(argv: list[str]) -> int:
     verbose = "-v" in argv
     overrides = [a for a in argv if a != "-v"]
     _quiet_libraries(verbose)
-    cfg, run_dir = prepare(overrides)
-    print(f"fedlora: {cfg.strategy.name} on {cfg.model.name}/{cfg.data.name}, {cfg.num_clients} clients, "
+    cfg, run_dir, resume = prepare(overrides)
+    print(f"fedlora: {'resuming ' if resume else ''}{cfg.strategy.name} on {cfg.model.name}/{cfg.data.name}, {cfg.num_clients} clients, "
           f"{cfg.num_rounds} rounds -> {run_dir}", flush=True)
-    summary = simulate(cfg, run_dir, verbose)
+    summary = simulate(cfg, run_dir, verbose, resume=resume)
     acc = summary.get("final_eval_accuracy")
     print(f"done: final eval_loss {summary['final_eval_loss']:.4f}"
           + (f", eval_accuracy {acc:.4f}" if acc is not None else "") + f"; adapter in {summary['adapter']}")

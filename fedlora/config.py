@@ -67,6 +67,10 @@ def load(overrides: str | list[str] | None = None) -> DictConfig:
     if cfg.get("out_dir") in (None, "", "null"):
         cfg.out_dir = None
     validate(cfg)
+    ranks = client_ranks(cfg)
+    if len(set(ranks)) == 1 and ranks[0] != cfg.model.lora.r:  # one rank for all: it is the model's LoRA rank
+        scale = float(cfg.model.lora.alpha) / float(cfg.model.lora.r)
+        cfg.model.lora.r, cfg.model.lora.alpha = ranks[0], scale * ranks[0]
     return cfg
 
 

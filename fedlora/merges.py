@@ -18,6 +18,10 @@ from .adapters import LoraFactors
 PREFIX = "merge."
 
 
+class OutOfSync(ValueError):
+    """The client lacks merges that the payload does not carry (e.g. its node restarted)."""
+
+
 class MergeLog:
     """Server side: the log of merged updates and their running (float64) sum."""
 
@@ -84,7 +88,7 @@ def apply(delta: dict[str, torch.Tensor], version: int, arrays: dict[str, np.nda
         if v <= version:  # already merged (e.g. the client failed after merging last time)
             continue
         if v != version + 1:
-            raise ValueError(f"merge version {v} arrived while the client is at version {version}: a merge is missing")
+            raise OutOfSync(f"merge version {v} arrived while the client is at version {version}: a merge is missing")
         for name, d in merges[v].items():
             delta[name] = delta[name].double() + d if name in delta else d
         version = v

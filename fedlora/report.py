@@ -75,6 +75,11 @@ class Recorder:
             fh.flush()
         self.echo(progress_line(metrics, self.num_rounds))
 
+    def restore(self, rows: list[dict]) -> None:
+        """Resume: metrics up to the checkpointed round (rows of a round in progress are dropped)."""
+        self.rows = list(rows)
+        atomic_write(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+
     def audit_dir(self, rnd: int) -> Path:
         d = self.dir / "audit" / f"round_{rnd:04d}"
         d.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ def check_update(arrays: dict, expected: dict[str, tuple[int, ...]], num_example
     """``None`` when the update is acceptable, else one sentence saying why not.
 
     ``expected`` maps every key the client must send to its shape (from the client's assigned rank)."""
-    if not isinstance(num_examples, (int, float, np.integer, np.floating)) or not np.isfinite(num_examples):
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(num_examples):
         return f"num-examples {num_examples!r} is not a number"
     if num_examples <= 0 or int(num_examples) != num_examples:
         return f"num-examples {num_examples} is not a positive integer"
@@ -24,8 +25,8 @@ def check_update(arrays: dict, expected: dict[str, tuple[int, ...]], num_example
         return f"unexpected key {extra[0]!r} ({len(extra)} unexpected)"
     for key, shape in expected.items():
         a = arrays[key]
-        if str(a.dtype) not in ("float32", "float16", "float64"):
-            return f"{key}: dtype {a.dtype} is not a float type"
+        if str(a.dtype) != "float32":
+            return f"{key}: dtype {a.dtype} is not float32 (the wire format)"
         if tuple(a.shape) != tuple(shape):
             return f"{key}: shape {tuple(a.shape)} != expected {tuple(shape)}"
         if not np.isfinite(a).all():

@@ -8,7 +8,8 @@ What travels (one Message per node, since payloads differ per node):
   the resolved run config as YAML, and the client's instructions ``fl.*``: rank, alpha, A seed, what to
   freeze and what to send back).
 - up: ``arrays`` (the trained factors, only the parts the strategy asks for) and ``metrics``
-  (``num-examples``, ``train_loss``, ``partition-id``, ...).
+  (``num-examples``, ``train_loss``, ``partition-id``, ...); a client that did not train (e.g. its privacy
+  budget is spent) adds a ConfigRecord ``status`` = {"status": "<word>", "reason": "<sentence>"}.
 A client whose arrays is missing a factor starts it fresh: A from ``fl.a_seed`` (see
 :func:`fedlora.adapters.seeded_A`), B zero.
 """
@@ -39,6 +40,7 @@ class NodeInfo:
     rank: int
     alpha: float
     device: str = "cpu"
+    base_version: int = 0  # FLoRA merges the node already holds (reported in the handshake)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -63,6 +65,8 @@ class LoraStrategy(FedAvg):
     client_sends: tuple[str, ...] = (LORA_A, LORA_B, "extra")
     #: whether clients may hold different ranks
     supports_mixed_ranks = False
+    #: attributes that make up the strategy's state between rounds (checkpointed)
+    persistent: tuple[str, ...] = ("state", "rng")
 
     def __init__(self, cfg, initial: AdapterState, shapes: dict[str, tuple[int, int]]):
         super().__init__(
@@ -91,6 +95,13 @@ class LoraStrategy(FedAvg):
                 f"use flora, flexlora or hetlora for mixed ranks."
             )
 
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.persistent}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k, v in sd.items():
+            setattr(self, k, v)
+
     # ------------------------------------------------------------------ hooks
     def payload(self, node: NodeInfo, server_round: int) -> tuple[dict[str, np.ndarray], dict]:
         """*hook* What node starts from: (arrays, extra ``fl.*`` config). Default: the global adapter."""
@@ -116,6 +127,9 @@ class LoraStrategy(FedAvg):
                   nodes: list[NodeInfo]) -> None:
         """*hook* Update ``self.state`` (and ``self.last_delta``, the round's effective ΔW per module)."""
         raise NotImplementedError
+
+    def on_status(self, node: NodeInfo, status: str, metrics: dict) -> None:
+        """*hook* A client answered without training (``status`` ConfigRecord); default: nothing to do."""
 
     def eval_adapter(self) -> AdapterState:
         """*hook* The adapter the server evaluates and saves (default: the global one)."""
@@ -189,8 +203,10 @@ class LoraStrategy(FedAvg):
                 self.last["rejected"].append({"node": who, "reason": "reply from an unknown node"})
                 continue
             self.note_privacy(node, msg, metrics)
-            if metrics.get("status", "ok") != "ok":
-                self.last["rejected"].append({"node": who, "reason": f"client status: {metrics.get('status')}"})
+            if "status" in msg.content and msg.content["status"].get("status", "ok") != "ok":
+                st = msg.content["status"]
+                self.on_status(node, str(st.get("status")), metrics)
+                self.last["rejected"].append({"node": who, "reason": f"client status: {st.get('status')} {st.get('reason', '')}".strip()})
                 continue
             reason = check_update(arrays, self.expected(node), metrics.get("num-examples"), node.num_examples)
             if reason:
@@ -198,6 +214,7 @@ class LoraStrategy(FedAvg):
                 continue
             norms[nid] = update_norm(arrays)
             accepted.append((node, arrays, metrics))
+        accepted.sort(key=lambda a: a[0].partition_id)  # aggregation order independent of arrival order
         outliers = norm_outliers(norms, self.norm_factor)
         for node, _, _ in accepted:
             if node.node_id in outliers:

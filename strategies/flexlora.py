@@ -11,6 +11,7 @@ from .base import LoraStrategy
 class FlexLoRA(LoraStrategy):
     name = "flexlora"
     supports_mixed_ranks = True
+    persistent = LoraStrategy.persistent + ("per_client", "global_state")
 
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)

@@ -17,24 +17,31 @@ from .base import LoraStrategy
 class FLoRA(LoraStrategy):
     name = "flora"
     supports_mixed_ranks = True
+    # node_version is not checkpointed: after a restart the handshake tells what each client holds
+    persistent = LoraStrategy.persistent + ("log", "digests")
 
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)
         self.log = merges.MergeLog()
         self.digests = [0.0]  # base digest after each version
-        self.node_version: dict[int, int] = {}
+        self.node_version: dict[int, int] = {}  # partition id -> merges it holds (as last reported)
         # the served adapter is empty (B = 0): everything learnt lives in the merged base
         self.state = AdapterState({n: LoraFactors(f.A, torch.zeros_like(f.B), f.scale) for n, f in initial.lora.items()},
                                   initial.extra)
 
     def payload(self, node, server_round):
-        arrays = self.log.payload(since=self.node_version.get(node.node_id, 0))
+        arrays = self.log.payload(since=self.node_version.get(node.partition_id, node.base_version))
         arrays.update(to_arrays(self.state, parts=("extra",)))  # fresh A (seeded per client and round), B = 0
         return arrays, {}
 
+    def on_status(self, node, status, metrics):
+        """A client that lost its merged base (e.g. its node restarted) says so; it catches up next round."""
+        if status == "out-of-sync":
+            self.node_version[node.partition_id] = int(metrics.get("base-version", 0))
+
     def aggregate(self, server_round, states, weights, nodes):
         for node, (_, _, m) in zip(nodes, self.last["accepted"]):
-            self.node_version[node.node_id] = int(m.get("base-version", 0))
+            self.node_version[node.partition_id] = int(m.get("base-version", 0))
         stacked = algebra.flora_stack(states, weights)
         self.log.append(stacked.lora)
         self.digests.append(merges.base_digest(self.log.total))

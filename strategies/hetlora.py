@@ -11,6 +11,7 @@ from .base import LoraStrategy
 class HetLoRA(LoraStrategy):
     name = "hetlora"
     supports_mixed_ranks = True
+    persistent = LoraStrategy.persistent + ("global_state",)
 
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)

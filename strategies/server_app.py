@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 import strategies
-from fedlora import adapters, config, data, models, train
+from fedlora import adapters, checkpoint, config, data, models, train
 from fedlora.report import Recorder, default_run_dir
 from strategies import dp as privacy_server
 
@@ -58,7 +58,7 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, strategies.
         scale = float(cfg.model.lora.alpha) / float(cfg.model.lora.r)  # one scale for all ranks
         nodes[rep.metadata.src_node_id] = NodeInfo(
             node_id=rep.metadata.src_node_id, partition_id=pid, num_examples=int(m["num-examples"]),
-            rank=r, alpha=scale * r, device=str(rep.content["config"].get("device", "cpu")) if "config" in rep.content else "cpu",
+            rank=r, alpha=scale * r, base_version=int(m.get("base-version", 0)), device=str(rep.content["config"].get("device", "cpu")) if "config" in rep.content else "cpu",
         )
         nodes[rep.metadata.src_node_id].extra.update({  # what each node runs on (nodes.json in the run dir)
             "device-memory": int(m.get("device-memory", 0)),
@@ -119,7 +119,7 @@ def save_adapter(bundle, strategy, path: Path) -> None:
     adapters.save_peft(bundle.model, strategy.export_adapter(), path)
 
 
-def run_server(grid: Grid, cfg, run_dir: Path, echo=print) -> dict:
+def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False) -> dict:
     seed_everything(int(cfg.seed))
     recorder = Recorder(run_dir, config.to_yaml(cfg), int(cfg.num_rounds), echo=echo)
     bundle = models.build(cfg)
@@ -132,10 +132,20 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print) -> dict:
     write_nodes(run_dir / "nodes.json", strategy.nodes)
     strategy = privacy_server.wrap(strategy, cfg)  # client-level DP: Flower's DP wrapper around the strategy
     status, stop = "completed", None
-    t0 = time.time()
-    recorder.log_round({"round": 0, "strategy": strategy.name, "num_clients": 0, "bytes_up": 0, "bytes_down": 0,
-                        "wall_s": 0.0, "unix": time.time(), **evaluate_global(bundle, strategy, test, collator, cfg)})
-    for rnd in range(1, int(cfg.num_rounds) + 1):
+    t0, start = time.time(), 1
+    if resume:
+        ck = checkpoint.load(run_dir, warn=echo)
+        strategy.load_state_dict(ck["strategy"])
+        random.setstate(ck["rng"]["python"])
+        np.random.set_state(ck["rng"]["numpy"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        recorder.restore(ck["rows"])
+        start, t0 = ck["round"] + 1, time.time() - ck["rows"][-1].get("wall_s", 0.0)
+        echo(f"resumed {run_dir} after round {ck['round']}")
+    else:
+        recorder.log_round({"round": 0, "strategy": strategy.name, "num_clients": 0, "bytes_up": 0, "bytes_down": 0,
+                            "wall_s": 0.0, "unix": time.time(), **evaluate_global(bundle, strategy, test, collator, cfg)})
+    for rnd in range(start, int(cfg.num_rounds) + 1):
         t_round = time.time()
         stop = privacy_server.stop_reason(strategy, cfg)
         if stop is None:
@@ -166,6 +176,9 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print) -> dict:
                    "skipped": strategy.last.get("skipped"), **strategy.round_metrics(),
                    **privacy_server.round_metrics(strategy, cfg)}
         recorder.log_round(metrics)
+        checkpoint.save(run_dir, {"round": rnd, "strategy": strategy.state_dict(), "rows": recorder.rows,
+                                  "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                          "torch": torch.get_rng_state()}})
     save_adapter(bundle, strategy, run_dir / "adapter")
     summary = recorder.summary({"strategy": strategy.name, "model": cfg.model.name, "num_clients": cfg.num_clients,
                                 "num_rounds": cfg.num_rounds, "seed": cfg.seed,
@@ -180,4 +193,4 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config.from_yaml(resolved) if resolved else config.load(str(context.run_config.get("hydra-overrides", "")))
     run_dir = str(context.run_config.get("run-dir", "") or os.environ.get("FEDLORA_RUN_DIR", "") or cfg.out_dir or "")
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-    run_server(grid, cfg, run_dir.resolve())
+    run_server(grid, cfg, run_dir.resolve(), resume=bool(os.environ.get("FEDLORA_RESUME") or context.run_config.get("resume")))
