@@ -63,6 +63,7 @@ class DeployError(ConfigError):
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode: start fresh
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
@@ -458,41 +459,49 @@ def descendants(pids: list[int]) -> list[tuple[int, int]]:
 
 
 def _alive(pid: int, start: int | None = None) -> bool:
-    if start is not None:  # same process, not a reused PID
-        return _proc_table().get(pid, (None, None))[1] == start
+    """Running (not a zombie) and, given ``start``, the same process (not a reused PID)."""
     try:
-        os.kill(pid, 0)
-        return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
+        if os.path.isdir("/proc"):
+            return False
+        try:  # no /proc: signal 0 only tells whether the PID exists
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0] not in ("Z", "X") and (start is None or int(fields[19]) == start)
 
 
-def stop_pids(procs: list, others: list[tuple[int, int]], grace: float = 20.0) -> None:
-    """SIGTERM each Popen in ``procs`` (in order) and wait; SIGKILL after ``grace``. Then give ``others``
-    (pid, start time: processes they started) ``grace`` seconds to follow, and stop those still there."""
+def stop_pids(groups: list[list[subprocess.Popen]], others: list[tuple[int, int]], grace: float = 20.0) -> None:
+    """Stop each group of Popen in turn (SIGTERM to the whole group, wait, SIGKILL after ``grace``), e.g.
+    the SuperNodes, then the SuperLink; then ``others`` (pid, start time: the processes they started) by PID."""
     import signal
     import time
 
-    for p in procs:
-        if p.poll() is None:
+    for group in groups:
+        running = [p for p in group if p.poll() is None]
+        for p in running:
             p.send_signal(signal.SIGTERM)
+        for p in running:
             try:
                 p.wait(grace)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
-    deadline = time.time() + grace
-    while any(_alive(pid, st) for pid, st in others) and time.time() < deadline:
-        time.sleep(0.25)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    # Flower's SuperExecs only notice a dead parent after their reconnect back-off (tens of seconds):
+    # SIGTERM them (and any ClientApp/ServerApp still there) now, SIGKILL what is left after ``grace``.
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         left = [(pid, st) for pid, st in others if _alive(pid, st)]
         for pid, _ in left:
             try:
                 os.kill(pid, sig)
             except OSError:
                 pass
-        if left:
-            time.sleep(2)
+        deadline = time.time() + wait
+        while any(_alive(pid, st) for pid, st in left) and time.time() < deadline:
+            time.sleep(0.25)
 
 
 class LocalFederation:
@@ -501,7 +510,7 @@ class LocalFederation:
 
         with LocalFederation(workdir, nodes=3, data=path) as fed:
             fed.start()                     # certs, keys, SuperLink, connection, registration, SuperNodes
-            run_id, info = fed.run("strategy=ffa_lora model=tiny_llama ...")
+            run_id, info, log = fed.run("strategy=ffa_lora model=tiny_llama ...")  # info: `flwr ls` record
     """
 
     def __init__(self, workdir: Path, nodes: int, data: str, profile: str = "cpu", partitions: bool = True,
@@ -609,6 +618,7 @@ class LocalFederation:
         `flwr ls` record, the streamed log). The status is read from `flwr ls` (`flwr run` exits 0 even
         when the ServerApp failed)."""
         import re
+        import time
 
         rc = f"hydra-overrides={json.dumps(overrides)}"
         p = self.flwr("run", str(self.app_dir), self.connection, "--run-config", rc, "--stream", timeout=timeout)
@@ -617,14 +627,18 @@ class LocalFederation:
         if not m:
             raise RuntimeError(f"flwr run did not start a run ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
         run_id = int(m.group(1))
-        ls = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
-        runs = _last_json(ls.stdout).get("runs") or [{}]
-        return run_id, runs[0], p.stdout + p.stderr
+        for _ in range(30):  # the stream ends with the run; give the status a moment to settle
+            ls = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
+            info = (_last_json(ls.stdout).get("runs") or [{}])[0]
+            if str(info.get("status", "")).startswith("finished"):
+                break
+            time.sleep(2)
+        return run_id, info, p.stdout + p.stderr
 
     def stop(self) -> None:
         self._remember()
-        order = [p for p in self.procs if p is not self.superlink] + ([self.superlink] if self.superlink else [])
-        stop_pids(order, sorted(self._seen))
+        stop_pids([[p for p in self.procs if p is not self.superlink], [self.superlink] if self.superlink else []],
+                  sorted(self._seen))
 
     def __enter__(self):
         return self

@@ -1,0 +1,196 @@
+"""Deployment: `fedlora deploy` certificates, keys, connection and launch commands, then a real secured
+federation on loopback -- a SuperLink with TLS and node authentication, three SuperNodes with registered
+keys reading SST-2 partitions from their node config, 2 rounds of FFA-LoRA on tiny_llama submitted with
+`flwr run` -- and the two refusals: an unregistered key, and a SuperNode that lacks the federation's CA.
+
+The SuperLink/SuperNodes are started with the same `fedlora deploy superlink|supernode` commands the Docker
+images use as entry points, so this is also the host-side check of those entry points. Every process is
+started and stopped by PID (module fixture finalizer), including the ones Flower starts below them.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SST2, fedlora_cmd
+
+from fedlora import deploy
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process bookkeeping reads /proc")
+
+
+def deploy_cmd(*args, env=None, cwd=None, timeout=120):
+    return subprocess.run(fedlora_cmd("deploy", *args), capture_output=True, text=True, cwd=cwd or ROOT,
+                          env=env, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------------
+# Certificates, keys, connection (no processes)
+# ------------------------------------------------------------------------------------------------
+def test_certs_have_the_sans_and_chain_to_the_ca(tmp_path):
+    from cryptography import x509
+
+    p = deploy_cmd("certs", str(tmp_path), "--hosts", "localhost,10.1.2.3,server.lan")
+    assert p.returncode == 0, p.stderr
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "server.lan"}
+    assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} == {"10.1.2.3", "127.0.0.1"}  # 127.0.0.1 always
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for key in ("ca.key", "server.key"):
+        assert (tmp_path / key).stat().st_mode & 0o077 == 0, f"{key} is readable by others"
+    again = deploy_cmd("certs", str(tmp_path))
+    assert again.returncode == 2 and "--force" in again.stderr  # never silently replaces a federation's CA
+    bad = deploy_cmd("certs", str(tmp_path / "x"), "--hosts", "not a host!")
+    assert bad.returncode == 2 and "neither an IP address nor a DNS name" in bad.stderr
+
+
+def test_keys_are_what_flower_node_auth_accepts(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    p = deploy_cmd("keys", str(tmp_path), "--nodes", "2")
+    assert p.returncode == 0, p.stderr
+    for i in (1, 2):
+        priv, pub = deploy.key_paths(tmp_path, i)
+        key = load_ssh_private_key(priv.read_bytes(), None)  # what flower-supernode does
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert priv.stat().st_mode & 0o077 == 0
+        assert try_load_public_key(pub)  # Flower's own check in `flwr supernode register`
+    wrong = tmp_path / "rsa"
+    wrong.write_text("not a key")
+    bad = deploy_cmd("supernode", "--superlink", "127.0.0.1:9093", "--data", str(SST2), "--profile", "cpu",
+                     "--ca", str(tmp_path / "supernode-1.pub"), "--key", str(wrong), "--dry-run")
+    assert bad.returncode == 2 and "OpenSSH EC private key" in bad.stderr
+
+
+def test_connection_entry_is_read_by_flower(tmp_path):
+    from flwr.cli.flower_config import read_superlink_connection
+
+    assert deploy_cmd("certs", str(tmp_path / "c")).returncode == 0
+    p = deploy_cmd("connect", "edge", "--superlink", "10.0.0.2:9093", "--ca", str(tmp_path / "c" / "ca.crt"))
+    assert p.returncode == 0, p.stderr
+    p = deploy_cmd("connect", "debug", "--superlink", "127.0.0.1:9093", "--insecure")
+    assert p.returncode == 0 and "WARNING" in p.stderr
+    conn = read_superlink_connection("edge")
+    assert conn.address == "10.0.0.2:9093" and not conn.insecure
+    assert conn.root_certificates == str((tmp_path / "c" / "ca.crt").resolve())
+    assert read_superlink_connection("debug").insecure
+    assert read_superlink_connection("local").address == ":local:"  # Flower's defaults are kept
+    neither = deploy_cmd("connect", "x", "--superlink", "10.0.0.2:9093")
+    assert neither.returncode == 2 and "--ca" in neither.stderr
+
+
+def test_launch_commands_are_secure_by_default(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    assert deploy_cmd("certs", str(tmp_path)).returncode == 0
+    link = deploy_cmd("superlink", "--certs", str(tmp_path), "--dry-run")
+    assert link.returncode == 0, link.stderr
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "--disable-runtime-dependency-installation"):
+        assert flag in link.stdout
+    no_certs = deploy_cmd("superlink", "--dry-run")
+    assert no_certs.returncode == 2 and "--certs" in no_certs.stderr and "--insecure" in no_certs.stderr
+    insecure = deploy_cmd("superlink", "--insecure", "--dry-run")
+    assert insecure.returncode == 0 and "WARNING" in insecure.stderr and "--enable-supernode-auth" not in insecure.stdout
+
+    node = deploy_cmd("supernode", "--superlink", "127.0.0.1:9093", "--data", str(SST2), "--profile",
+                      "jetson_orin_nano_8gb", "--partition-id", "1", "--num-partitions", "3",
+                      "--ca", str(tmp_path / "ca.crt"), "--dry-run")
+    assert node.returncode == 0, node.stderr
+    argv = __import__("shlex").split(node.stdout)
+    assert argv[argv.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
+    cfg = parse_config_args([argv[argv.index("--node-config") + 1]])  # exactly how flower-supernode parses it
+    assert cfg == {"partition-id": 1, "num-partitions": 3, "data-path": str(SST2.resolve()),
+                   "profile": "jetson_orin_nano_8gb"}
+    assert "no --key" in node.stderr  # told that an authenticating SuperLink will refuse it
+    for args, msg in ((["--profile", "gpu9000"], "unknown --profile"), (["--partition-id", "0"], "go together"),
+                      (["--data", str(tmp_path / "missing.tsv")], "does not exist on this machine"),
+                      (["--superlink", "https://h:1"], "HOST:PORT")):
+        base = {"--superlink": "127.0.0.1:9093", "--data": str(SST2), "--profile": "cpu"}
+        extra = dict(zip(args[::2], args[1::2]))
+        argv = [x for k, v in {**base, **extra}.items() for x in (k, v)]
+        p = deploy_cmd("supernode", *argv, "--ca", str(tmp_path / "ca.crt"), "--dry-run")
+        assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
+    no_ca = deploy_cmd("supernode", "--superlink", "127.0.0.1:9093", "--data", str(SST2), "--profile", "cpu", "--dry-run")
+    assert no_ca.returncode == 2 and "--ca FILE is required" in no_ca.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# A secured federation on loopback
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    fed = deploy.LocalFederation(tmp_path_factory.mktemp("deploy"), nodes=3, data=str(SST2), profile="cpu")
+    try:
+        fed.make_credentials(extra_keys=1)  # key 4 is never registered
+        fed.start_superlink()
+        fed.register([1, 2, 3])
+        yield fed
+    finally:
+        fed.stop()
+        left = [pid for pid, start in fed._seen if deploy._alive(pid, start)]
+        left += [p.pid for p in fed.procs if p.poll() is None]
+        assert not left, f"processes left running: {left}"
+
+
+def test_registering_a_known_key_again(fed):
+    pub = str(deploy.key_paths(fed.keys, 1)[1])
+    again = fed.fedlora("register", pub, "--connection", fed.connection, check=False)
+    assert again.returncode == 1 and "already in use" in again.stderr  # no silent second identity
+    skip = fed.fedlora("register", pub, "--connection", fed.connection, "--skip-registered")
+    assert "already registered" in skip.stdout  # what the compose `register` service relies on
+
+
+def test_unregistered_key_is_refused(fed):
+    p = fed.spawn("supernode-unregistered", fed.supernode_args(0, key=4, extra=("--max-retries", "1")))
+    rc = p.wait(timeout=180)
+    log = fed.log(p)
+    assert rc != 0, log
+    assert "Failed to activate SuperNode" in log, log
+    assert "SuperNode ID:" not in log  # it never got a node id
+    assert "No SuperNode found with the given public key" in fed.log(fed.superlink)
+
+
+def test_supernode_without_the_ca_cannot_connect(fed):
+    # No CA at all: flower-supernode falls back to the system trust store, which does not know our CA.
+    raw = [deploy.flwr_bin("flower-supernode"), "--superlink", fed.address, "--port", str(deploy.free_port()),
+           "--auth-supernode-private-key", str(deploy.key_paths(fed.keys, 1)[0]), "--max-retries", "1"]
+    # Another federation's CA (a wrong ca.crt) through the fedlora command.
+    other = fed.dir / "other-ca"
+    fed.fedlora("certs", str(other))
+    wrong = fed.supernode_args(0, key=1, ca=False, extra=("--ca", str(other / "ca.crt"), "--max-retries", "1"))
+    for name, args, is_raw in (("supernode-no-ca", raw, True), ("supernode-wrong-ca", wrong, False)):
+        p = fed.spawn(name, args, raw=is_raw)
+        rc = p.wait(timeout=180)
+        log = fed.log(p)
+        assert rc != 0, log
+        assert "CERTIFICATE_VERIFY_FAILED" in log, log
+        assert "SuperNode ID:" not in log
+
+
+def test_deployed_run_completes(fed):
+    fed.start_supernodes()
+    for i, p in enumerate(fed.supernodes, start=1):  # each node authenticated as its registered key
+        assert f"SuperNode ID: {fed.node_ids[i]}" in fed.log(p)
+    out = fed.dir / "run"
+    overrides = (f"strategy=ffa_lora model=tiny_llama num_clients=3 num_rounds=2 local_steps=1 train.batch_size=4 "
+                 f"eval.max_examples=32 data.path={SST2} out_dir={out}")
+    run_id, info, log = fed.run(overrides, timeout=1800)
+    assert info.get("status") == "finished:completed", (info, log[-3000:])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["num_clients"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["strategy"] == "ffa_lora"
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    nodes = json.loads((out / "nodes.json").read_text())
+    assert sorted(n["partition_id"] for n in nodes) == [0, 1, 2]
+    assert {n["node_id"] for n in nodes} == set(fed.node_ids.values())
+    for n in nodes:
+        assert n["device"] == "cpu" and n["extra"]["profile"] == "cpu" and "device-memory" in n["extra"]
