@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,6 +109,7 @@ def main() -> int:
             print(log[-3000:], file=sys.stderr)
             raise SystemExit(f"deployed run ended as {info.get('status')}")
         nodes = json.loads((dep_dir / "nodes.json").read_text())
+        result["config"] = {**yaml.safe_load((dep_dir / "config.yaml").read_text()), "out_dir": "RUN_DIR"}
     load["after_deployed"] = os.getloadavg()[0]
     dep_rows = rows(dep_dir)
     result["deployed"] = {
