@@ -117,18 +117,26 @@ class Bundle:
     task: str
     device: torch.device
     base_weights: dict[str, torch.Tensor]  # pristine weights of adapted base modules (FLoRA merges restart here)
+    bits: int = 16  # base bit width (FedPipe: 8/4 = bitsandbytes; merges via fedlora.quant's fp32 masters, base_weights empty)
 
 
-def build(cfg) -> Bundle:
+def build(cfg, bits: int = 16) -> Bundle:
     from peft import get_peft_model
 
     from .adapters import lora_layers
 
     base, tok = build_base(cfg.model, int(cfg.seed))
+    if bits < 16:  # FedPipe: quantised base (NF4 / int8) with fp32 masters for exact merges
+        from . import quant
+
+        base.to(device())
+        quant.prepare_for_lora(quant.quantize_model(base, bits))
     torch.manual_seed(int(cfg.seed) + 1)
     model = get_peft_model(base, lora_config(cfg.model))
     dev = device()
     model.to(dev)
+    if bits < 16:
+        return Bundle(model, tok, cfg.model.task, dev, {}, bits)
     base_weights = {n: layer.base_layer.weight.detach().clone() for n, layer in lora_layers(model).items()}
     kernels = cfg.get("kernels", "peft")
     if kernels != "peft":
@@ -138,15 +146,16 @@ def build(cfg) -> Bundle:
     return Bundle(model, tok, cfg.model.task, dev, base_weights)
 
 
-@functools.lru_cache(maxsize=2)
-def _cached(model_yaml: str, seed: int, kernels: str) -> Bundle:
+@functools.lru_cache(maxsize=4)
+def _cached(model_yaml: str, seed: int, kernels: str, bits: int = 16) -> Bundle:
     from omegaconf import OmegaConf
 
-    return build(OmegaConf.create({"model": OmegaConf.create(model_yaml), "seed": seed, "kernels": kernels}))
+    return build(OmegaConf.create({"model": OmegaConf.create(model_yaml), "seed": seed, "kernels": kernels}), bits)
 
 
-def cached(cfg) -> Bundle:
-    """One model per process and model config (ClientApps are called every round in the same process)."""
+def cached(cfg, bits: int = 16) -> Bundle:
+    """One model per process, model config and base bit width (ClientApps are called every round in the same
+    process; FedPipe clients of different bit widths may share a process in simulation)."""
     from omegaconf import OmegaConf
 
-    return _cached(OmegaConf.to_yaml(cfg.model, resolve=True), int(cfg.seed), str(cfg.get("kernels", "peft")))
+    return _cached(OmegaConf.to_yaml(cfg.model, resolve=True), int(cfg.seed), str(cfg.get("kernels", "peft")), int(bits))
