@@ -50,10 +50,69 @@ def device_info() -> dict:
 def query(msg: Message, context: Context) -> Message:
     """Handshake: tell the server who we are (partition, examples, device)."""
     cfg = config.from_yaml(msg.content["config"]["fedlora-config"])
+    if "fl.importance-steps" in msg.content["config"]:  # FedPipe warm-up: importance scores of this node's base
+        return importance_reply(msg, context, cfg)
     info = device_info()
     metrics = MetricRecord({"partition-id": _partition_id(context), "num-examples": len(_dataset(cfg, context)),
                             "device-memory": info["device-memory"], "base-version": node_base_delta(context)[1]})
-    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"device": info["device"], "profile": str(context.node_config.get("profile", ""))})}), reply_to=msg)
+    profile = str(context.node_config.get("profile", ""))
+    if profile == "detect":  # FedPipe: this machine's profile (free memory, matched compute figures), as JSON
+        import json
+
+        from fedlora import resources
+
+        profile = json.dumps(resources.detect_profile())
+    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"device": info["device"], "profile": profile})}), reply_to=msg)
+
+
+def importance_reply(msg: Message, context: Context, cfg) -> Message:
+    """FedPipe warm-up: :func:`fedlora.resources.importance_scores` of every LoRA target on this node's base
+    (quantised to ``fl.bits``, adapter at B = 0) over ``fl.importance-steps`` batches of ``fl.batch_size``."""
+    from fedlora import resources
+
+    conf = msg.content["config"]
+    bundle = models.cached(cfg, bits=int(conf["fl.bits"]))
+    ds = _dataset(cfg, context)
+    pid = _partition_id(context)
+    set_base(bundle, {})
+    with torch.no_grad():
+        for layer in adapters.lora_layers(bundle.model).values():
+            for b in layer.lora_B.values():
+                b.weight.zero_()
+    collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+    steps = int(conf["fl.importance-steps"])
+    batches = [{k: v.to(bundle.device) for k, v in collator([ds[int(j)] for j in idx]).items()}
+               for idx in train.batch_indices(len(ds), int(conf["fl.batch_size"]), steps, int(cfg.seed) * 1000 + pid, 0)]
+    t = cfg.model.lora.target_modules
+    scores = resources.importance_scores(bundle.model, batches, steps, beta=float(conf["fl.importance-beta"]),
+                                         targets=[t] if isinstance(t, str) else list(t),
+                                         loss_fn=lambda m, b: train.model_loss(m, b, bundle.task))
+    metrics = {f"importance.{k}": float(v) for k, v in scores.items()}
+    metrics.update({"num-examples": len(ds), "partition-id": pid})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@torch.no_grad()
+def set_base(bundle: models.Bundle, delta: dict[str, torch.Tensor]) -> None:
+    """Base = pristine + ``delta`` (this node's merged updates). A quantised base (FedPipe, ``bundle.bits`` < 16)
+    is re-quantised from its fp32 master ``w0 + delta`` through :func:`fedlora.quant.merge_update` (one
+    rounding of the exact sum, never a chain); layers already at this node's delta are left alone."""
+    layers = adapters.lora_layers(bundle.model)
+    if bundle.bits >= 16:
+        for name, layer in layers.items():
+            w = bundle.base_weights[name]
+            layer.base_layer.weight.copy_(w + delta[name].to(w) if name in delta else w)
+        return
+    from fedlora import quant
+
+    for name in layers:
+        cur = quant.merged_delta(bundle.model, name)
+        want = delta[name].float() if name in delta else None
+        if want is None and (cur is None or not bool(cur.any())):
+            continue
+        if want is not None and cur is not None and torch.equal(cur, want):
+            continue
+        quant.merge_update(bundle.model, name, (want if want is not None else 0) - (cur if cur is not None else 0))
 
 
 def node_base_delta(context: Context) -> tuple[dict[str, torch.Tensor], int]:
@@ -80,9 +139,7 @@ def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context:
     factors given in ``arrays`` are loaded, missing A is drawn from ``fl.a_seed``, missing B is zero."""
     delta = apply_merges(arrays, context)
     layers = adapters.lora_layers(bundle.model)
-    for name, layer in layers.items():
-        w = bundle.base_weights[name]
-        layer.base_layer.weight.copy_(w + delta[name].to(w) if name in delta else w)
+    set_base(bundle, delta)
     r, alpha = int(conf["fl.rank"]), float(conf["fl.alpha"])
     adapters.resize_peft(bundle.model, r, alpha=alpha)
     state = adapters.AdapterState()
@@ -98,6 +155,13 @@ def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context:
     for pname, p in bundle.model.named_parameters():
         if ".lora_A." in pname:
             p.requires_grad_(not freeze_a)
+    if conf.get("fl.modules"):  # FedPipe: LoRA only on the selected modules; the others stay at B = 0, frozen
+        selected = set(str(conf["fl.modules"]).split(","))
+        for name, layer in layers.items():
+            if name not in selected:
+                layer.lora_B["default"].weight.zero_()
+                layer.lora_A["default"].weight.requires_grad_(False)
+                layer.lora_B["default"].weight.requires_grad_(False)
 
 
 @app.train()
@@ -115,7 +179,7 @@ def _train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     cfg = config.from_yaml(conf["fedlora-config"])
     rnd = int(conf["server-round"])
-    bundle = models.cached(cfg)
+    bundle = models.cached(cfg, bits=int(conf.get("fl.bits", 16)))
     ds = _dataset(cfg, context)
     arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
     try:
@@ -124,8 +188,9 @@ def _train(msg: Message, context: Context) -> Message:
         status = ConfigRecord({"status": "out-of-sync", "reason": str(e)})
         metrics = MetricRecord({"num-examples": len(ds), "base-version": node_base_delta(context)[1]})
         return Message(RecordDict({"status": status, "metrics": metrics, "arrays": ArrayRecord()}), reply_to=msg)
-    bs = int(cfg.train.batch_size)
+    bs = int(conf.get("fl.batch_size", cfg.train.batch_size))  # FedPipe assigns batch size and steps per client
     steps = int(cfg.local_steps) if not cfg.local_epochs else max(1, math.ceil(len(ds) / bs * float(cfg.local_epochs)))
+    steps = int(conf.get("fl.local_steps", steps))
     collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     pid = _partition_id(context)
     dp_metrics = {}
@@ -145,6 +210,9 @@ def _train(msg: Message, context: Context) -> Message:
     state = adapters.from_peft(bundle.model)
     parts = tuple(str(conf["fl.send"]).split(","))
     out = adapters.to_arrays(state, parts=parts)
+    if conf.get("fl.modules"):  # FedPipe: only the selected modules' factors travel
+        selected = set(str(conf["fl.modules"]).split(","))
+        out = {k: v for k, v in out.items() if k.startswith("extra.") or k.rsplit(".", 1)[0] in selected}
     metrics = {"num-examples": len(ds), "train_loss": result["train_loss"], "train_s": result["train_s"],
                "steps": result["steps"], "partition-id": pid, **_sync_metrics(context), **dp_metrics}
     if bool(conf["fl.freeze_a"]):
