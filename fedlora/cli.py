@@ -122,6 +122,10 @@ def prepare(overrides: list[str]):
         return cfg, run_dir, True
     cfg = config.load(overrides)
     data.check_partitions(cfg)
+    if cfg.strategy.name == "fedpipe":  # memory budgets: an infeasible client is a config error (exit 2)
+        import strategies
+
+        strategies.get("fedpipe").check_config(cfg)
     run_dir = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg)
     return cfg, run_dir.resolve(), False
 

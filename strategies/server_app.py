@@ -129,6 +129,8 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
     shapes = {n: (l.out_features, l.in_features) for n, l in adapters.lora_layers(bundle.model).items()}
     strategy = strategies.get(cfg.strategy.name)(cfg, initial, shapes)
     strategy.nodes = discover(grid, strategy, cfg, timeout=float(cfg.round_timeout))
+    if hasattr(strategy, "prepare_run"):  # FedPipe: warm-up, module selection and plan (plan.json) before training
+        strategy.prepare_run(grid, run_dir, echo=echo, resume=resume)
     write_nodes(run_dir / "nodes.json", strategy.nodes)
     strategy = privacy_server.wrap(strategy, cfg)  # client-level DP: Flower's DP wrapper around the strategy
     status, stop = "completed", None
