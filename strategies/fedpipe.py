@@ -165,9 +165,33 @@ def config_profiles(cfg) -> list[dict]:
         raise ConfigError(f"strategy.profiles / strategy.mix: {str(e).strip(chr(34))}.") from None
 
 
-def _plan(cfg, profiles, spec, calib) -> resources.Plan:
-    return resources.plan(profiles, spec, grids(cfg), seq_len=seq_len(cfg), calib=calib, time_model=time_model(cfg),
-                          mem_fraction=float(_opt(cfg, "mem_fraction", 0.9)), server_mbps=_opt(cfg, "server_mbps"))
+def _plan(cfg, profiles, spec, calib, grid: resources.Grids | None = None) -> resources.Plan:
+    if bool(_opt(cfg, "uniform", False)) and grid is None:
+        return uniform_plan(cfg, profiles, spec, calib)
+    return resources.plan(profiles, spec, grid or grids(cfg), seq_len=seq_len(cfg), calib=calib,
+                          time_model=time_model(cfg), mem_fraction=float(_opt(cfg, "mem_fraction", 0.9)),
+                          server_mbps=_opt(cfg, "server_mbps"))
+
+
+def uniform_plan(cfg, profiles, spec, calib) -> resources.Plan:
+    """Baseline (``strategy.uniform=true``): one (rank, batch, bits) for every client, the one of the grid that
+    fits every client (i.e. the smallest) with the lowest modelled round time (ties: larger rank, more bits)."""
+    g = grids(cfg)
+    best, first_err = None, None
+    for r, b, q in g.options():
+        try:
+            p = _plan(cfg, profiles, spec, calib, resources.Grids((r,), (b,), (q,)))
+        except resources.InfeasibleBudgetError as e:
+            first_err = first_err or e
+            continue
+        key = (round(p.round_time_s, 9), -r, -q)
+        if best is None or key < best[0]:
+            best = (key, p)
+    if best is None:
+        raise first_err
+    p = best[1]
+    p.solver, p.notes = "uniform (grid search)", p.notes + ["uniform baseline: one (rank, batch, bits) for all clients"]
+    return p
 
 
 def infeasible_sentence(err: Exception) -> str:

@@ -1,0 +1,154 @@
+"""FedPipe end to end through the real ServerApp loop and ClientApp functions (in-process grid): plan.json
+consistent with the memory model and budgets, the infeasible-budget error before training (and exit 2 from
+the CLI), a mixed-profile federation with a 4-bit client aggregating mixed ranks (zero-pad and stacking, the
+latter with exact merges into the quantised base), and module selection restricting which modules change."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from harness import InProcessGrid
+
+import strategies
+from fedlora import config, models, quant, resources
+from strategies import fedpipe as fp
+from strategies.server_app import run_server
+
+FAST = ["model=tiny_llama", "num_clients=4", "local_steps=2", "train.batch_size=4", "eval.max_examples=32",
+        "train.max_length=32", "strategy=fedpipe",
+        # plan for a modelled Llama-7B (tiny_llama fits anything), 4 examples x 512 tokens per round
+        "strategy.plan_model=llama-7b", "strategy.seq_len=512", "strategy.examples_per_round=4",
+        "strategy.importance.warmup_steps=1", "strategy.importance.budget=0.5"]
+PROFILES = "strategy.profiles=[jetson_orin_nano_8gb,rtx3060_12gb,a100_80gb,a100_80gb]"
+
+
+def run(tmp_path, *overrides, grid=None, name="run"):
+    cfg = config.load(FAST + list(overrides))
+    grid = grid or InProcessGrid(cfg.num_clients)
+    captured = {}
+
+    class Spy(strategies.STRATEGIES["fedpipe"]):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            captured["strategy"] = self
+
+    orig = strategies.STRATEGIES["fedpipe"]
+    strategies.STRATEGIES["fedpipe"] = Spy
+    try:
+        run_server(grid, cfg, tmp_path / name, echo=lambda *_: None)
+    finally:
+        strategies.STRATEGIES["fedpipe"] = orig
+    rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return cfg, rows, captured["strategy"], grid
+
+
+class Inspect:
+    """Harness fault hook that only looks: after each client trained, record its reply keys and whether the
+    LoRA B of every non-selected module is still exactly zero in the model it trained."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, msg, ctx, fn):
+        rep = fn(msg, ctx)
+        conf = msg.content["config"]
+        cfg = config.from_yaml(conf["fedlora-config"])
+        bundle = models.cached(cfg, bits=int(conf["fl.bits"]))
+        selected = set(str(conf["fl.modules"]).split(","))
+        from fedlora import adapters
+
+        zero = {n: bool((l.lora_B["default"].weight == 0).all()) for n, l in adapters.lora_layers(bundle.model).items()
+                if n not in selected}
+        self.seen.append({"pid": int(ctx.node_config["partition-id"]), "rank": int(conf["fl.rank"]),
+                          "bits": int(conf["fl.bits"]), "batch": int(conf["fl.batch_size"]),
+                          "steps": int(conf["fl.local_steps"]), "keys": sorted(rep.content["arrays"].keys()),
+                          "selected": selected, "others_zero": zero, "bundle_bits": bundle.bits})
+        return rep
+
+
+def _check_plan(cfg, run_dir, strat):
+    doc = json.loads((run_dir / "plan.json").read_text())
+    assert doc["planned_for"].startswith("modelled llama-7b") and doc["trained_model"] == "tiny_llama"
+    assert doc["memory_model"] == "analytic"
+    spec, _ = fp.plan_spec(cfg)
+    spec = spec.with_adapted(doc["plan_adapted_modules"])
+    calib = resources.ActivationCalibration.from_dict(doc["calibration"])
+    for c, prof in zip(doc["plan"]["clients"], doc["profiles"]):
+        budget = int(np.floor(0.9 * prof["memory_gb"] * resources.GiB))
+        assert c["budget_bytes"] == budget
+        assert c["memory_bytes"] <= c["budget_bytes"]
+        assert c["memory_bytes"] == resources.predict_memory(spec, c["rank"], c["batch"], c["bits"], 512, calib)
+        node = next(n for n in strat.nodes.values() if n.partition_id == c["client_id"])
+        assert node.rank == c["rank"]
+    # the module selection is the top half of the aggregated importance scores
+    imp = doc["importance"]
+    assert sorted(doc["selected_modules"]) == sorted(sorted(imp, key=lambda k: -imp[k])[:len(imp) // 2])
+    return doc
+
+
+def test_zero_pad_mixed_profiles_plan_and_module_selection(tmp_path):
+    insp = Inspect()
+    grid = InProcessGrid(4, faults={i: insp for i in range(4)})
+    cfg, rows, strat, _ = run(tmp_path, PROFILES, "strategy.aggregation=zero_pad", "num_rounds=2", grid=grid)
+    doc = _check_plan(cfg, tmp_path / "run", strat)
+    plan = {c["client_id"]: c for c in doc["plan"]["clients"]}
+    assert plan[0]["profile"] == "jetson_orin_nano_8gb" and plan[0]["bits"] == 4  # 7B at 16/8-bit does not fit 8 GB
+    assert plan[1]["bits"] == 8 and plan[2]["bits"] == 16
+    assert len({c["rank"] for c in plan.values()}) > 1  # mixed ranks
+    # every client trained with its planned rank / batch / bits / steps, on a base of those bits
+    assert len(insp.seen) == 8
+    for s in insp.seen:
+        c = plan[s["pid"]]
+        assert (s["rank"], s["batch"], s["bits"], s["bundle_bits"]) == (c["rank"], c["batch"], c["bits"], c["bits"])
+        assert s["steps"] == -(-4 // c["batch"])
+        # module selection: only the selected modules' factors travel, the others stayed at B = 0
+        assert {k.rsplit(".", 1)[0] for k in s["keys"]} == s["selected"] == set(doc["selected_modules"])
+        assert s["others_zero"] and all(s["others_zero"].values())
+    # mixed ranks aggregated by zero-padding: global rank = the largest planned rank, on the selected modules only
+    g = strat.global_state
+    assert set(g.lora) == set(doc["selected_modules"])
+    assert {f.rank for f in g.lora.values()} == {max(c["rank"] for c in plan.values())}
+    ev = strat.eval_adapter()
+    for name, f in ev.lora.items():
+        nz = bool((f.B != 0).any())
+        assert nz == (name in doc["selected_modules"]), name
+    assert all(np.isfinite(r["eval_loss"]) for r in rows) and not any(r.get("rejected") for r in rows[1:])
+    assert rows[1]["modelled_round_s"] == pytest.approx(doc["plan"]["round_time_s"])
+
+
+def test_stacking_merges_exactly_into_a_4bit_base(tmp_path):
+    cfg, rows, strat, _ = run(tmp_path, PROFILES, "strategy.aggregation=stacking", "num_rounds=2")
+    doc = json.loads((tmp_path / "run" / "plan.json").read_text())
+    ranks = [c["rank"] for c in doc["plan"]["clients"]]
+    assert strat.log.version == 2
+    assert {f.rank for f in strat.log.entries[0].values()} == {sum(ranks)}  # stacked: Σ r_k
+    assert set(strat.log.total) == set(doc["selected_modules"])
+    assert max(r["base_sync_error"] for r in rows[1:]) <= 1e-9
+    # the 4-bit client (partition 0) trained round 2 on deq(quant(w0 + merge_1)): one rounding of the exact sum
+    b4 = models.cached(cfg, bits=4)
+    assert b4.bits == 4
+    for name in doc["selected_modules"]:
+        layer = quant.base_layer(b4.model, name)
+        assert quant.layer_bits(layer) == 4
+        want = strat.log.entries[0][name].delta().float()
+        got = quant.merged_delta(b4.model, name)
+        assert torch.allclose(got, want, atol=1e-7, rtol=1e-6)
+        master = getattr(layer, quant._MASTER_ATTR)  # noqa: SLF001
+        ref = quant.quantize_dequantize(master.w0.float() + want, 4, dtype=master.w0.dtype)
+        assert torch.equal(quant.dequantized_weight(layer), ref)
+
+
+def test_infeasible_profile_is_a_clear_error_before_training(tmp_path):
+    bad = FAST + [PROFILES, "strategy.mem_fraction=0.3"]  # 30% of 8 GB cannot hold a 4-bit 7B
+    cfg = config.load(bad)
+    with pytest.raises(config.ConfigError, match=r"FedPipe cannot train on every client: client 0 \(jetson_orin_nano_8gb\)"):
+        strategies.get("fedpipe").check_config(cfg)
+    grid = InProcessGrid(4)
+    with pytest.raises(config.ConfigError):
+        run_server(grid, cfg, tmp_path / "bad", echo=lambda *_: None)
+    assert not grid.sent  # refused before the handshake, let alone training
+    from fedlora import cli
+
+    assert cli.main(["run", *bad, f"out_dir={tmp_path / 'cli'}"]) == 2
+    assert not (tmp_path / "cli").exists()
