@@ -613,19 +613,59 @@ class LocalFederation:
         return subprocess.run([flwr_bin("flwr"), *args], capture_output=True, text=True, timeout=timeout,
                               env=self.env, cwd=self.app_dir)
 
-    def run(self, overrides: str, timeout: float = 1800) -> tuple[int, dict, str]:
+    def clientapps(self) -> int:
+        """ClientApp processes alive below this federation's SuperNodes."""
+        n = 0
+        for pid, start in descendants([p.pid for p in self.supernodes]):
+            try:
+                if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid, start):
+                    n += 1
+            except OSError:
+                pass
+        return n
+
+    def run(self, overrides: str, timeout: float = 1800, runaway_s: float = 60) -> tuple[int, dict, str]:
         """`flwr run APP CONNECTION --run-config hydra-overrides=... --stream`; returns (run id, the run's
         `flwr ls` record, the streamed log). The status is read from `flwr ls` (`flwr run` exits 0 even
-        when the ServerApp failed)."""
+        when the ServerApp failed).
+
+        Watchdog: a ClientApp that misses Flower's heartbeat (2 x 30 s, e.g. still importing torch on an
+        overloaded machine) loses its task, and the SuperNode starts another process for it while the first
+        keeps running -- a spiral. More than two ClientApps per node for ``runaway_s`` aborts the run."""
         import re
         import time
 
         rc = f"hydra-overrides={json.dumps(overrides)}"
-        p = self.flwr("run", str(self.app_dir), self.connection, "--run-config", rc, "--stream", timeout=timeout)
+        out = self.dir / "flwr-run.log"
+        with open(out, "wb") as fh:
+            p = subprocess.Popen([flwr_bin("flwr"), "run", str(self.app_dir), self.connection, "--run-config", rc,
+                                  "--stream"], stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=self.app_dir)
+        t0, crowded_since = time.time(), None
+        try:
+            while p.poll() is None:
+                self._remember()
+                n = self.clientapps()
+                crowded_since = (crowded_since or time.time()) if n > 2 * self.nodes else None
+                if crowded_since and time.time() - crowded_since > runaway_s:
+                    raise RuntimeError(f"{n} ClientApp processes for {self.nodes} SuperNodes for {runaway_s:.0f}s: "
+                                       "ClientApps miss Flower's heartbeat (machine overloaded) and are relaunched; "
+                                       "run stopped")
+                if time.time() - t0 > timeout:
+                    raise RuntimeError(f"flwr run did not finish within {timeout:.0f}s")
+                time.sleep(2)
+        finally:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        log = out.read_text(errors="replace")
         self._remember()
-        m = re.search(r"Successfully started run (\d+)", p.stdout + p.stderr)
+        m = re.search(r"Successfully started run (\d+)", log)
         if not m:
-            raise RuntimeError(f"flwr run did not start a run ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+            raise RuntimeError(f"flwr run did not start a run ({p.returncode}):\n{log[-3000:]}")
         run_id = int(m.group(1))
         for _ in range(30):  # the stream ends with the run; give the status a moment to settle
             ls = self.flwr("ls", self.connection, "--run-id", str(run_id), "--format", "json")
@@ -633,7 +673,7 @@ class LocalFederation:
             if str(info.get("status", "")).startswith("finished"):
                 break
             time.sleep(2)
-        return run_id, info, p.stdout + p.stderr
+        return run_id, info, log
 
     def stop(self) -> None:
         self._remember()
