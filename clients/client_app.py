@@ -179,6 +179,7 @@ def _train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     cfg = config.from_yaml(conf["fedlora-config"])
     rnd = int(conf["server-round"])
+    _inject_faults(cfg, _partition_id(context))
     bundle = models.cached(cfg, bits=int(conf.get("fl.bits", 16)))
     ds = _dataset(cfg, context)
     arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
@@ -266,6 +267,17 @@ def budget_exhausted_reply(msg: Message, pid: int, num_examples: int, dp_metrics
                                                                         "steps": 0, **dp_metrics}),
                         "status": ConfigRecord({"status": "budget-exhausted", "reason": reason})})
     return Message(reply, reply_to=msg)
+
+
+def _inject_faults(cfg, pid: int) -> None:
+    """``debug.raise_partitions`` / ``debug.sleep_partitions``: failure rehearsals (see conf/config.yaml)."""
+    dbg = cfg.get("debug") or {}
+    if pid in list(dbg.get("raise_partitions") or []):
+        raise RuntimeError(f"injected failure on client {pid} (debug.raise_partitions)")
+    if pid in list(dbg.get("sleep_partitions") or []):
+        import time
+
+        time.sleep(float(dbg.get("sleep_s", 0)))
 
 
 def _sync_metrics(context: Context) -> dict:

@@ -48,6 +48,15 @@ class NodeInfo:
         return self.alpha / self.rank
 
 
+def error_summary(reason: str, limit: int = 300) -> str:
+    """The line of a client's error report that says what went wrong (Ray wraps it in a long traceback)."""
+    import re
+
+    lines = [l.strip() for l in re.sub(r"\x1b\[[0-9;]*m", "", str(reason)).splitlines() if l.strip()]
+    named = [l for l in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", l)]
+    return (named[-1] if named else lines[-1] if lines else "unknown error")[:limit]
+
+
 def record_bytes(record: ArrayRecord) -> int:
     """Serialized bytes of an ArrayRecord (what crosses the wire for the tensors)."""
     return int(sum(len(a.data) for a in record.values()))
@@ -190,7 +199,7 @@ class LoraStrategy(FedAvg):
             node = self.nodes.get(nid)
             who = node.partition_id if node else nid
             if msg.has_error():
-                self.last["rejected"].append({"node": who, "reason": f"client error: {msg.error.reason}"[:300]})
+                self.last["rejected"].append({"node": who, "reason": f"client error: {error_summary(msg.error.reason)}"})
                 continue
             try:
                 arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}

@@ -128,7 +128,8 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
     initial = adapters.from_peft(bundle.model)
     shapes = {n: (l.out_features, l.in_features) for n, l in adapters.lora_layers(bundle.model).items()}
     strategy = strategies.get(cfg.strategy.name)(cfg, initial, shapes)
-    strategy.nodes = discover(grid, strategy, cfg, timeout=float(cfg.round_timeout))
+    # the handshake includes each client's first data and model load: give it more than a round
+    strategy.nodes = discover(grid, strategy, cfg, timeout=max(600.0, float(cfg.round_timeout)))
     if hasattr(strategy, "prepare_run"):  # FedPipe: warm-up, module selection and plan (plan.json) before training
         strategy.prepare_run(grid, run_dir, echo=echo, resume=resume)
     write_nodes(run_dir / "nodes.json", strategy.nodes)

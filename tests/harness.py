@@ -3,7 +3,7 @@ Fast integration tests of strategies (no 10-17 s Ray start-up) with the exact me
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import clients.client_app as ca
@@ -36,10 +36,13 @@ class InProcessGrid:
             ctx = self.contexts[msg.metadata.dst_node_id]
             fn = {MessageType.QUERY: ca.query, MessageType.TRAIN: ca.train_fn}[msg.metadata.message_type]
             fault = self.faults.get(self.partition_of(msg.metadata.dst_node_id))
-            if fault is not None and msg.metadata.message_type == MessageType.TRAIN:
-                rep = fault(msg, ctx, fn)
-            else:
-                rep = fn(msg, ctx)
+            try:
+                if fault is not None and msg.metadata.message_type == MessageType.TRAIN:
+                    rep = fault(msg, ctx, fn)
+                else:
+                    rep = fn(msg, ctx)
+            except Exception as e:  # as Flower does: the exception becomes an error reply
+                rep = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
             if rep is not None:
                 rep.metadata.__dict__  # noqa: B018 (materialise)
                 out.append(rep)
