@@ -78,10 +78,18 @@ class LoraStrategy(FedAvg):
     persistent: tuple[str, ...] = ("state", "rng")
 
     def __init__(self, cfg, initial: AdapterState, shapes: dict[str, tuple[int, int]]):
-        super().__init__(
-            fraction_train=float(cfg.fraction_train), fraction_evaluate=0.0,
-            min_train_nodes=int(cfg.min_train_nodes), min_available_nodes=int(cfg.num_clients),
-        )
+        import logging
+
+        flwr_log = logging.getLogger("flwr")
+        level = flwr_log.level
+        flwr_log.setLevel(logging.ERROR)  # FedAvg warns that client-side evaluation is off: it is, by design
+        try:
+            super().__init__(
+                fraction_train=float(cfg.fraction_train), fraction_evaluate=0.0,
+                min_train_nodes=int(cfg.min_train_nodes), min_available_nodes=int(cfg.num_clients),
+            )
+        finally:
+            flwr_log.setLevel(level)
         self.cfg, self.cfg_yaml = cfg, to_yaml(cfg)
         self.state = initial  # the global adapter clients start from
         self.shapes = shapes  # module -> (out, in)
