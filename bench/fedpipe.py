@@ -112,6 +112,11 @@ def write_md(res: dict, path: Path) -> None:
         L.append(f"| {m} | {s} | {r['modelled_round_s']:.1f} | {r['modelled_client_s_sum']:.1f} | "
                  f"{r['modelled_idle_s_sum']:.1f} | {acc if acc is None else f'{acc:.4f}'} | "
                  f"{r['final_eval_loss']:.4f} | {r['bytes_up'] / 1024:.1f} KiB |")
+    L += ["", "Reading: the modelled round time is bound by the Jetsons in both settings (their fastest option that "
+          "fits, rank 4 / batch 1 / NF4, is also the uniform setting), so FedPipe does not shorten the round here; "
+          "it spends the faster clients' slack on rank 32 and 8/16-bit bases (and a larger batch on the A100s) "
+          "at no cost in round time (Σ idle = Σ(round − client time)). tiny_llama is a randomly initialised model "
+          "(accuracy near chance: no signal); MiniLM is the meaningful accuracy comparison."]
     L += ["", "Accuracy by round (round 0 = before training):", ""]
     for key, r in runs.items():
         L.append(f"- {key}: " + ", ".join("-" if a is None else f"{a:.3f}" for a in r["eval_accuracy_by_round"]))
