@@ -629,9 +629,10 @@ class LocalFederation:
         `flwr ls` record, the streamed log). The status is read from `flwr ls` (`flwr run` exits 0 even
         when the ServerApp failed).
 
-        Watchdog: a ClientApp that misses Flower's heartbeat (2 x 30 s, e.g. still importing torch on an
-        overloaded machine) loses its task, and the SuperNode starts another process for it while the first
-        keeps running -- a spiral. More than two ClientApps per node for ``runaway_s`` aborts the run."""
+        Watchdog: a ClientApp process that does not claim its task within 30 s of its start (Flower 1.42's
+        fixed window; Python + flwr start-up on an overloaded machine) or then misses heartbeats loses the
+        task, and the SuperNode starts another process for it while the first keeps running -- a spiral.
+        More than two ClientApps per node for ``runaway_s`` aborts the run."""
         import re
         import time
 
@@ -648,7 +649,7 @@ class LocalFederation:
                 crowded_since = (crowded_since or time.time()) if n > 2 * self.nodes else None
                 if crowded_since and time.time() - crowded_since > runaway_s:
                     raise RuntimeError(f"{n} ClientApp processes for {self.nodes} SuperNodes for {runaway_s:.0f}s: "
-                                       "ClientApps miss Flower's heartbeat (machine overloaded) and are relaunched; "
+                                       "ClientApps miss Flower's 30 s start/heartbeat window (machine overloaded) and are relaunched; "
                                        "run stopped")
                 if time.time() - t0 > timeout:
                     raise RuntimeError(f"flwr run did not finish within {timeout:.0f}s")
