@@ -37,6 +37,6 @@ def test_ray_simulation_survives_a_raising_and_a_slow_client(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         reasons = {x["node"]: x["reason"] for x in r["rejected"]}
-        assert "RuntimeError: injected failure on client 1" in reasons.get(1, "") or "round_timeout" in reasons.get(1, "")
+        assert "injected failure on client 1" in reasons.get(1, "") or "round_timeout" in reasons.get(1, "")
     assert any("round_timeout" in x["reason"] for r in rows[1:] for x in r["rejected"] if x["node"] == 2)
     assert sum(r["num_clients"] for r in rows[1:]) >= 2  # the healthy clients carried the rounds
