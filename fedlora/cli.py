@@ -30,11 +30,11 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _shutdown_ray() -> None:
-    """Stop Ray, then every process it left behind (its workers can linger for a minute after shutdown):
-    all our descendants get SIGTERM, and SIGKILL 3 s later."""
+    """Stop Ray, then every process it left behind. Ray's workers can outlive ``ray.shutdown`` by a minute,
+    orphaned (Flower's simulation shuts Ray down itself), so they are found by a token that every process
+    started by this run inherits (``FEDLORA_RUN_TOKEN``): SIGTERM, and SIGKILL 3 s later."""
     import psutil
 
-    kids = psutil.Process().children(recursive=True)
     try:
         import ray
 
@@ -42,16 +42,28 @@ def _shutdown_ray() -> None:
             ray.shutdown()
     except Exception:
         pass
-    kids = [k for k in kids if k.is_running()]
-    for k in kids:
+    token = os.environ.get("FEDLORA_RUN_TOKEN")
+    if not token:
+        return
+    me = os.getpid()
+    left = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == me:
+            continue
         try:
-            k.terminate()
+            if p.environ().get("FEDLORA_RUN_TOKEN") == token:
+                left.append(p)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(kids, timeout=3)
-    for k in alive:
+    for p in left:
         try:
-            k.kill()
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=3)
+    for p in alive:
+        try:
+            p.kill()
         except psutil.Error:
             pass
 
@@ -87,6 +99,9 @@ def simulate(cfg, run_dir: Path, verbose: bool = False, resume: bool = False) ->
     backend = {"client_resources": {"num_cpus": int(cfg.simulation.client_cpus), "num_gpus": 0.0},
                "init_args": {"num_cpus": int(num_cpus), "include_dashboard": False, "log_to_driver": verbose}}
     _install_stop_handlers()
+    import uuid
+
+    os.environ["FEDLORA_RUN_TOKEN"] = uuid.uuid4().hex  # inherited by Ray and its workers: see _shutdown_ray
     try:
         run_simulation(server_app=strategies.server_app.app, client_app=clients.client_app.app,
                        num_supernodes=int(cfg.num_clients), backend_config=backend, verbose_logging=verbose)

@@ -20,3 +20,24 @@ def _flwr_home(tmp_path_factory, monkeypatch):
 
 def fedlora_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedlora.cli", *args]
+
+
+TEST_TAG = f"fedlora-test-{os.getpid()}"
+
+
+def tagged_env() -> dict:
+    """Environment for a subprocess whose descendants we can find later (they inherit the tag)."""
+    return {**os.environ, "FEDLORA_TEST_TAG": TEST_TAG}
+
+
+def tagged_pids() -> set:
+    """Processes started by this test session's subprocesses, whatever else runs on the machine."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if f"FEDLORA_TEST_TAG={TEST_TAG}".encode() in (d / "environ").read_bytes():
+                    pids.add(int(d.name))
+            except OSError:
+                pass
+    return pids

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, fedlora_cmd
+from conftest import ROOT, fedlora_cmd, tagged_env, tagged_pids
 from harness import InProcessGrid
 from safetensors.torch import load_file
 
@@ -105,30 +105,14 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
         checkpoint.load(tmp_path, warn=lambda *_: None)
 
 
-TAG = f"fedlora-test-{os.getpid()}"
-
-
-def _tagged_pids():
-    """Processes started by this test (they inherit FEDLORA_TEST_TAG), whatever else runs on the machine."""
-    pids = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if f"FEDLORA_TEST_TAG={TAG}".encode() in (d / "environ").read_bytes():
-                    pids.add(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
 def test_sigkill_of_a_ray_simulation_then_resume(tmp_path):
     args = ["model=tiny_llama", "num_clients=3", "local_steps=2", "train.batch_size=4", "eval.max_examples=16",
             "train.max_length=32", "num_rounds=3", "strategy=fedit"]
-    env = {**os.environ, "FEDLORA_TEST_TAG": TAG}
+    env = tagged_env()
     full = tmp_path / "full"
     p = subprocess.run(fedlora_cmd("run", *args, f"out_dir={full}"), cwd=ROOT, capture_output=True, text=True,
                        timeout=600, env=env)
-    assert not _tagged_pids(), "a finished run left processes behind"
+    assert not tagged_pids(), "a finished run left processes behind"
     assert p.returncode == 0, p.stderr[-2000:]
     cut = tmp_path / "cut"
     proc = subprocess.Popen(fedlora_cmd("run", *args, f"out_dir={cut}"), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -145,7 +129,7 @@ def test_sigkill_of_a_ray_simulation_then_resume(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a crash would
         proc.wait()
         time.sleep(1)
-        for pid in _tagged_pids():  # Ray helpers outside the group: stop them by PID
+        for pid in tagged_pids():  # Ray helpers outside the group: stop them by PID
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -162,4 +146,4 @@ def test_sigkill_of_a_ray_simulation_then_resume(tmp_path):
             if isinstance(v, float):
                 assert abs(ra[k] - v) <= 1e-6 * max(1.0, abs(v)), (k, ra[k], v)
     same_adapter(cut, full, tol=1e-6)
-    assert not _tagged_pids()
+    assert not tagged_pids()

@@ -7,26 +7,20 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, fedlora_cmd
+from conftest import ROOT, fedlora_cmd, tagged_env, tagged_pids
 from safetensors.torch import load_file
 
 from fedlora import adapters, config, data, models, train
 
 
-def ray_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [l for l in out.splitlines() if ("raylet" in l or "gcs_server" in l or "ray::" in l)]
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "fedit"
-    before = ray_processes()
     p = subprocess.run(fedlora_cmd("run", "model=tiny_llama", "data=sst2", "num_clients=4", "num_rounds=2",
                                    "local_steps=3", "audit=true", "eval.max_examples=200", f"out_dir={out}"),
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+                       capture_output=True, text=True, cwd=ROOT, timeout=600, env=tagged_env())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert ray_processes() == before, "the run left Ray processes behind"
+    assert not tagged_pids(), "the run left processes behind (Ray's raylet, GCS or workers)"
     return out, p.stdout
 
 
