@@ -23,7 +23,7 @@ run: install
 	$(BIN)/fedlora compare $(RUN_ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/overhead.py
