@@ -107,6 +107,32 @@ def noise_table(a) -> dict:
     return out
 
 
+def probe(lrs: list[float], steps: int = 30, batch: int = 32) -> dict:
+    """Centralised, non-private learning speed (balanced SST-2 train, one model): which AdamW lr learns within
+    the few steps a run has. Dev accuracy on the first 160 dev examples every 10 steps."""
+    from fedlora import config, data, models, train
+
+    cfg = config.load(["model=minilm", "num_clients=2"])
+    b = models.build(cfg)
+    train_ds, test = data.load(cfg.data)
+    col = data.Collator(b.tokenizer, b.task, 64, None)
+    init = {k: v.detach().clone() for k, v in b.model.state_dict().items()}
+    sub = test.select(range(160))
+    out = {}
+    for lr in lrs:
+        b.model.load_state_dict(init)
+        curve = []
+        for chunk in range(steps // 10):
+            r = train.local_train(b.model, train_ds, col, steps=10, batch_size=batch, lr=lr, step_offset=chunk * 10,
+                                  total_steps=steps, scheduler="cosine", seed=0, round_idx=chunk, task=b.task)
+            e = train.evaluate(b.model, sub, col, task=b.task)
+            curve.append({"step": (chunk + 1) * 10, "train_loss": round(r["train_loss"], 4),
+                          "dev160_accuracy": round(e["eval_accuracy"], 4)})
+            print(lr, curve[-1], flush=True)
+        out[f"{lr:g}"] = curve
+    return out
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -154,6 +180,7 @@ def main() -> int:
     ap.add_argument("--tune", action="store_true", help="lr sweep at epsilon=3, seed 0 (writes dp_experiment_tune.json)")
     ap.add_argument("--tune-lrs", type=float, nargs="+", default=[1e-3, 4e-3],
                     help="effective lrs of the sweep (both methods)")
+    ap.add_argument("--probe", type=float, nargs="+", help="centralised non-private lr probe (30 steps) instead")
     ap.add_argument("--out", default=str(RESULTS / "dp_experiment.json"))
     a = ap.parse_args()
     a.lr = {"fedit": a.lr_fedit, "ffa_lora": a.lr_ffa}
@@ -168,6 +195,13 @@ def main() -> int:
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
+    if a.probe:
+        path = RESULTS / "dp_experiment_tune.json"
+        doc = load(path) or {"runs": {}}
+        doc["centralised_probe"] = {"command": ".venv/bin/python bench/dp_experiment.py --probe "
+                                    + " ".join(f"{x:g}" for x in a.probe), "curves": probe(a.probe)}
+        save(path, doc)
+        return 0
     command = ".venv/bin/python bench/" + " ".join(shlex.quote(x) for x in [Path(__file__).name, *sys.argv[1:]])
     if a.tune:
         path = RESULTS / "dp_experiment_tune.json"
@@ -233,6 +267,16 @@ def main() -> int:
         "client ends at ε ≤ target (it takes part in every round, which is what the noise is planned for). "
         "Each run is short (a few hundred DP-SGD steps in all) and the lr was tuned once at ε = 3 on seed 0 "
         "(bench/results/dp_experiment_tune.json); differences below about one std are not meaningful.",
+        "",
+        "How to run it yourself: `fedlora run privacy=dp_sgd privacy.target_epsilon=3 ...` (sample-level, every "
+        "client; metrics carry every client's ε each round, clients stop at their budget and the run stops "
+        "cleanly with status budget-exhausted) or `privacy=client_level` (client-level DP through Flower's "
+        "DifferentialPrivacy{Server,Client}SideFixedClipping with an accountant, fedit/ffa_lora only). Flower's "
+        "conditions for the accounted client-level mode: fixed clipping (adaptive clipping has no accountant and "
+        "is refused), equal client weights (an unweighted mean; privacy.weighting=num_examples is refused), a "
+        "fixed number of sampled clients per round (a round with fewer valid updates is not released), "
+        "no-amplification accounting, and an element-wise-mean aggregate (flora, lora_fair, flexlora, hetlora "
+        "are refused). See fedlora/privacy.py and strategies/dp.py.",
         "",
         "Reproduce (resumes: runs already in the JSON are skipped):",
         "",
