@@ -253,6 +253,7 @@ def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, bat
         step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
         warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay), task=bundle.task,
         device=bundle.device, rng_seed=(int(cfg.seed), pid, rnd) if cfg.privacy.get("reproducible") else None,
+        optimizer=str(cfg.privacy.get("optimizer", "adamw")),
     )
     context.state[DP_STATE] = ConfigRecord({"accountant": result["accountant"]})
     return result, {"epsilon": result["epsilon"], "empty_batches": result["empty_batches"], **info}

@@ -94,7 +94,7 @@ def dp_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
 def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float, accountant_state, steps: int,
                    batch_size: int, lr: float, step_offset: int, total_steps: int, scheduler: str = "cosine",
                    warmup: int = 0, weight_decay: float = 0.0, task: str = "seq-cls", device=None,
-                   rng_seed=None) -> dict:
+                   rng_seed=None, optimizer: str = "adamw", momentum: float = 0.9) -> dict:
     """DP-SGD version of :func:`local_train` (sample-level DP, see :mod:`fedlora.privacy`): ``steps`` AdamW steps
     on Poisson-sampled batches (expected size ``batch_size``, fresh draws every pass), each example's gradient
     over the trainable parameters clipped to ``dp_cfg.max_grad_norm`` and Gaussian noise
@@ -104,6 +104,9 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
     lora_A before); ``dp_cfg.train_head=False`` freezes the head for this call only.
     ``rng_seed``: None draws Poisson sampling and noise from the OS (deployments); a seed makes the round
     reproducible (tests, experiments: anyone who knows it can regenerate the noise).
+    ``optimizer``: ``adamw`` (as :func:`local_train`) or ``sgd`` (with ``momentum``). Adam divides every
+    coordinate by its own noise-dominated second moment, so coordinates with little signal (LoRA B early on)
+    take steps of about ``lr`` in a random direction; SGD keeps the noise at its DP scale.
     Returns the loss/timing of :func:`local_train` plus ``epsilon`` (whole run so far, at ``dp_cfg.target_delta``),
     ``accountant`` (JSON to store for the next round), ``noise_multiplier``, ``sample_rate``, ``empty_batches``.
     """
@@ -114,7 +117,12 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
     gen_sample, gen_noise = P.fresh_generators(rng_seed, device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator, generator=gen_sample)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be adamw or sgd, got {optimizer!r}.")
     model, dp_opt, dp_loader, session = P.make_private(model, opt, loader, dp_cfg, noise_multiplier, accountant_state,
                                                        noise_generator=gen_noise)
     losses, empty, t0 = [], 0, time.perf_counter()
