@@ -678,6 +678,8 @@ def validate_config(cfg) -> None:
     except ValueError as e:
         raise ValueError(f"privacy: {str(e).rstrip('.')}; set it in conf/privacy/{'dp_sgd' if mode == 'dp_sgd' else 'client_level'}.yaml or as privacy.<key>=...") from None
     if mode == "dp_sgd":
+        if str(priv.get("optimizer", "adamw")) not in ("adamw", "sgd"):
+            raise ValueError(f"privacy.optimizer={priv.get('optimizer')!r} must be adamw or sgd.")
         if str(cfg.get("kernels", "peft")) != "peft":
             raise ValueError(
                 f"dp_sgd needs kernels=peft: the fused LoRA kernels (kernels={cfg.kernels}) bypass the nn.Linear "
