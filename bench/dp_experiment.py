@@ -35,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = ROOT / "bench" / "results"
 EPSILONS = ("1", "3", "6", "inf")
+CONTROL = "clip"  # control runs: the DP-SGD path (Poisson batches, per-example clipping, DP optimizer and lr) with sigma = 0
 STRATEGIES = ("ffa_lora", "fedit")
 
 
@@ -45,9 +46,14 @@ def overrides(strategy: str, eps: str, seed: int, a) -> list[str]:
           f"train.lr={a.lr[strategy]}", "update_norm_factor=0"]
     if strategy == "ffa_lora":
         ov.append(f"strategy.lr_multiplier={a.ffa_multiplier}")
-    if eps != "inf":
+    if eps == CONTROL:
+        ov += ["privacy=dp_sgd", "privacy.target_epsilon=null", "privacy.noise_multiplier=0.0",
+               f"privacy.max_grad_norm={a.clip}", "privacy.reproducible=true", f"privacy.optimizer={a.dp_optimizer}",
+               f"train.lr={a.dp_lr[strategy]}"]
+    elif eps != "inf":
         ov += ["privacy=dp_sgd", f"privacy.target_epsilon={eps}", "privacy.target_delta=1e-5",
-               f"privacy.max_grad_norm={a.clip}", "privacy.reproducible=true"]
+               f"privacy.max_grad_norm={a.clip}", "privacy.reproducible=true", f"privacy.optimizer={a.dp_optimizer}",
+               f"train.lr={a.dp_lr[strategy]}"]
     return ov
 
 
@@ -147,11 +153,13 @@ def table(doc: dict, seeds: list[int]) -> str:
     import numpy as np
 
     runs = doc["runs"]
-    head = "| method | " + " | ".join(f"ε = {e}" if e != "inf" else "ε = ∞ (no DP)" for e in EPSILONS) + " |"
-    lines = [head, "|" + "---|" * (len(EPSILONS) + 1)]
+    cols = list(EPSILONS) + ([CONTROL] if any(f"/eps={CONTROL}/" in k for k in runs) else [])
+    names = {"inf": "ε = ∞ (no DP)", CONTROL: "control: DP-SGD path, σ = 0"}
+    head = "| method | " + " | ".join(names.get(e, f"ε = {e}") for e in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
     for s in STRATEGIES:
         cells = []
-        for e in EPSILONS:
+        for e in cols:
             accs = [runs[k]["final_accuracy"] for k in (f"{s}/eps={e}/seed={sd}" for sd in seeds) if k in runs]
             if not accs:
                 cells.append("–")
@@ -166,7 +174,8 @@ def table(doc: dict, seeds: list[int]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--eps", nargs="+", default=list(EPSILONS), choices=EPSILONS)
+    ap.add_argument("--eps", nargs="+", default=list(EPSILONS), choices=EPSILONS + (CONTROL,),
+                    help=f"'{CONTROL}': the DP-SGD path without noise (a control)")
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=10)
@@ -175,6 +184,9 @@ def main() -> int:
     ap.add_argument("--lr-ffa", type=float, default=2e-3, help="base lr of FFA-LoRA (times --ffa-multiplier)")
     ap.add_argument("--ffa-multiplier", type=float, default=5.0)
     ap.add_argument("--clip", type=float, default=1.0, help="per-example clipping norm")
+    ap.add_argument("--dp-optimizer", default="sgd", choices=("sgd", "adamw"), help="optimizer of the DP runs")
+    ap.add_argument("--dp-lr-fedit", type=float, default=0.1, help="lr of FedIT's DP runs")
+    ap.add_argument("--dp-lr-ffa", type=float, default=0.1, help="base lr of FFA-LoRA's DP runs (x --ffa-multiplier)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--round-eval", type=int, default=64, help="dev examples evaluated after each round (progress)")
     ap.add_argument("--tune", action="store_true", help="lr sweep at epsilon=3, seed 0 (writes dp_experiment_tune.json)")
@@ -184,6 +196,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS / "dp_experiment.json"))
     a = ap.parse_args()
     a.lr = {"fedit": a.lr_fedit, "ffa_lora": a.lr_ffa}
+    a.dp_lr = {"fedit": a.dp_lr_fedit, "ffa_lora": a.dp_lr_ffa}
 
     import torch
 
@@ -213,6 +226,7 @@ def main() -> int:
             if key in doc["runs"]:
                 continue
             a.lr = {s: lr}
+            a.dp_lr = {s: lr}
             print(f"== {key}", flush=True)
             res = run_one(overrides(s, "3", 0, a), Path("/tmp/fedlora_dp_tune") / key.replace("/", "_"))
             res["lr"] = lr
@@ -223,7 +237,8 @@ def main() -> int:
 
     path = Path(a.out)
     doc = load(path)
-    settings = {"rounds": a.rounds, "local_steps": a.steps, "batch_size": a.batch, "lr": a.lr,
+    settings = {"rounds": a.rounds, "local_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "dp_lr": a.dp_lr,
+                "dp_optimizer": a.dp_optimizer,
                 "ffa_lr_multiplier": a.ffa_multiplier, "max_grad_norm": a.clip, "delta": 1e-5}
     if doc.get("settings") not in (None, settings):
         print(f"{path} holds runs with other settings {doc['settings']}: move it away first.", file=sys.stderr)
