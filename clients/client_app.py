@@ -196,9 +196,10 @@ def _train(msg: Message, context: Context) -> Message:
     pid = _partition_id(context)
     dp_metrics = {}
     if privacy.mode_of(cfg) == "dp_sgd":
-        result, dp_metrics = dp_sgd_round(cfg, context, bundle, ds, collator, steps=steps, batch_size=bs, rnd=rnd, pid=pid)
+        result, dp_metrics = dp_sgd_round(cfg, context, bundle, ds, collator, steps=steps, batch_size=bs, rnd=rnd, pid=pid,
+                                          conf=conf)
         if result is None:
-            return budget_exhausted_reply(msg, pid, len(ds), dp_metrics)
+            return budget_exhausted_reply(msg, pid, len(ds), dp_metrics, accountant_record(context))
     else:
         result = train.local_train(
             bundle.model, ds, collator, steps=steps, batch_size=bs,
@@ -219,10 +220,44 @@ def _train(msg: Message, context: Context) -> Message:
     if bool(conf["fl.freeze_a"]):
         metrics["a-fingerprint"] = adapters.a_fingerprint(state)
     reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}), "metrics": MetricRecord(metrics)})
+    if privacy.mode_of(cfg) == "dp_sgd":  # the accountant travels back, so the server keeps a copy (see fedlora.privacy)
+        reply[DP_STATE] = accountant_record(context)
     return Message(reply, reply_to=msg)
 
 
-DP_STATE = "dp-sgd"  # context.state key: ConfigRecord {"accountant": JSON of fedlora.privacy.AccountantState}
+# context.state key and reply record: ConfigRecord {"accountant": JSON of fedlora.privacy.AccountantState}
+DP_STATE = privacy.ACCOUNTANT_RECORD
+
+
+def accountant_record(context: Context) -> ConfigRecord:
+    """This node's accountant as it stands (a copy of ``context.state[DP_STATE]``), for the reply."""
+    return ConfigRecord({"accountant": str(context.state[DP_STATE]["accountant"])})
+
+
+def restore_accountant(context: Context, conf, dp_cfg: privacy.DPConfig, pid: int) -> privacy.AccountantState:
+    """The node's accountant for this round: its own (``context.state``) or the server's copy sent in the train
+    config, by :func:`fedlora.privacy.restore_accountant` (the one that has spent more; the server's alone when
+    the node has none). The choice is saved to ``context.state`` at once."""
+    from logging import INFO, WARNING
+
+    from flwr.common.logger import log
+
+    local = str(context.state[DP_STATE]["accountant"]) if DP_STATE in context.state else None
+    server_copy = conf.get(privacy.ACCOUNTANT_CONFIG_KEY) if hasattr(conf, "get") else None
+    server_copy = str(server_copy) if server_copy not in (None, "") else None
+    state, source, problem = privacy.restore_accountant(local, server_copy, dp_cfg.accountant, dp_cfg.target_delta)
+    if problem:
+        log(WARNING, "client %d: %s; keeping the local accountant", pid, problem)
+    if source == "server":
+        eps = privacy.epsilon(state, dp_cfg.target_delta)
+        if local:
+            log(WARNING, "client %d: the server's accountant copy has spent more than the local one; continuing from "
+                "the server's (%d steps, epsilon %.4g)", pid, state.steps, eps)
+        else:
+            log(INFO, "client %d: no local accountant (restarted node); restored the server's copy (%d steps, "
+                "epsilon %.4g)", pid, state.steps, eps)
+    context.state[DP_STATE] = ConfigRecord({"accountant": state.to_json()})
+    return state
 
 
 @functools.lru_cache(maxsize=64)
@@ -230,11 +265,13 @@ def _planned_noise(dp_cfg: privacy.DPConfig, sample_rate: float, total_steps: in
     return privacy.plan_noise(dp_cfg, sample_rate, total_steps)
 
 
-def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, batch_size: int, rnd: int, pid: int):
+def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, batch_size: int, rnd: int, pid: int,
+                 conf=None):
     """One round of sample-level DP-SGD on this node: ``(result of train.local_train_dp, metrics)``, or
     ``(None, metrics)`` when ``steps`` more steps would take the node past ``privacy.target_epsilon``.
 
-    One accountant per node for the whole run, restored from and saved to ``context.state``. The noise is
+    One accountant per node for the whole run, restored from ``context.state`` or the server's copy in the
+    train config ``conf`` (:func:`restore_accountant`) and saved to ``context.state``. The noise is
     planned once for ``privacy.planned_rounds`` (default ``num_rounds``) x ``steps`` at this node's sampling
     rate, the worst case of a node sampled every round: with ``fraction_train < 1`` a node trains fewer rounds
     and ends below the target.
@@ -242,8 +279,7 @@ def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, bat
     dp_cfg = privacy.dp_config(cfg)
     q = 1.0 / math.ceil(len(ds) / batch_size)  # privacy.sample_rate of the loader local_train_dp builds
     sigma = _planned_noise(dp_cfg, q, privacy.planned_rounds(cfg) * steps)
-    saved = context.state[DP_STATE]["accountant"] if DP_STATE in context.state else None
-    state = privacy.AccountantState.from_json(str(saved)) if saved else privacy.AccountantState(dp_cfg.accountant)
+    state = restore_accountant(context, conf, dp_cfg, pid)
     info = {"noise_multiplier": sigma, "sample_rate": q, "delta": dp_cfg.target_delta}
     if privacy.would_exceed(state, dp_cfg, sigma, q, steps):
         return None, {"epsilon": privacy.epsilon(state, dp_cfg.target_delta), **info}
@@ -259,14 +295,17 @@ def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, bat
     return result, {"epsilon": result["epsilon"], "empty_batches": result["empty_batches"], **info}
 
 
-def budget_exhausted_reply(msg: Message, pid: int, num_examples: int, dp_metrics: dict) -> Message:
-    """A reply without training: no arrays, the epsilon spent so far, status ``budget-exhausted``."""
+def budget_exhausted_reply(msg: Message, pid: int, num_examples: int, dp_metrics: dict,
+                           accountant: ConfigRecord) -> Message:
+    """A reply without training: no arrays, the epsilon spent so far (and the accountant), status
+    ``budget-exhausted``."""
     eps = dp_metrics["epsilon"]
     reason = (f"another round would take epsilon from {eps:.4g} past privacy.target_epsilon "
               f"at delta={dp_metrics['delta']:g}")
     reply = RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": num_examples, "partition-id": pid,
                                                                         "steps": 0, **dp_metrics}),
-                        "status": ConfigRecord({"status": "budget-exhausted", "reason": reason})})
+                        "status": ConfigRecord({"status": "budget-exhausted", "reason": reason}),
+                        DP_STATE: accountant})
     return Message(reply, reply_to=msg)
 
 

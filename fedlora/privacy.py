@@ -84,8 +84,10 @@ and bad DP settings, are one-sentence ConfigErrors (the CLI exits 2) before anyt
 
 ``dp_sgd`` — client (``clients/client_app.py:dp_sgd_round``), every round:
 
-- the node's accountant is restored from ``context.state["dp-sgd"]`` (a ConfigRecord holding
-  :meth:`AccountantState.to_json`) and saved back after training: one accountant per client for the run;
+- the node's accountant is restored (:func:`restore_accountant`, rule below) from ``context.state["dp-sgd"]``
+  (a ConfigRecord holding :meth:`AccountantState.to_json`) or from the server's copy in the train config
+  (``dp.accountant``), and saved back after training: one accountant per client for the run; every reply
+  (trained or budget-exhausted) carries it back in a ConfigRecord ``dp-sgd`` = ``{"accountant": <JSON>}``;
 - sigma = :func:`plan_noise` for ``planned_rounds`` (default ``num_rounds``) x local steps at the node's
   rate ``1/ceil(n/batch)``. That is the worst case of a node sampled in every round: with
   ``fraction_train < 1`` a node trains fewer rounds than planned and ends below ``target_epsilon`` (planning
@@ -105,6 +107,28 @@ and bad DP settings, are one-sentence ConfigErrors (the CLI exits 2) before anyt
 ``delta``; a budget-exhausted reply is logged among the round's rejections and that client is no longer
 sampled; when fewer than ``min_train_nodes`` clients can still train the run stops cleanly (summary
 ``status: budget-exhausted``, ``stop_reason``); the summary carries ``epsilon_max`` and every client's epsilon.
+The server also keeps the latest accountant of every client (by partition id, the identity in
+``nodes.json``) in the strategy's persistent state, so it is in every per-round checkpoint and comes back with
+``resume=``; it sends that copy down in each train config (``dp.accountant``). A reply whose ``dp-sgd``
+record is missing, not a valid accountant of the run's mechanism, disagrees with the reported ``epsilon``, or
+has spent less than the server's copy (:func:`check_reported`) is rejected with that reason.
+
+Where a client's accountant lives, and whom the client trusts
+-------------------------------------------------------------
+Two copies: the node's own ``context.state`` (lost when the node process restarts) and the server's copy
+(lost only with the server's checkpoints). :func:`restore_accountant` picks, every round:
+
+- local copy present: the local one, unless the server's copy has spent MORE (larger epsilon at the run's
+  delta; equal epsilon: more steps), in which case the server's. A client therefore never spends its budget
+  twice because a server sent an empty, short, stale or garbled copy (a garbled copy is ignored);
+- no local copy (fresh or restarted node): the server's copy, logged as such; neither: a new accountant (the
+  first round); no local copy and a garbled server copy: the client refuses to train.
+
+Trust assumption: with local state, a malicious or buggy server can only make a client OVER-count (stop
+early, report a larger epsilon), never under-count. A client without local state has to trust the server's
+copy (or a file it persisted itself): a server that withholds the copy of a restarted node makes that node
+start from zero. The server cannot tell a restarted client from an honest new one either; it can only refuse
+replies whose accountant went backwards relative to its own copy.
 
 ``client_dp``: Flower 1.42's ``DifferentialPrivacyServerSideFixedClipping`` (``privacy.clipping=server``) or
 ``DifferentialPrivacyClientSideFixedClipping`` + ``fixedclipping_mod`` (``client``) with an accountant, for
@@ -148,6 +172,11 @@ __all__ = [
     "sample_rate",
     "validate_config",
     "would_exceed",
+    "check_reported",
+    "restore_accountant",
+    "spent_more",
+    "ACCOUNTANT_CONFIG_KEY",
+    "ACCOUNTANT_RECORD",
 ]
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -155,6 +184,11 @@ STRATEGIES = ("fedit", "flora", "ffa_lora", "lora_fair", "fedpipe", "hetlora", "
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp", "client_dp_adaptive")
 _CLIENT_DP_STRATEGIES = ("fedit", "ffa_lora")
 _STATE_VERSION = 1
+#: train-config key (server -> client) holding the server's copy of the client's accountant (JSON)
+ACCOUNTANT_CONFIG_KEY = "dp.accountant"
+#: name of the reply's ConfigRecord (client -> server) holding ``{"accountant": JSON}``; also the key in
+#: the node's ``context.state``
+ACCOUNTANT_RECORD = "dp-sgd"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,6 +383,72 @@ def _as_state(state: AccountantState | str | dict | None, mechanism: str) -> Acc
             f"the accountant state was recorded with {state.mechanism!r} but the config asks for {mechanism!r}; "
             "keep one accountant for the whole run."
         )
+    return state
+
+
+def spent_more(a: AccountantState, b: AccountantState, delta: float) -> bool:
+    """Has ``a`` spent strictly more privacy than ``b``? Larger epsilon at ``delta``; on equal epsilon (e.g.
+    both 0 or both inf), more steps. Identical histories: False."""
+    if a.history == b.history:
+        return False
+    ea, eb = epsilon(a, delta), epsilon(b, delta)
+    if ea != eb:
+        return ea > eb
+    return a.steps > b.steps
+
+
+def restore_accountant(local, server_copy, mechanism: str, delta: float) -> tuple[AccountantState, str, str]:
+    """``(state, source, problem)``: the accountant a client continues from, where it came from (``"local"``,
+    ``"server"`` or ``"new"``), and why the server's copy was ignored (``""`` when it was not).
+
+    ``local``: the node's own state (AccountantState, JSON string, dict or None/"" when the node has none);
+    ``server_copy``: the copy the server sent (JSON string, or None/"" when it sent none). Rule (see the module
+    docstring): the local copy unless the server's has spent more (:func:`spent_more`); without a local copy,
+    the server's; without either, a new accountant. A server copy that does not parse, or was recorded with
+    another mechanism, is ignored when a local copy exists and is a ``ValueError`` otherwise (training from
+    zero would under-count). A local copy that does not parse is always a ``ValueError``.
+    """
+    local_s = _as_state(local, mechanism) if local not in (None, "") else None
+    try:
+        server_s = _as_state(server_copy, mechanism) if server_copy not in (None, "") else None
+    except (ValueError, TypeError) as e:
+        if local_s is None:
+            raise ValueError(
+                f"the server's copy of this client's accountant is unusable ({e}) and the node has no local "
+                "accountant, so it cannot know what it has spent; refusing to train rather than restart epsilon from zero."
+            ) from None
+        return local_s, "local", f"the server's copy is unusable ({str(e).rstrip('.')})"
+    if local_s is None:
+        return (server_s, "server", "") if server_s is not None else (AccountantState(mechanism), "new", "")
+    if server_s is not None and spent_more(server_s, local_s, delta):
+        return server_s, "server", ""
+    return local_s, "local", ""
+
+
+def check_reported(accountant_json, mechanism: str, delta: float, reported_epsilon,
+                   stored: AccountantState | str | None = None) -> AccountantState:
+    """Server-side check of the accountant a DP-SGD client sent back: it parses, uses the run's ``mechanism``,
+    gives exactly the ``reported_epsilon`` of the reply's metrics (relative 1e-9), and has not spent less
+    than the server's ``stored`` copy. Returns the parsed state; ``ValueError`` with one sentence otherwise."""
+    if not isinstance(accountant_json, str) or not accountant_json:
+        raise ValueError("the accountant must be a non-empty JSON string.")
+    try:
+        state = _as_state(accountant_json, mechanism)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"the accountant does not parse ({str(e).rstrip('.')}).") from None
+    if not isinstance(reported_epsilon, (int, float)) or isinstance(reported_epsilon, bool):
+        raise ValueError("the reply's metrics carry no numeric epsilon to go with the accountant.")
+    eps = epsilon(state, delta)
+    rep = float(reported_epsilon)
+    if not (eps == rep or (math.isfinite(eps) and math.isfinite(rep) and abs(eps - rep) <= 1e-9 * max(abs(eps), 1e-12))):
+        raise ValueError(f"the accountant gives epsilon={eps:.6g} but the reply reports epsilon={rep:.6g}.")
+    if stored not in (None, ""):
+        prev = _as_state(stored, mechanism)
+        if spent_more(prev, state, delta):
+            raise ValueError(
+                f"the accountant went backwards: {state.steps} steps (epsilon {eps:.6g}) against the server's copy of "
+                f"{prev.steps} steps (epsilon {epsilon(prev, delta):.6g}); the client did not continue its accountant."
+            )
     return state
 
 

@@ -10,6 +10,10 @@ What travels (one Message per node, since payloads differ per node):
 - up: ``arrays`` (the trained factors, only the parts the strategy asks for) and ``metrics``
   (``num-examples``, ``train_loss``, ``partition-id``, ...); a client that did not train (e.g. its privacy
   budget is spent) adds a ConfigRecord ``status`` = {"status": "<word>", "reason": "<sentence>"}.
+- DP-SGD (``privacy=dp_sgd``) only: down, ``config["dp.accountant"]`` = the server's copy of this client's
+  accountant (once it has one); up, a ConfigRecord ``dp-sgd`` = {"accountant": "<JSON>"} in every trained or
+  budget-exhausted reply. The server keeps the latest copy per partition (``accountants``, checkpointed), see
+  :mod:`fedlora.privacy`.
 A client whose arrays is missing a factor starts it fresh: A from ``fl.a_seed`` (see
 :func:`fedlora.adapters.seeded_A`), B zero.
 """
@@ -25,6 +29,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from fedlora import privacy
 from fedlora.adapters import LORA_A, LORA_B, AdapterState, LoraFactors, from_arrays, to_arrays
 from fedlora.config import ConfigError, client_ranks, to_yaml
 from fedlora.validate import check_update, norm_outliers, update_norm
@@ -74,8 +79,9 @@ class LoraStrategy(FedAvg):
     client_sends: tuple[str, ...] = (LORA_A, LORA_B, "extra")
     #: whether clients may hold different ranks
     supports_mixed_ranks = False
-    #: attributes that make up the strategy's state between rounds (checkpointed)
-    persistent: tuple[str, ...] = ("state", "rng")
+    #: attributes that make up the strategy's state between rounds (checkpointed); the privacy books
+    #: (``epsilon``, ``exhausted``, ``accountants``) are empty unless ``privacy=dp_sgd``
+    persistent: tuple[str, ...] = ("state", "rng", "epsilon", "exhausted", "accountants")
 
     def __init__(self, cfg, initial: AdapterState, shapes: dict[str, tuple[int, int]]):
         import logging
@@ -100,6 +106,8 @@ class LoraStrategy(FedAvg):
         self.last_delta: dict[str, torch.Tensor] | None = None
         self.epsilon: dict[int, float] = {}  # partition -> epsilon so far, as DP-SGD clients report it
         self.exhausted: set[int] = set()  # partitions whose privacy budget is spent (no longer sampled)
+        self.accountants: dict[int, str] = {}  # partition -> latest DP-SGD accountant (JSON) the client sent
+        self.dp_sgd = privacy.mode_of(cfg) == "dp_sgd"
         self.check_config(cfg)
 
     @classmethod
@@ -183,6 +191,8 @@ class LoraStrategy(FedAvg):
             "fl.freeze_a": False,
             "fl.send": ",".join(self.client_sends),
         }
+        if self.dp_sgd and node.partition_id in self.accountants:  # the client restores it if it lost its own
+            conf[privacy.ACCOUNTANT_CONFIG_KEY] = self.accountants[node.partition_id]
         conf.update(extra)
         return ConfigRecord(conf)
 
@@ -219,7 +229,11 @@ class LoraStrategy(FedAvg):
             if node is None:
                 self.last["rejected"].append({"node": who, "reason": "reply from an unknown node"})
                 continue
-            self.note_privacy(node, msg, metrics)
+            reason, accountant = self.check_accountant(node, msg, metrics)
+            if reason:
+                self.last["rejected"].append({"node": who, "reason": reason})
+                continue
+            self.note_privacy(node, msg, metrics, accountant)
             if "status" in msg.content and msg.content["status"].get("status", "ok") != "ok":
                 st = msg.content["status"]
                 self.on_status(node, str(st.get("status")), metrics)
@@ -238,10 +252,41 @@ class LoraStrategy(FedAvg):
                 self.last["rejected"].append({"node": node.partition_id, "reason": outliers[node.node_id]})
         return [a for a in accepted if a[0].node_id not in outliers]
 
-    def note_privacy(self, node: NodeInfo, msg: Message, metrics: dict) -> None:
-        """The epsilon a DP-SGD client reports (kept while it sits rounds out) and whether its budget is spent."""
+    def check_accountant(self, node: NodeInfo, msg: Message, metrics: dict) -> tuple[str | None, str | None]:
+        """DP-SGD: ``(reason, accountant)``: why the reply's accountant record makes the reply invalid (None when
+        it does not), and the accountant as JSON (None when there is none). A trained or
+        budget-exhausted reply must carry ConfigRecord ``dp-sgd`` = {"accountant": JSON} that
+        :func:`fedlora.privacy.check_reported` accepts (parses, the run's mechanism, the reported epsilon, not
+        less than the server's copy). Other statuses (e.g. FLoRA's out-of-sync) may omit it."""
+        if not self.dp_sgd:
+            return None, None
+        content = msg.content
+        status = str(content["status"].get("status", "ok")) if "status" in content else "ok"
+        rec = content[privacy.ACCOUNTANT_RECORD] if privacy.ACCOUNTANT_RECORD in content else None
+        if rec is None:
+            if status in ("ok", "budget-exhausted"):
+                return (f"invalid DP-SGD reply: no '{privacy.ACCOUNTANT_RECORD}' ConfigRecord with the client's "
+                        "accountant"), None
+            return None, None
+        try:
+            if not isinstance(rec, ConfigRecord):
+                raise ValueError(f"'{privacy.ACCOUNTANT_RECORD}' must be a ConfigRecord, got a {type(rec).__name__}.")
+            if set(rec.keys()) != {"accountant"}:
+                raise ValueError(f"the record must hold exactly the key 'accountant', got {sorted(rec.keys())}.")
+            dp = privacy.dp_config(self.cfg)
+            state = privacy.check_reported(rec["accountant"], dp.accountant, dp.target_delta, metrics.get("epsilon"),
+                                           stored=self.accountants.get(node.partition_id))
+        except (ValueError, TypeError) as e:
+            return f"invalid DP-SGD accountant record: {str(e).rstrip('.')}"[:300], None
+        return None, state.to_json()
+
+    def note_privacy(self, node: NodeInfo, msg: Message, metrics: dict, accountant: str | None = None) -> None:
+        """The epsilon a DP-SGD client reports (kept while it sits rounds out), its accountant (the server's copy,
+        checkpointed and sent back down) and whether its budget is spent."""
         if isinstance(metrics.get("epsilon"), (int, float)):
             self.epsilon[node.partition_id] = float(metrics["epsilon"])
+        if accountant is not None:
+            self.accountants[node.partition_id] = accountant
         if "status" in msg.content and msg.content["status"].get("status") == "budget-exhausted":
             self.exhausted.add(node.partition_id)
 

@@ -7,7 +7,11 @@ once, budget checked before each round). The server only keeps the books: every 
 every client's epsilon so far (``epsilon: {partition: eps}``, 0 for a client that has not trained yet,
 ``epsilon_max``), a client that replies ``budget-exhausted`` is logged among the round's rejections and is
 no longer sampled, and the run stops cleanly (summary ``status: budget-exhausted``) as soon as fewer than
-``min_train_nodes`` clients can still train.
+``min_train_nodes`` clients can still train. It also keeps a copy of every client's accountant (sent back in
+each reply, checked, stored per partition in the strategy's checkpointed state) and sends it down in the train
+config, so a restarted node or a resumed server continues the client's accounting instead of restarting it
+from zero; a client uses the server's copy only when it has none of its own or the copy has spent more (see
+:mod:`fedlora.privacy`, "Where a client's accountant lives").
 
 Client-level DP (``privacy=client_level``, mode ``client_dp``)
 -------------------------------------------------------------

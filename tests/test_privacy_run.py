@@ -1,7 +1,8 @@
 """Differential privacy through the real ServerApp loop and ClientApp functions (in-process grid, tiny Llama):
 DP-SGD clients stop at their budget and the run stops cleanly, every round's metrics carry every client's
-epsilon, one accountant per client survives the rounds (through ``context.state``), FFA-LoRA under DP-SGD
-trains only B; client-level DP through Flower's fixed-clipping wrappers releases exactly the mean of the
+epsilon, one accountant per client survives the rounds (through ``context.state``), and survives a node
+restart and a server resume through the server's checkpointed copy (which can never lower a client's epsilon),
+malformed accountant records are rejected, FFA-LoRA under DP-SGD trains only B; client-level DP through Flower's fixed-clipping wrappers releases exactly the mean of the
 clipped updates plus the documented noise; bad combinations exit 2 with one sentence."""
 
 import json
@@ -13,6 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, fedlora_cmd
 from harness import InProcessGrid
+from flwr.app import ConfigRecord
 from opacus.accountants import RDPAccountant
 
 import strategies
@@ -27,9 +29,9 @@ FAST = ["model=tiny_llama", "num_clients=3", "local_steps=2", "train.batch_size=
         "train.max_length=24", "data.max_train_examples=240"]
 
 
-def run(tmp_path, *overrides, name="run", capture_wrapper=None):
+def run(tmp_path, *overrides, name="run", capture_wrapper=None, grid=None, resume=False):
     cfg = config.load(FAST + list(overrides) + ["privacy.reproducible=true"])
-    grid = InProcessGrid(cfg.num_clients)
+    grid = grid if grid is not None else InProcessGrid(cfg.num_clients)
     captured = {}
     cls = strategies.get(cfg.strategy.name)
 
@@ -47,7 +49,7 @@ def run(tmp_path, *overrides, name="run", capture_wrapper=None):
     strategies.STRATEGIES[cfg.strategy.name] = Spy
     server_dp.wrap = spy_wrap
     try:
-        summary = run_server(grid, cfg, tmp_path / name, echo=lambda *_: None)
+        summary = run_server(grid, cfg, tmp_path / name, echo=lambda *_: None, resume=resume)
     finally:
         strategies.STRATEGIES[cfg.strategy.name] = orig_cls
         server_dp.wrap = orig_wrap
@@ -117,6 +119,182 @@ def test_accountant_survives_rounds_through_client_state(tmp_path):
         assert state.history == ((sigma, sample_rate(cfg, pid), R * T),)
         assert P.epsilon(state, delta) == pytest.approx(summary["epsilon"][str(pid)], rel=1e-12)
     assert summary["epsilon_max"] == max(summary["epsilon"].values())
+
+
+# -- the server's copy of each client's accountant: node restart, server resume, never lowered ------------------
+DP3 = ["privacy=dp_sgd", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0", "num_rounds=3"]
+
+
+def at_round(rnd, before=None, after=None):
+    """A grid fault: in train round ``rnd`` call ``before(msg, ctx)`` before the client runs and
+    ``after(reply)`` on its reply; other rounds pass through."""
+    def fault(msg, ctx, fn):
+        if int(msg.content["config"]["server-round"]) != rnd:
+            return fn(msg, ctx)
+        if before:
+            before(msg, ctx)
+        rep = fn(msg, ctx)
+        if after:
+            after(rep)
+        return rep
+    return fault
+
+
+def wipe_state(msg, ctx):
+    """A node restart: everything in context.state is gone."""
+    for k in list(ctx.state.keys()):
+        del ctx.state[k]
+
+
+def one_round_epsilon(cfg, pid) -> float:
+    return P.epsilon(P.AccountantState("rdp", ((1.0, sample_rate(cfg, pid), int(cfg.local_steps)),)),
+                     float(cfg.privacy.target_delta))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """3 rounds of DP-SGD with fixed noise, every client every round, nothing goes wrong."""
+    cfg, rows, summary, cap, grid = run(tmp_path_factory.mktemp("dp_full"), *DP3)
+    assert summary["status"] == "completed" and all(r["num_clients"] == 3 and not r["rejected"] for r in rows[1:])
+    return cfg, rows, summary, cap, grid
+
+
+def test_server_keeps_every_clients_accountant_and_sends_it_down(uninterrupted):
+    cfg, rows, summary, cap, grid = uninterrupted
+    strat = cap["strategy"]
+    for nid, ctx in grid.contexts.items():  # the server's copy is the client's own accountant
+        pid = int(ctx.node_config["partition-id"])
+        assert strat.accountants[pid] == str(ctx.state["dp-sgd"]["accountant"])
+    assert set(strat.state_dict()) >= {"accountants", "epsilon", "exhausted"}
+    sent = [m for m in grid.sent if m.metadata.message_type == "train"]
+    r1 = [m for m in sent if m.content["config"]["server-round"] == 1]
+    later = [m for m in sent if m.content["config"]["server-round"] > 1]
+    assert len(r1) == 3 and all(P.ACCOUNTANT_CONFIG_KEY not in m.content["config"] for m in r1)
+    assert len(later) == 6 and all(P.ACCOUNTANT_CONFIG_KEY in m.content["config"] for m in later)
+
+
+def test_node_restart_restores_the_accountant_from_the_server(tmp_path, uninterrupted, caplog):
+    """Partition 0's node loses its context.state after round 2: it continues from the server's copy and ends
+    at exactly the uninterrupted run's epsilon, strictly above what one round alone gives."""
+    cfg, _, full, _, _ = uninterrupted
+    grid = InProcessGrid(3, faults={0: at_round(3, before=wipe_state)})
+    with caplog.at_level("INFO", logger="flwr"):
+        _, rows, summary, _, _ = run(tmp_path, *DP3, grid=grid)
+    assert summary["status"] == "completed" and all(not r["rejected"] for r in rows[1:])
+    for p in map(str, range(3)):
+        assert summary["epsilon"][p] == pytest.approx(full["epsilon"][p], rel=1e-9)
+    assert summary["epsilon"]["0"] > one_round_epsilon(cfg, 0) * (1 + 1e-6)
+    assert any("client 0" in r.getMessage() and "restored the server's copy" in r.getMessage() for r in caplog.records)
+    ctx = next(c for c in grid.contexts.values() if int(c.node_config["partition-id"]) == 0)
+    assert P.AccountantState.from_json(str(ctx.state["dp-sgd"]["accountant"])).steps == 3 * int(cfg.local_steps)
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillInRound(InProcessGrid):
+    """The server dies in the middle of train round ``kill_round`` (before any reply is used)."""
+
+    def __init__(self, n, kill_round):
+        super().__init__(n)
+        self.kill_round, self.train_rounds = kill_round, 0
+
+    def send_and_receive(self, messages, timeout=None):
+        if messages and messages[0].metadata.message_type == "train":
+            self.train_rounds += 1
+            if self.train_rounds == self.kill_round:
+                raise _Killed()
+        return super().send_and_receive(messages, timeout)
+
+
+def test_server_resume_with_fresh_nodes_continues_every_accountant(tmp_path, uninterrupted):
+    """The server stops during round 3 and resumes from the round-2 checkpoint with fresh nodes (no local
+    state at all): every client ends at the uninterrupted run's epsilon, and every row matches."""
+    cfg, full_rows, full, _, _ = uninterrupted
+    with pytest.raises(_Killed):
+        run(tmp_path, *DP3, name="cut", grid=_KillInRound(3, kill_round=3))
+    fresh = InProcessGrid(3)
+    _, rows, summary, cap, _ = run(tmp_path, *DP3, name="cut", grid=fresh, resume=True)
+    assert summary["status"] == "completed" and [r["round"] for r in rows] == [0, 1, 2, 3]
+    for p in map(str, range(3)):
+        assert summary["epsilon"][p] == pytest.approx(full["epsilon"][p], rel=1e-9)
+        assert summary["epsilon"][p] > one_round_epsilon(cfg, int(p)) * (1 + 1e-6)
+        assert [r["epsilon"][p] for r in rows[1:]] == pytest.approx([r["epsilon"][p] for r in full_rows[1:]], rel=1e-9)
+    sent = [m for m in fresh.sent if m.metadata.message_type == "train"]
+    assert len(sent) == 3 and all(P.ACCOUNTANT_CONFIG_KEY in m.content["config"] for m in sent)
+
+
+def test_a_short_empty_or_garbled_server_copy_never_lowers_a_clients_epsilon(tmp_path, uninterrupted):
+    """In round 3 the server's copy is replaced by a one-round history (partition 0), an empty accountant
+    (partition 1) and garbage (partition 2): every client keeps its longer local accountant."""
+    cfg, _, full, _, _ = uninterrupted
+
+    def send(copy):
+        def before(msg, ctx):
+            msg.content["config"][P.ACCOUNTANT_CONFIG_KEY] = copy
+        return at_round(3, before=before)
+
+    short = P.AccountantState("rdp", ((1.0, sample_rate(cfg, 0), int(cfg.local_steps)),)).to_json()
+    grid = InProcessGrid(3, faults={0: send(short), 1: send(P.AccountantState("rdp").to_json()), 2: send("{not json")})
+    _, rows, summary, _, _ = run(tmp_path, *DP3, grid=grid)
+    assert summary["status"] == "completed" and all(not r["rejected"] for r in rows[1:])
+    for p in map(str, range(3)):
+        assert summary["epsilon"][p] == pytest.approx(full["epsilon"][p], rel=1e-9)
+
+
+def test_restore_rule_takes_whichever_copy_has_spent_more():
+    q, d = 0.05, 1e-5
+    one, two = P.AccountantState("rdp", ((1.0, q, 2),)), P.AccountantState("rdp", ((1.0, q, 4),))
+    noisier = P.AccountantState("rdp", ((5.0, q, 8),))  # more steps, far less epsilon than `two`
+    assert P.restore_accountant(two.to_json(), one.to_json(), "rdp", d)[:2] == (two, "local")
+    assert P.restore_accountant(one.to_json(), two.to_json(), "rdp", d)[:2] == (two, "server")
+    assert P.restore_accountant(two.to_json(), noisier.to_json(), "rdp", d)[:2] == (two, "local")
+    assert P.restore_accountant(two.to_json(), two.to_json(), "rdp", d)[:2] == (two, "local")
+    assert P.restore_accountant(None, one.to_json(), "rdp", d)[:2] == (one, "server")
+    assert P.restore_accountant(None, None, "rdp", d)[:2] == (P.AccountantState("rdp"), "new")
+    state, source, problem = P.restore_accountant(one.to_json(), "[1, 2]", "rdp", d)
+    assert (state, source) == (one, "local") and "unusable" in problem
+    state, source, problem = P.restore_accountant(one.to_json(), P.AccountantState("prv").to_json(), "rdp", d)
+    assert (state, source) == (one, "local") and "prv" in problem
+    with pytest.raises(ValueError, match="refusing to train rather than restart epsilon from zero"):
+        P.restore_accountant(None, "{garbage", "rdp", d)
+
+
+def test_malformed_accountant_records_are_invalid_replies(tmp_path):
+    """Round 1: partition 0's accountant is garbage, partition 1's record is missing; round 2: partition 0
+    reports an epsilon its accountant does not give; round 3: partition 2 restarts AND the server's copy is
+    withheld, so it starts from zero: its accountant went backwards. Each is rejected with its reason and the
+    server's copy is never replaced by a rejected one."""
+    def garble(rep):
+        rep.content["dp-sgd"] = ConfigRecord({"accountant": "{not json"})
+
+    def drop(rep):
+        del rep.content["dp-sgd"]
+
+    def lie(rep):
+        rep.content["metrics"]["epsilon"] = float(rep.content["metrics"]["epsilon"]) * 0.5
+
+    def restart_without_copy(msg, ctx):
+        wipe_state(msg, ctx)
+        del msg.content["config"][P.ACCOUNTANT_CONFIG_KEY]
+
+    def partition0(msg, ctx, fn):
+        rep = fn(msg, ctx)
+        {1: garble, 2: lie}.get(int(msg.content["config"]["server-round"]), lambda _: None)(rep)
+        return rep
+
+    faults = {0: partition0, 1: at_round(1, after=drop), 2: at_round(3, before=restart_without_copy)}
+    _, rows, summary, cap, _ = run(tmp_path, *DP3, "min_train_nodes=1", grid=InProcessGrid(3, faults=faults))
+    rejected = {r["round"]: {x["node"]: x["reason"] for x in r["rejected"]} for r in rows[1:]}
+    assert set(rejected[1]) == {0, 1} and set(rejected[2]) == {0} and set(rejected[3]) == {2}
+    assert rejected[1][0].startswith("invalid DP-SGD accountant record: the accountant does not parse")
+    assert rejected[1][1] == "invalid DP-SGD reply: no 'dp-sgd' ConfigRecord with the client's accountant"
+    assert "but the reply reports epsilon" in rejected[2][0]
+    assert "went backwards" in rejected[3][2]
+    strat = cap["strategy"]
+    assert P.AccountantState.from_json(strat.accountants[2]).steps == 2 * 2  # kept the round-2 copy
+    assert summary["epsilon"]["2"] == pytest.approx(rows[2]["epsilon"]["2"], rel=1e-12)
 
 
 def test_ffa_lora_under_dp_sgd_trains_and_noises_only_b(tmp_path, monkeypatch):
