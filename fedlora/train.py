@@ -61,18 +61,22 @@ def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: fl
     opt = (optimizer_fn or (lambda ps, lr_, wd: torch.optim.AdamW(ps, lr=lr_, weight_decay=wd)))(params, lr, weight_decay)
     model.train()
     losses, t0 = [], time.perf_counter()
-    for i, idx in enumerate(batch_indices(len(dataset), batch_size, steps, seed, round_idx)):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step_offset + i, total_steps, lr, scheduler, warmup)
-        batch = {k: v.to(device) for k, v in collator([dataset[int(j)] for j in idx]).items()}
-        with autocast(device):
-            loss = model_loss(model, batch, task)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        losses.append(float(loss.detach()))
+    # Dropout draws from torch's RNG: seed it per (client, round) so that a run does not depend on which
+    # simulation worker ran which client before (the caller's RNG state is restored afterwards).
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(int(np.random.default_rng([seed, round_idx, 7]).integers(2**62)))
+        for i, idx in enumerate(batch_indices(len(dataset), batch_size, steps, seed, round_idx)):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step_offset + i, total_steps, lr, scheduler, warmup)
+            batch = {k: v.to(device) for k, v in collator([dataset[int(j)] for j in idx]).items()}
+            with autocast(device):
+                loss = model_loss(model, batch, task)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            losses.append(float(loss.detach()))
     model.eval()
     return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_s": time.perf_counter() - t0,
             "steps": len(losses)}

@@ -112,3 +112,29 @@ def test_cli_malformed_data_file(tmp_path):
     bad.write_text("label\tsentence\n1\tok\n1\tok\textra\tcolumns\n")
     p = _cli(f"data.path={bad}", "model=tiny_llama")
     assert p.returncode == 2 and "could not be read" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_local_training_is_reproducible_whatever_ran_before():
+    """Dropout is seeded per (client, round): a simulation worker's history must not change a client's update."""
+    import torch
+
+    from fedlora import adapters, models, train
+
+    cfg = config.load(["model=tiny_llama", "model.lora.dropout=0.5", "train.max_length=16"])
+    bundle = models.build(cfg)
+    tr, _ = data.load(cfg.data)
+    ds = tr.select(range(64))
+    coll = data.Collator(bundle.tokenizer, bundle.task, 16, cfg.data.get("label_words"))
+    start = adapters.from_peft(bundle.model)
+
+    def one(noise_draws: int):
+        adapters.load_into_peft(bundle.model, start)
+        torch.rand(noise_draws)  # another client's work in the same process moves the global RNG
+        train.local_train(bundle.model, ds, coll, steps=3, batch_size=4, lr=1e-2, step_offset=0, total_steps=3,
+                          seed=5, round_idx=2, task=bundle.task)
+        return adapters.from_peft(bundle.model)
+
+    a, b = one(1), one(1000)
+    for k, fa in a.lora.items():
+        assert torch.equal(fa.B, b.lora[k].B) and torch.equal(fa.A, b.lora[k].A)
+    assert any(not torch.equal(f.B, start.lora[k].B) for k, f in a.lora.items())  # it did train
