@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 # The main job: the default strategy comparison (MiniLM on SST-2, 10 clients, Dirichlet 0.5).
-RUN_ARGS ?=
+RUN_ARGS ?= partitioner=dirichlet partitioner.alpha=0.5
 
 .PHONY: install run test bench clean
 
