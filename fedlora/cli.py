@@ -121,7 +121,7 @@ def prepare(overrides: list[str]):
     from omegaconf import OmegaConf
 
     from fedlora import config, data
-    from fedlora.report import default_run_dir
+    from fedlora.report import check_fresh, default_run_dir
 
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if resume:
@@ -141,8 +141,9 @@ def prepare(overrides: list[str]):
         import strategies
 
         strategies.get("fedpipe").check_config(cfg)
-    run_dir = Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg)
-    return cfg, run_dir.resolve(), False
+    run_dir = (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg)).resolve()
+    check_fresh(run_dir)
+    return cfg, run_dir, False
 
 
 def cmd_run(argv: list[str]) -> int:

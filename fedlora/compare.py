@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import config, data
 from .config import ConfigError
-from .report import human_bytes, read_metrics
+from .report import check_fresh, human_bytes, read_metrics
 
 COLUMNS = ["strategy", "final_accuracy", "best_accuracy", "rounds_to_target", "bytes_up", "bytes_down", "wall_s", "note"]
 
@@ -108,6 +108,8 @@ def cmd_compare(argv: list[str]) -> int:
     data.check_partitions(base)
     out = Path(base.out_dir) if base.out_dir else Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-compare"
     out = out.resolve()
+    for n in names:
+        check_fresh(out / n)
     out.mkdir(parents=True, exist_ok=True)
     print(f"fedlora compare: {', '.join(names)} on {base.model.name}/{base.data.name}, {base.num_clients} clients, "
           f"{base.num_rounds} rounds -> {out}", flush=True)

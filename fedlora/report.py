@@ -16,6 +16,15 @@ def default_run_dir(cfg) -> Path:
     return Path("runs") / f"{stamp}-{cfg.strategy.name}"
 
 
+def check_fresh(run_dir) -> None:
+    """A new run never writes into an earlier run's directory (its metrics would be mixed and its files lost)."""
+    from .config import ConfigError
+
+    if (Path(run_dir) / "metrics.jsonl").exists():
+        raise ConfigError(f"out_dir {run_dir} already holds a run: pass resume={run_dir} to continue it, "
+                          f"or choose a new out_dir.")
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":

@@ -114,6 +114,14 @@ def test_cli_malformed_data_file(tmp_path):
     assert p.returncode == 2 and "could not be read" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_cli_refuses_to_write_into_an_earlier_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n')
+    p = _cli(f"out_dir={tmp_path}", "model=tiny_llama")
+    lines = [l for l in p.stderr.strip().splitlines() if l.startswith("error:")]
+    assert p.returncode == 2 and len(lines) == 1 and "resume=" in lines[0], p.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 0}\n'  # nothing already written is lost
+
+
 def test_local_training_is_reproducible_whatever_ran_before():
     """Dropout is seeded per (client, round): a simulation worker's history must not change a client's update."""
     import torch
