@@ -70,13 +70,9 @@ class Master:
 # ----------------------------------------------------------------------------------------------
 # Which layers
 # ----------------------------------------------------------------------------------------------
-def _leaf(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
 def is_target(name: str, targets: Iterable[str] | str | None, skip: Iterable[str] = DEFAULT_SKIP) -> bool:
     """``targets``: None (every linear not in ``skip``), a regex (full match on the module path) or a list of
-    leaf names / full paths. ``skip`` entries match leaf names or path components."""
+    names matched as PEFT matches ``target_modules`` (full path, or a dotted suffix such as ``pooler.dense``). ``skip`` entries match leaf names or path components."""
     parts = name.split(".")
     if any(s in parts for s in skip):
         return False
@@ -84,8 +80,8 @@ def is_target(name: str, targets: Iterable[str] | str | None, skip: Iterable[str
         return True
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    targets = list(targets)
-    return _leaf(name) in targets or name in targets
+    # PEFT's rule for a list: the full path, or a suffix of it at a module boundary ("dense", "pooler.dense")
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -313,3 +313,31 @@ def test_spec_and_calibration_round_trip_json():
     cal = R.analytic_activations(spec, 16)
     back = R.ActivationCalibration.from_dict(json.loads(json.dumps(cal.to_dict())))
     assert R.predict_memory(spec, 8, 2, 4, 16, back) == R.predict_memory(spec, 8, 2, 4, 16, cal)
+
+
+def test_targets_match_like_peft_target_modules():
+    """A target list matches as PEFT's ``target_modules`` does: the full path or a dotted suffix."""
+    t = ["query", "pooler.dense"]
+    assert quant.is_target("bert.encoder.layer.0.attention.self.query", t)
+    assert quant.is_target("bert.pooler.dense", t)
+    assert not quant.is_target("bert.encoder.layer.0.output.dense", t)  # "dense" alone is not a target
+    assert not quant.is_target("bert.encoder.layer.0.attention.self.query_proj", t)  # whole components only
+    assert quant.is_target("bert.pooler.dense", ["bert.pooler.dense"])
+    assert not quant.is_target("classifier", ["classifier"])  # the head is never a LoRA/quantisation target
+
+
+def test_importance_scores_cover_every_lora_target_of_minilm():
+    """FedPipe's warm-up scores every module PEFT adapts (MiniLM's defaults include the pooler)."""
+    from peft import PeftModel  # noqa: F401
+
+    from fedlora import adapters, config, data, models, train
+
+    cfg = config.load(["model=minilm", "strategy=fedpipe", "num_clients=2"])
+    b = models.build(cfg)
+    tr, _ = data.load(cfg.data)
+    col = data.Collator(b.tokenizer, b.task, 32, None)
+    scores = R.importance_scores(b.model, [col([tr[i] for i in range(4)])], 1,
+                                 targets=list(cfg.model.lora.target_modules),
+                                 loss_fn=lambda m, batch: train.model_loss(m, batch, b.task))
+    lora = {n.removeprefix("base_model.model.") for n in adapters.lora_layers(b.model)}
+    assert set(scores) == lora and "bert.pooler.dense" in scores
