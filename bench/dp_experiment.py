@@ -1,9 +1,9 @@
 """FFA-LoRA vs LoRA (FedIT) under sample-level DP-SGD, the FFA-LoRA paper's setting at our scale.
 
-MiniLM (all-MiniLM-L6-v2, LoRA r=8 on query/value + trained classifier head) on SST-2, 3 clients with label
+MiniLM (all-MiniLM-L6-v2, LoRA r=8 on query/value/pooler + trained classifier head) on SST-2, 3 clients with label
 skew [0.1,0.9], [0.9,0.1], [0.5,0.5] (partitioner=label_skew), delta = 1e-5, epsilon in {1, 3, 6, inf}
 (inf = no DP at all, the paper's non-private column). Every client runs DP-SGD (Opacus: Poisson batches of
-expected size 32, per-example clipping at max_grad_norm, noise planned once for the whole run from
+expected size --batch, per-example clipping at max_grad_norm, noise planned once for the whole run from
 target_epsilon; one accountant per client across rounds). Metric: accuracy of the global model on the SST-2
 dev set (872 examples) after the last round, mean and spread over seeds.
 
@@ -245,7 +245,7 @@ def main() -> int:
         return 2
     doc.setdefault("runs", {})
     doc.update({"command": command, "settings": settings, "setting": {
-        "model": "minilm (all-MiniLM-L6-v2, LoRA r=8 alpha=16 on query/value, classifier head trained)",
+        "model": "minilm (all-MiniLM-L6-v2, LoRA r=8 alpha=16 on query/value/pooler.dense, classifier head trained)",
         "data": "SST-2 train split over 3 clients, label skew [[0.1,0.9],[0.9,0.1],[0.5,0.5]]; dev split (872) for accuracy",
         "dp": "sample-level DP-SGD on every client (Opacus RDP, Poisson sampling, noise planned once for rounds x steps)",
         "optimizer": "AdamW, cosine schedule over the run", "metric": "final dev accuracy of the global model"},

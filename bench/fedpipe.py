@@ -38,7 +38,7 @@ COMMON = ["num_clients=10", "strategy=fedpipe", "strategy.plan_model=llama-7b", 
 MODELS = {
     "tiny_llama": ["model=tiny_llama", "num_rounds=3", "strategy.examples_per_round=8", "train.max_length=32",
                    "eval.max_examples=128"],
-    "minilm": ["model=minilm", "num_rounds=5", "strategy.examples_per_round=8", "train.max_length=64",
+    "minilm": ["model=minilm", "num_rounds=8", "strategy.examples_per_round=32", "train.max_length=64",
                "eval.max_examples=300"],
 }
 SETTINGS = {"fedpipe": [], "uniform": ["strategy.uniform=true"]}
