@@ -269,7 +269,9 @@ def main() -> int:
         "",
         f"Final SST-2 dev accuracy (%) of the global model, mean ± std over seeds {seeds}; δ = 1e-5 per client.",
         f"{a.rounds} rounds × {a.steps} local steps, expected batch {a.batch}, per-example clipping norm {a.clip}, "
-        f"AdamW lr {a.lr['fedit']:g} (FedIT) / {a.lr['ffa_lora']:g} × {a.ffa_multiplier:g} (FFA-LoRA), cosine schedule.",
+        f"AdamW lr {a.lr['fedit']:g} (FedIT) / {a.lr['ffa_lora']:g} × {a.ffa_multiplier:g} (FFA-LoRA), cosine schedule; "
+        f"DP runs: {a.dp_optimizer} at lr {a.dp_lr['fedit']:g} (FedIT) / {a.dp_lr['ffa_lora']:g} × {a.ffa_multiplier:g} "
+        "(FFA-LoRA).",
         "",
         table(doc, seeds),
         "",
@@ -280,8 +282,9 @@ def main() -> int:
         "",
         "Notes: one accountant per client for the whole run (restored from the node's state every round); each "
         "client ends at ε ≤ target (it takes part in every round, which is what the noise is planned for). "
-        "Each run is short (a few hundred DP-SGD steps in all) and the lr was tuned once at ε = 3 on seed 0 "
-        "(bench/results/dp_experiment_tune.json); differences below about one std are not meaningful.",
+        f"Each run is short ({a.rounds * a.steps} DP-SGD steps per client) and the learning rates were not tuned "
+        "per ε (earlier sweeps: bench/results/dp_experiment_tune.json); differences below about one std are not "
+        "meaningful.",
         "",
         "How to run it yourself: `fedlora run privacy=dp_sgd privacy.target_epsilon=3 ...` (sample-level, every "
         "client; metrics carry every client's ε each round, clients stop at their budget and the run stops "
