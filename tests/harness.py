@@ -47,3 +47,22 @@ class InProcessGrid:
                 rep.metadata.__dict__  # noqa: B018 (materialise)
                 out.append(rep)
         return out
+
+
+class Killed(Exception):
+    """Raised by :class:`KillingGrid`: the server process "dies"."""
+
+
+class KillingGrid(InProcessGrid):
+    """Dies in the middle of train round ``kill_round`` (after sending, before any reply is used)."""
+
+    def __init__(self, n, kill_round):
+        super().__init__(n)
+        self.kill_round, self.train_rounds = kill_round, 0
+
+    def send_and_receive(self, messages, timeout=None):
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.train_rounds += 1
+            if self.train_rounds == self.kill_round:
+                raise Killed()
+        return super().send_and_receive(messages, timeout)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, fedlora_cmd
-from harness import InProcessGrid
+from harness import InProcessGrid, Killed, KillingGrid
 from flwr.app import ConfigRecord
 from opacus.accountants import RDPAccountant
 
@@ -189,31 +189,12 @@ def test_node_restart_restores_the_accountant_from_the_server(tmp_path, uninterr
     assert P.AccountantState.from_json(str(ctx.state["dp-sgd"]["accountant"])).steps == 3 * int(cfg.local_steps)
 
 
-class _Killed(Exception):
-    pass
-
-
-class _KillInRound(InProcessGrid):
-    """The server dies in the middle of train round ``kill_round`` (before any reply is used)."""
-
-    def __init__(self, n, kill_round):
-        super().__init__(n)
-        self.kill_round, self.train_rounds = kill_round, 0
-
-    def send_and_receive(self, messages, timeout=None):
-        if messages and messages[0].metadata.message_type == "train":
-            self.train_rounds += 1
-            if self.train_rounds == self.kill_round:
-                raise _Killed()
-        return super().send_and_receive(messages, timeout)
-
-
 def test_server_resume_with_fresh_nodes_continues_every_accountant(tmp_path, uninterrupted):
     """The server stops during round 3 and resumes from the round-2 checkpoint with fresh nodes (no local
     state at all): every client ends at the uninterrupted run's epsilon, and every row matches."""
     cfg, full_rows, full, _, _ = uninterrupted
-    with pytest.raises(_Killed):
-        run(tmp_path, *DP3, name="cut", grid=_KillInRound(3, kill_round=3))
+    with pytest.raises(Killed):
+        run(tmp_path, *DP3, name="cut", grid=KillingGrid(3, kill_round=3))
     fresh = InProcessGrid(3)
     _, rows, summary, cap, _ = run(tmp_path, *DP3, name="cut", grid=fresh, resume=True)
     assert summary["status"] == "completed" and [r["round"] for r in rows] == [0, 1, 2, 3]

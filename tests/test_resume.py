@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, fedlora_cmd, tagged_env, tagged_pids
-from harness import InProcessGrid
+from harness import InProcessGrid, Killed, KillingGrid
 from safetensors.torch import load_file
 
 from fedlora import checkpoint, config
@@ -21,25 +21,6 @@ from strategies.server_app import run_server
 FAST = ["model=tiny_llama", "num_clients=4", "local_steps=2", "train.batch_size=4", "eval.max_examples=16",
         "train.max_length=32", "fraction_train=0.75", "num_rounds=4"]
 TIMING = ("wall_s", "round_s", "eval_s", "unix", "train_s")
-
-
-class Killed(Exception):
-    pass
-
-
-class KillingGrid(InProcessGrid):
-    """Dies in the middle of round ``kill_round`` (after sending, before any reply is used)."""
-
-    def __init__(self, n, kill_round):
-        super().__init__(n)
-        self.kill_round, self.train_rounds = kill_round, 0
-
-    def send_and_receive(self, messages, timeout=None):
-        if messages and messages[0].metadata.message_type == "train":
-            self.train_rounds += 1
-            if self.train_rounds == self.kill_round:
-                raise Killed()
-        return super().send_and_receive(messages, timeout)
 
 
 def strip(rows):
