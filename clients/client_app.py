@@ -290,6 +290,7 @@ def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, bat
         warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay), task=bundle.task,
         device=bundle.device, rng_seed=(int(cfg.seed), pid, rnd) if cfg.privacy.get("reproducible") else None,
         optimizer=str(cfg.privacy.get("optimizer", "adamw")),
+        physical_batch_size=cfg.privacy.get("physical_batch_size"),
     )
     context.state[DP_STATE] = ConfigRecord({"accountant": result["accountant"]})
     return result, {"epsilon": result["epsilon"], "empty_batches": result["empty_batches"], **info}

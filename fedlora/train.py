@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -37,6 +38,19 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int, round_idx: int
     return out
 
 
+@contextlib.contextmanager
+def seeded_dropout(seed_words, device):
+    """Dropout (torch's global RNG) seeded from ``seed_words`` inside the block, the caller's RNG state restored
+    after it: a round's result then does not depend on which simulation worker ran which client before.
+    ``seed_words=None``: the worker's own RNG, untouched."""
+    if seed_words is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(int(np.random.default_rng([int(w) for w in seed_words]).integers(2**62)))
+        yield
+
+
 def model_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     out = model(**inputs)
@@ -61,10 +75,7 @@ def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: fl
     opt = (optimizer_fn or (lambda ps, lr_, wd: torch.optim.AdamW(ps, lr=lr_, weight_decay=wd)))(params, lr, weight_decay)
     model.train()
     losses, t0 = [], time.perf_counter()
-    # Dropout draws from torch's RNG: seed it per (client, round) so that a run does not depend on which
-    # simulation worker ran which client before (the caller's RNG state is restored afterwards).
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        torch.manual_seed(int(np.random.default_rng([seed, round_idx, 7]).integers(2**62)))
+    with seeded_dropout((seed, round_idx, 7), device):  # per (client, round)
         for i, idx in enumerate(batch_indices(len(dataset), batch_size, steps, seed, round_idx)):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step_offset + i, total_steps, lr, scheduler, warmup)
@@ -98,7 +109,8 @@ def dp_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
 def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float, accountant_state, steps: int,
                    batch_size: int, lr: float, step_offset: int, total_steps: int, scheduler: str = "cosine",
                    warmup: int = 0, weight_decay: float = 0.0, task: str = "seq-cls", device=None,
-                   rng_seed=None, optimizer: str = "adamw", momentum: float = 0.9) -> dict:
+                   rng_seed=None, optimizer: str = "adamw", momentum: float = 0.9,
+                   physical_batch_size: int | None = None) -> dict:
     """DP-SGD version of :func:`local_train` (sample-level DP, see :mod:`fedlora.privacy`): ``steps`` AdamW steps
     on Poisson-sampled batches (expected size ``batch_size``, fresh draws every pass), each example's gradient
     over the trainable parameters clipped to ``dp_cfg.max_grad_norm`` and Gaussian noise
@@ -106,11 +118,15 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
     advanced. No further gradient clipping (it would only distort the noised gradient). Same learning-rate
     schedule as :func:`local_train`. Trainable parameters are those with ``requires_grad`` (FFA-LoRA: freeze
     lora_A before); ``dp_cfg.train_head=False`` freezes the head for this call only.
-    ``rng_seed``: None draws Poisson sampling and noise from the OS (deployments); a seed makes the round
-    reproducible (tests, experiments: anyone who knows it can regenerate the noise).
+    ``rng_seed``: None draws Poisson sampling and noise from the OS (deployments) and dropout from the worker's
+    RNG; a seed makes the round reproducible, dropout included (tests, experiments: anyone who knows it can
+    regenerate the noise).
     ``optimizer``: ``adamw`` (as :func:`local_train`) or ``sgd`` (with ``momentum``). Adam divides every
     coordinate by its own noise-dominated second moment, so coordinates with little signal (LoRA B early on)
     take steps of about ``lr`` in a random direction; SGD keeps the noise at its DP scale.
+    ``physical_batch_size``: forward/backward each Poisson batch in pieces of at most this many rows, ordered by
+    length (:func:`fedlora.privacy.physical_batches`); the optimizer step, clipping, noise and accounting are
+    those of the whole batch. Bounds memory for large DP batches and saves the padding of short texts.
     Returns the loss/timing of :func:`local_train` plus ``epsilon`` (whole run so far, at ``dp_cfg.target_delta``),
     ``accountant`` (JSON to store for the next round), ``noise_multiplier``, ``sample_rate``, ``empty_batches``.
     """
@@ -130,24 +146,32 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
     model, dp_opt, dp_loader, session = P.make_private(model, opt, loader, dp_cfg, noise_multiplier, accountant_state,
                                                        noise_generator=gen_noise)
     losses, empty, t0 = [], 0, time.perf_counter()
+    seed_words = None if rng_seed is None else (*(rng_seed if isinstance(rng_seed, (tuple, list)) else (rng_seed,)), 7)
     try:
-        dp_opt.zero_grad(set_to_none=True)
-        for i, batch in enumerate(P.iterate_steps(dp_loader, steps)):
-            for g in dp_opt.param_groups:
-                g["lr"] = lr_at(step_offset + i, total_steps, lr, scheduler, warmup)
-            if P.batch_size_of(batch) == 0:  # empty Poisson draw: noise only, still one accounted step
-                P.noise_only_step(dp_opt)
-                empty += 1
-                continue
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device):
-                loss = dp_loss(model, batch, task)
-            with warnings.catch_warnings():  # Opacus' hook on the first adapted layer: no input requires grad
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            dp_opt.step()
+        with seeded_dropout(seed_words, device):  # reproducible runs: dropout too
             dp_opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            for i, batch in enumerate(P.iterate_steps(dp_loader, steps)):
+                for g in dp_opt.param_groups:
+                    g["lr"] = lr_at(step_offset + i, total_steps, lr, scheduler, warmup)
+                if P.batch_size_of(batch) == 0:  # empty Poisson draw: noise only, still one accounted step
+                    P.noise_only_step(dp_opt)
+                    empty += 1
+                    continue
+                pieces = P.physical_batches(batch, physical_batch_size)
+                total = 0.0
+                for j, piece in enumerate(pieces):
+                    piece = {k: v.to(device) for k, v in piece.items()}
+                    with autocast(device):
+                        loss = dp_loss(model, piece, task)
+                    with warnings.catch_warnings():  # Opacus' hook on the first adapted layer: no input requires grad
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
+                    total += float(loss.detach()) * P.batch_size_of(piece)
+                    if j < len(pieces) - 1:  # clip and accumulate this piece; no noise, no step, not accounted
+                        dp_opt.signal_skip_step(do_skip=True)
+                    dp_opt.step()
+                    dp_opt.zero_grad(set_to_none=True)
+                losses.append(total / P.batch_size_of(batch))
         state = session.state()
     finally:
         session.close()

@@ -364,6 +364,87 @@ def test_train_head_false_freezes_the_head():
     session.close()
 
 
+def test_reproducible_dp_round_seeds_dropout_too():
+    """A seeded DP round (privacy.reproducible) gives the same adapter whatever the worker's RNG did before: its
+    Poisson draws, noise and dropout all come from the seed; another seed gives another result."""
+    from fedlora import train
+    from transformers import BertConfig, BertForSequenceClassification
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64, num_labels=2,
+                                                    hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3))
+    model = get_peft_model(bert, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.3,
+                                            modules_to_save=["classifier"]))
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = _variable_length_rows()
+
+    def one(global_draws: int, seed):
+        model.load_state_dict(start)
+        torch.rand(global_draws)  # other clients' work in the same process moves the global RNG
+        train.local_train_dp(model, rows, _stack, dp_cfg=P.DPConfig(noise_multiplier=0.5, target_delta=1e-3),
+                             noise_multiplier=0.5, accountant_state=None, steps=3, batch_size=BATCH, lr=0.05,
+                             step_offset=0, total_steps=3, rng_seed=seed, optimizer="sgd")
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_B" in k}
+
+    a, b, c = one(1, (0, 1, 2)), one(1000, (0, 1, 2)), one(1, (0, 1, 3))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def _variable_length_rows():
+    """Right-padded classification rows of lengths 3..SEQ (a collated text batch)."""
+    x, y = cls_data().tensors
+    rows = []
+    for i in range(len(y)):
+        length = 3 + (7 * i) % (SEQ - 2)
+        mask = (torch.arange(SEQ) < length).long()
+        rows.append({"input_ids": x[i] * mask, "attention_mask": mask, "labels": y[i]})
+    return rows
+
+
+def _stack(items):
+    return {k: torch.stack([it[k] for it in items]) if items else torch.zeros(0, SEQ, dtype=torch.long)
+            for k in ("input_ids", "attention_mask", "labels")}
+
+
+def test_physical_batches_sort_split_and_trim_padding():
+    batch = _stack(_variable_length_rows()[:10])
+    pieces = P.physical_batches(batch, 4)
+    assert [P.batch_size_of(p) for p in pieces] == [4, 4, 2]
+    lengths = [p["attention_mask"].sum(1) for p in pieces]
+    assert all(p["input_ids"].shape[1] == int(n.max()) for p, n in zip(pieces, lengths))  # no spare padding
+    assert torch.equal(torch.cat(lengths), torch.sort(batch["attention_mask"].sum(1)).values)  # length order
+    back = sorted(tuple(r.tolist()) for p in pieces for r in torch.nn.functional.pad(p["input_ids"], (0, SEQ - p["input_ids"].shape[1])))
+    assert back == sorted(tuple(r.tolist()) for r in batch["input_ids"])  # every row once, unchanged
+    assert P.physical_batches(batch, None) == [batch] and P.physical_batches(batch, 10) == [batch]
+    left = {k: v.flip(1) if v.dim() == 2 else v for k, v in batch.items()}  # left padding: columns kept
+    assert all(p["input_ids"].shape[1] == SEQ for p in P.physical_batches(left, 4))
+
+
+def test_physical_batches_give_the_logical_batch_step():
+    """Forward/backward in pieces (sorted, padding trimmed) gives the same DP-SGD step as the whole Poisson batch:
+    same clipped sum, same noise, same accounting."""
+    from fedlora import train
+
+    rows = _variable_length_rows()
+    results = []
+    for physical in (None, 3):
+        model = tiny_bert_cls()
+        out = train.local_train_dp(model, rows, _stack, dp_cfg=P.DPConfig(noise_multiplier=0.7, target_delta=1e-3),
+                                   noise_multiplier=0.7, accountant_state=None, steps=3, batch_size=BATCH, lr=0.05,
+                                   step_offset=0, total_steps=3, rng_seed=(4, 0, 1), optimizer="sgd",
+                                   physical_batch_size=physical)
+        results.append(({k: v.detach().clone() for k, v in model.state_dict().items() if "lora_B" in k or "classifier" in k}, out))
+    (w1, o1), (w2, o2) = results
+    assert o1["accountant"] == o2["accountant"] and o1["epsilon"] == o2["epsilon"]
+    assert abs(o1["train_loss"] - o2["train_loss"]) < 1e-5
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-5)
+    assert any(not torch.equal(v, tiny_bert_cls().state_dict()[k]) for k, v in w1.items())  # it did train
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. compatibility rules
 # ----------------------------------------------------------------------------------------------
