@@ -207,7 +207,7 @@ def _train(msg: Message, context: Context) -> Message:
             step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
             warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay),
             max_grad_norm=cfg.train.max_grad_norm, seed=int(cfg.seed) * 1000 + pid, round_idx=rnd,
-            task=bundle.task, device=bundle.device,
+            task=bundle.task, device=bundle.device, micro_batch_size=cfg.train.get("micro_batch_size"),
         )
     state = adapters.from_peft(bundle.model)
     parts = tuple(str(conf["fl.send"]).split(","))
@@ -290,7 +290,7 @@ def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, bat
         warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay), task=bundle.task,
         device=bundle.device, rng_seed=(int(cfg.seed), pid, rnd) if cfg.privacy.get("reproducible") else None,
         optimizer=str(cfg.privacy.get("optimizer", "adamw")),
-        physical_batch_size=cfg.privacy.get("physical_batch_size"),
+        micro_batch_size=cfg.train.get("micro_batch_size"),
     )
     context.state[DP_STATE] = ConfigRecord({"accountant": result["accountant"]})
     return result, {"epsilon": result["epsilon"], "empty_batches": result["empty_batches"], **info}

@@ -122,6 +122,9 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.local_epochs is None or cfg.local_epochs > 0, "local_epochs must be > 0 (or null).")
     _require(cfg.train.batch_size >= 1, "train.batch_size must be >= 1.")
     _require(cfg.train.lr > 0, "train.lr must be > 0.")
+    mb = cfg.train.get("micro_batch_size")
+    _require(mb is None or (isinstance(mb, int) and mb >= 1),
+             f"train.micro_batch_size={mb} must be an integer >= 1 (or null for the whole batch).")
     _require(cfg.train.scheduler in ("constant", "linear", "cosine"), "train.scheduler must be constant, linear or cosine.")
     _require(cfg.kernels in ("auto", "triton", "torch", "peft"), "kernels must be auto, triton, torch or peft.")
     _require(cfg.model.task in ("seq-cls", "causal-lm"), f"model.task='{cfg.model.task}' must be seq-cls or causal-lm.")

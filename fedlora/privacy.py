@@ -654,31 +654,6 @@ def iterate_steps(data_loader, steps: int) -> Iterator:
             raise ValueError("the data loader yielded no batches.")
 
 
-def physical_batches(batch: dict, size: int | None) -> list[dict]:
-    """Split one logical (Poisson) batch into physical batches of at most ``size`` rows for the forward and
-    backward passes (Opacus' ``BatchMemoryManager`` idea: the step, its clipping, noise and accounting stay
-    those of the logical batch). Rows are ordered by length and each physical batch drops the trailing padding
-    columns none of its rows needs, so short texts do not pay for the longest one in the logical batch.
-    Right padding only (a left-padded batch keeps its columns: trimming would shift positions).
-    ``size=None`` (or a batch no larger): the batch itself."""
-    n = batch_size_of(batch)
-    if not size or n <= size:
-        return [batch]
-    mask = batch.get("attention_mask")
-    order = torch.argsort(mask.sum(1), stable=True) if mask is not None else torch.arange(n)
-    right_padded = mask is not None and bool(mask[:, 0].all())
-    seq = mask.size(1) if mask is not None else None
-    out = []
-    for start in range(0, n, size):
-        idx = order[start: start + size]
-        chunk = {k: v[idx] for k, v in batch.items()}
-        if right_padded:
-            width = int(chunk["attention_mask"].sum(1).max())
-            chunk = {k: v[:, :width] if v.dim() >= 2 and v.size(1) == seq else v for k, v in chunk.items()}
-        out.append(chunk)
-    return out
-
-
 def batch_size_of(batch) -> int:
     """Rows in a batch (tensor, tuple/list of tensors or dict of tensors); 0 for an empty Poisson batch."""
     if isinstance(batch, torch.Tensor):
@@ -803,9 +778,6 @@ def validate_config(cfg) -> None:
     except ValueError as e:
         raise ValueError(f"privacy: {str(e).rstrip('.')}; set it in conf/privacy/{'dp_sgd' if mode == 'dp_sgd' else 'client_level'}.yaml or as privacy.<key>=...") from None
     if mode == "dp_sgd":
-        pb = priv.get("physical_batch_size")
-        if pb not in (None, "null") and not (isinstance(pb, int) and not isinstance(pb, bool) and pb >= 1):
-            raise ValueError(f"privacy.physical_batch_size={pb} must be an integer >= 1 (or null for the whole batch).")
         if str(priv.get("optimizer", "adamw")) not in ("adamw", "sgd"):
             raise ValueError(f"privacy.optimizer={priv.get('optimizer')!r} must be adamw or sgd.")
         if str(cfg.get("kernels", "peft")) != "peft":

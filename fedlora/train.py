@@ -51,6 +51,30 @@ def seeded_dropout(seed_words, device):
         yield
 
 
+def micro_batches(batch: dict[str, torch.Tensor], size: int | None) -> list[dict[str, torch.Tensor]]:
+    """Split one collated batch into micro-batches of at most ``size`` rows for the forward and backward passes
+    (gradient accumulation; the step stays one per batch). Rows are ordered by length and each micro-batch drops
+    the trailing padding columns none of its rows needs, so short texts do not pay for the longest one in the
+    batch. Right padding only (a left-padded batch keeps its columns: trimming would shift positions).
+    ``size=None``, or a batch no larger: the batch itself."""
+    n = int(next(iter(batch.values())).shape[0]) if batch else 0
+    if not size or n <= size:
+        return [batch]
+    mask = batch.get("attention_mask")
+    order = torch.argsort(mask.sum(1), stable=True) if mask is not None else torch.arange(n)
+    right_padded = mask is not None and bool(mask[:, 0].all())
+    seq = mask.size(1) if mask is not None else None
+    out = []
+    for start in range(0, n, size):
+        idx = order[start: start + size]
+        piece = {k: v[idx] for k, v in batch.items()}
+        if right_padded:
+            width = int(piece["attention_mask"].sum(1).max())
+            piece = {k: v[:, :width] if v.dim() >= 2 and v.size(1) == seq else v for k, v in piece.items()}
+        out.append(piece)
+    return out
+
+
 def model_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     out = model(**inputs)
@@ -64,11 +88,12 @@ def model_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor
 def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: float, step_offset: int,
                 total_steps: int, scheduler: str = "cosine", warmup: int = 0, weight_decay: float = 0.0,
                 max_grad_norm: float | None = 1.0, seed: int = 0, round_idx: int = 0, task: str = "seq-cls",
-                device=None, optimizer_fn=None) -> dict[str, float]:
+                device=None, optimizer_fn=None, micro_batch_size: int | None = None) -> dict[str, float]:
     """Train the model's trainable parameters for ``steps`` AdamW steps; returns mean loss and timing.
 
     The learning rate follows one schedule over the whole run: step ``step_offset + i`` of ``total_steps``.
     ``optimizer_fn(params, lr, wd)`` lets privacy wrap the optimizer (DP-SGD); default AdamW.
+    ``micro_batch_size``: forward/backward each batch in length-ordered pieces (:func:`micro_batches`), one step.
     """
     device = device or next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -79,15 +104,18 @@ def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: fl
         for i, idx in enumerate(batch_indices(len(dataset), batch_size, steps, seed, round_idx)):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step_offset + i, total_steps, lr, scheduler, warmup)
-            batch = {k: v.to(device) for k, v in collator([dataset[int(j)] for j in idx]).items()}
-            with autocast(device):
-                loss = model_loss(model, batch, task)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total = 0.0
+            for piece in micro_batches(collator([dataset[int(j)] for j in idx]), micro_batch_size):
+                piece = {k: v.to(device) for k, v in piece.items()}
+                with autocast(device):  # a token-level LM loss is then averaged per piece, not over all tokens
+                    loss = model_loss(model, piece, task) * (len(piece["input_ids"]) / len(idx))
+                loss.backward()
+                total += float(loss.detach())
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(total)
     model.eval()
     return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_s": time.perf_counter() - t0,
             "steps": len(losses)}
@@ -110,7 +138,7 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
                    batch_size: int, lr: float, step_offset: int, total_steps: int, scheduler: str = "cosine",
                    warmup: int = 0, weight_decay: float = 0.0, task: str = "seq-cls", device=None,
                    rng_seed=None, optimizer: str = "adamw", momentum: float = 0.9,
-                   physical_batch_size: int | None = None) -> dict:
+                   micro_batch_size: int | None = None) -> dict:
     """DP-SGD version of :func:`local_train` (sample-level DP, see :mod:`fedlora.privacy`): ``steps`` AdamW steps
     on Poisson-sampled batches (expected size ``batch_size``, fresh draws every pass), each example's gradient
     over the trainable parameters clipped to ``dp_cfg.max_grad_norm`` and Gaussian noise
@@ -124,9 +152,8 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
     ``optimizer``: ``adamw`` (as :func:`local_train`) or ``sgd`` (with ``momentum``). Adam divides every
     coordinate by its own noise-dominated second moment, so coordinates with little signal (LoRA B early on)
     take steps of about ``lr`` in a random direction; SGD keeps the noise at its DP scale.
-    ``physical_batch_size``: forward/backward each Poisson batch in pieces of at most this many rows, ordered by
-    length (:func:`fedlora.privacy.physical_batches`); the optimizer step, clipping, noise and accounting are
-    those of the whole batch. Bounds memory for large DP batches and saves the padding of short texts.
+    ``micro_batch_size``: forward/backward each Poisson batch in length-ordered pieces (:func:`micro_batches`,
+    Opacus' physical batches); the step, its clipping, noise and accounting are those of the whole batch.
     Returns the loss/timing of :func:`local_train` plus ``epsilon`` (whole run so far, at ``dp_cfg.target_delta``),
     ``accountant`` (JSON to store for the next round), ``noise_multiplier``, ``sample_rate``, ``empty_batches``.
     """
@@ -157,7 +184,7 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
                     P.noise_only_step(dp_opt)
                     empty += 1
                     continue
-                pieces = P.physical_batches(batch, physical_batch_size)
+                pieces = micro_batches(batch, micro_batch_size)
                 total = 0.0
                 for j, piece in enumerate(pieces):
                     piece = {k: v.to(device) for k, v in piece.items()}

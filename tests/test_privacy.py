@@ -409,42 +409,6 @@ def _stack(items):
             for k in ("input_ids", "attention_mask", "labels")}
 
 
-def test_physical_batches_sort_split_and_trim_padding():
-    batch = _stack(_variable_length_rows()[:10])
-    pieces = P.physical_batches(batch, 4)
-    assert [P.batch_size_of(p) for p in pieces] == [4, 4, 2]
-    lengths = [p["attention_mask"].sum(1) for p in pieces]
-    assert all(p["input_ids"].shape[1] == int(n.max()) for p, n in zip(pieces, lengths))  # no spare padding
-    assert torch.equal(torch.cat(lengths), torch.sort(batch["attention_mask"].sum(1)).values)  # length order
-    back = sorted(tuple(r.tolist()) for p in pieces for r in torch.nn.functional.pad(p["input_ids"], (0, SEQ - p["input_ids"].shape[1])))
-    assert back == sorted(tuple(r.tolist()) for r in batch["input_ids"])  # every row once, unchanged
-    assert P.physical_batches(batch, None) == [batch] and P.physical_batches(batch, 10) == [batch]
-    left = {k: v.flip(1) if v.dim() == 2 else v for k, v in batch.items()}  # left padding: columns kept
-    assert all(p["input_ids"].shape[1] == SEQ for p in P.physical_batches(left, 4))
-
-
-def test_physical_batches_give_the_logical_batch_step():
-    """Forward/backward in pieces (sorted, padding trimmed) gives the same DP-SGD step as the whole Poisson batch:
-    same clipped sum, same noise, same accounting."""
-    from fedlora import train
-
-    rows = _variable_length_rows()
-    results = []
-    for physical in (None, 3):
-        model = tiny_bert_cls()
-        out = train.local_train_dp(model, rows, _stack, dp_cfg=P.DPConfig(noise_multiplier=0.7, target_delta=1e-3),
-                                   noise_multiplier=0.7, accountant_state=None, steps=3, batch_size=BATCH, lr=0.05,
-                                   step_offset=0, total_steps=3, rng_seed=(4, 0, 1), optimizer="sgd",
-                                   physical_batch_size=physical)
-        results.append(({k: v.detach().clone() for k, v in model.state_dict().items() if "lora_B" in k or "classifier" in k}, out))
-    (w1, o1), (w2, o2) = results
-    assert o1["accountant"] == o2["accountant"] and o1["epsilon"] == o2["epsilon"]
-    assert abs(o1["train_loss"] - o2["train_loss"]) < 1e-5
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-5)
-    assert any(not torch.equal(v, tiny_bert_cls().state_dict()[k]) for k, v in w1.items())  # it did train
-
-
 # ----------------------------------------------------------------------------------------------
 # 5. compatibility rules
 # ----------------------------------------------------------------------------------------------

@@ -357,7 +357,7 @@ def test_client_level_budget_stops_the_run(tmp_path):
     (["privacy=dp_sgd", "privacy.max_grad_norm=0"], "clipping norm"),
     (["privacy=dp_sgd", "privacy.accountant=moments"], "accountant must be one of"),
     (["privacy=dp_sgd", "privacy.planned_rounds=0"], "planned_rounds"),
-    (["privacy=dp_sgd", "privacy.physical_batch_size=0"], "physical_batch_size"),
+    (["train.micro_batch_size=0"], "micro_batch_size"),
     (["privacy=dp_sgd", "privacy.target_delta=1.5"], "target_delta"),
     (["privacy=none", "privacy.mode=client_dp_adaptive"], "no privacy accountant for adaptive"),
     (["partitioner=label_skew"], "one row per client"),

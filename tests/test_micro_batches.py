@@ -1,0 +1,98 @@
+"""Micro-batches (train.micro_batch_size): a batch split into length-ordered, padding-trimmed pieces gives the
+same step as the whole batch, without DP (gradient accumulation) and with DP-SGD (Opacus' physical batches:
+same clipped sum, noise and accounting)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlora import privacy as P
+from fedlora import train
+
+N, SEQ, BATCH = 32, 12, 8
+
+
+def rows():
+    """Right-padded classification rows of lengths 3..SEQ, as a text collator makes them."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(1, 200, (N, SEQ), generator=g)
+    y = torch.randint(0, 2, (N,), generator=g)
+    out = []
+    for i in range(N):
+        mask = (torch.arange(SEQ) < 3 + (7 * i) % (SEQ - 2)).long()
+        out.append({"input_ids": x[i] * mask, "attention_mask": mask, "labels": y[i]})
+    return out
+
+
+def collate(items):
+    return {k: torch.stack([it[k] for it in items]) if items else torch.zeros(0, SEQ, dtype=torch.long)
+            for k in ("input_ids", "attention_mask", "labels")}
+
+
+def tiny_bert():
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+    model = get_peft_model(BertForSequenceClassification(cfg),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0,
+                                      modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def trained(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or "classifier" in k}
+
+
+def test_micro_batches_sort_split_and_trim_padding():
+    batch = collate(rows()[:10])
+    pieces = train.micro_batches(batch, 4)
+    assert [len(p["labels"]) for p in pieces] == [4, 4, 2]
+    lengths = [p["attention_mask"].sum(1) for p in pieces]
+    assert all(p["input_ids"].shape[1] == int(n.max()) for p, n in zip(pieces, lengths))  # no spare padding
+    assert torch.equal(torch.cat(lengths), torch.sort(batch["attention_mask"].sum(1)).values)  # length order
+    padded = [torch.nn.functional.pad(p["input_ids"], (0, SEQ - p["input_ids"].shape[1])) for p in pieces]
+    assert sorted(map(tuple, torch.cat(padded).tolist())) == sorted(map(tuple, batch["input_ids"].tolist()))
+    assert train.micro_batches(batch, None) == [batch] and train.micro_batches(batch, 10) == [batch]
+    left = {k: v.flip(1) if v.dim() == 2 else v for k, v in batch.items()}  # left padding: columns kept
+    assert all(p["input_ids"].shape[1] == SEQ for p in train.micro_batches(left, 4))
+
+
+def test_micro_batches_give_the_same_step_without_dp():
+    out = []
+    for micro in (None, 3):
+        model = tiny_bert()
+        r = train.local_train(model, rows(), collate, steps=3, batch_size=BATCH, lr=1e-2, step_offset=0, total_steps=3,
+                              seed=1, round_idx=1, micro_batch_size=micro)
+        out.append((trained(model), r["train_loss"]))
+    (w1, l1), (w2, l2) = out
+    assert abs(l1 - l2) < 1e-5
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-5)
+    assert any(not torch.equal(v, trained(tiny_bert())[k]) for k, v in w1.items())  # it did train
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_micro_batches_give_the_same_dp_step(optimizer):
+    """Same clipped sum, same noise, same accounting as the whole Poisson batch."""
+    out = []
+    for micro in (None, 3):
+        model = tiny_bert()
+        r = train.local_train_dp(model, rows(), collate, dp_cfg=P.DPConfig(noise_multiplier=0.7, target_delta=1e-3),
+                                 noise_multiplier=0.7, accountant_state=None, steps=3, batch_size=BATCH, lr=0.05,
+                                 step_offset=0, total_steps=3, rng_seed=(4, 0, 1), optimizer=optimizer,
+                                 micro_batch_size=micro)
+        out.append((trained(model), r))
+    (w1, r1), (w2, r2) = out
+    assert r1["accountant"] == r2["accountant"] and r1["epsilon"] == r2["epsilon"]
+    assert abs(r1["train_loss"] - r2["train_loss"]) < 1e-5
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-5)
+    assert any(not torch.equal(v, trained(tiny_bert())[k]) for k, v in w1.items())
