@@ -1,6 +1,7 @@
-"""Micro-batches (train.micro_batch_size): a batch split into length-ordered, padding-trimmed pieces gives the
-same step as the whole batch, without DP (gradient accumulation) and with DP-SGD (Opacus' physical batches:
-same clipped sum, noise and accounting)."""
+"""The local training loops (fedlora.train) on a tiny BERT: micro-batches (train.micro_batch_size, a batch split
+into length-ordered, padding-trimmed pieces) give the same step as the whole batch, without DP (gradient
+accumulation) and with DP-SGD (Opacus' physical batches: same clipped sum, noise and accounting); a seeded DP
+round is reproducible, dropout included."""
 
 from __future__ import annotations
 
@@ -30,15 +31,15 @@ def collate(items):
             for k in ("input_ids", "attention_mask", "labels")}
 
 
-def tiny_bert():
+def tiny_bert(dropout: float = 0.0):
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, num_labels=2)
     model = get_peft_model(BertForSequenceClassification(cfg),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=0.0,
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_dropout=dropout,
                                       modules_to_save=["classifier"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -96,3 +97,22 @@ def test_micro_batches_give_the_same_dp_step(optimizer):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-5)
     assert any(not torch.equal(v, trained(tiny_bert())[k]) for k, v in w1.items())
+
+
+def test_reproducible_dp_round_seeds_dropout_too():
+    """A seeded DP round (privacy.reproducible) gives the same adapter whatever the worker's RNG did before: its
+    Poisson draws, noise and dropout all come from the seed; another seed gives another result."""
+    model = tiny_bert(dropout=0.3)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def one(global_draws: int, seed):
+        model.load_state_dict(start)
+        torch.rand(global_draws)  # other clients' work in the same process moves the global RNG
+        train.local_train_dp(model, rows(), collate, dp_cfg=P.DPConfig(noise_multiplier=0.5, target_delta=1e-3),
+                             noise_multiplier=0.5, accountant_state=None, steps=3, batch_size=BATCH, lr=0.05,
+                             step_offset=0, total_steps=3, rng_seed=seed, optimizer="sgd")
+        return trained(model)
+
+    a, b, c = one(1, (0, 1, 2)), one(1000, (0, 1, 2)), one(1, (0, 1, 3))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
