@@ -44,8 +44,14 @@ def overrides(strategy: str, eps: str, seed: int, a) -> list[str]:
           "fraction_train=1.0", f"num_rounds={a.rounds}", f"local_steps={a.steps}", f"train.batch_size={a.batch}",
           "train.max_length=64", f"eval.max_examples={a.round_eval}", f"strategy={strategy}", f"seed={seed}",
           f"train.lr={a.lr[strategy]}", "update_norm_factor=0"]
+    if a.targets:
+        ov.append(f"model.lora.target_modules='{a.targets}'")
+    if a.micro:
+        ov.append(f"train.micro_batch_size={a.micro}")
     if strategy == "ffa_lora":
         ov.append(f"strategy.lr_multiplier={a.ffa_multiplier}")
+        if a.ffa_alpha:
+            ov.append(f"model.lora.alpha={a.ffa_alpha}")
     if eps == CONTROL:
         ov += ["privacy=dp_sgd", "privacy.target_epsilon=null", "privacy.noise_multiplier=0.0",
                f"privacy.max_grad_norm={a.clip}", "privacy.reproducible=true", f"privacy.optimizer={a.dp_optimizer}",
@@ -139,6 +145,46 @@ def probe(lrs: list[float], steps: int = 30, batch: int = 32) -> dict:
     return out
 
 
+def centralised(a) -> dict:
+    """The same model, optimizer and DP-SGD steps without federation or label skew: one model trained on a shuffled
+    22,000-row sample of SST-2 train (the size of one client) for rounds x steps steps in one go, then evaluated on
+    the whole dev split. Separates what DP costs at this compute from what the label-skewed federation adds."""
+    from fedlora import config, data, models, train
+    from fedlora import privacy as P
+
+    out = {}
+    for s in a.strategies:
+        for e in a.eps:
+            cfg = config.load(overrides(s, e, a.seeds[0], a))
+            bundle = models.build(cfg)
+            if s == "ffa_lora":
+                for name, p in bundle.model.named_parameters():
+                    if ".lora_A." in name:
+                        p.requires_grad_(False)
+            tr, dev = data.load(cfg.data)
+            tr = tr.shuffle(seed=a.seeds[0]).select(range(22000))
+            col = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), None)
+            steps, lr = a.rounds * a.steps, float(cfg.train.lr) * float(cfg.strategy.get("lr_multiplier", 1.0))
+            common = dict(steps=steps, batch_size=a.batch, lr=lr, step_offset=0, total_steps=steps, task=bundle.task,
+                          micro_batch_size=a.micro)
+            t0 = time.time()
+            if e == "inf":
+                train.local_train(bundle.model, tr, col, seed=a.seeds[0], **common)
+                sigma = eps_spent = None
+            else:
+                dp = P.dp_config(cfg)
+                sigma = dp.noise_multiplier if e == CONTROL else P.plan_noise(dp, 1.0 / math.ceil(len(tr) / a.batch), steps)
+                r = train.local_train_dp(bundle.model, tr, col, dp_cfg=dp, noise_multiplier=sigma, accountant_state=None,
+                                         rng_seed=(a.seeds[0], 0, 0), optimizer=a.dp_optimizer, **common)
+                eps_spent = r["epsilon"] if e != CONTROL else None
+            ev = train.evaluate(bundle.model, dev, col, task=bundle.task)
+            key = f"{s}/eps={e}/seed={a.seeds[0]}"
+            out[key] = {"dev_accuracy": ev["eval_accuracy"], "dev_loss": ev["eval_loss"], "noise_multiplier": sigma,
+                        "epsilon": eps_spent, "steps": steps, "wall_s": round(time.time() - t0, 1)}
+            print(key, out[key], flush=True)
+    return out
+
+
 def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -183,16 +229,25 @@ def main() -> int:
     ap.add_argument("--lr-fedit", type=float, default=2e-3)
     ap.add_argument("--lr-ffa", type=float, default=2e-3, help="base lr of FFA-LoRA (times --ffa-multiplier)")
     ap.add_argument("--ffa-multiplier", type=float, default=5.0)
+    ap.add_argument("--ffa-alpha", type=float, default=None,
+                    help="LoRA alpha of FFA-LoRA (default: the model config's). With A frozen at its small random "
+                         "init, alpha/r is the only scale of A's side of the update; Adam's steps on B do not see it")
     ap.add_argument("--clip", type=float, default=1.0, help="per-example clipping norm")
     ap.add_argument("--dp-optimizer", default="sgd", choices=("sgd", "adamw"), help="optimizer of the DP runs")
     ap.add_argument("--dp-lr-fedit", type=float, default=0.1, help="lr of FedIT's DP runs")
     ap.add_argument("--dp-lr-ffa", type=float, default=0.1, help="base lr of FFA-LoRA's DP runs (x --ffa-multiplier)")
+    ap.add_argument("--targets", default=None,
+                    help="LoRA target modules as a PEFT regex (default: the model config's list), e.g. "
+                         r"'.*layer\.5\.attention\.self\.(query|value)' for the top layer only")
+    ap.add_argument("--micro", type=int, default=None, help="train.micro_batch_size (length-ordered pieces)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--round-eval", type=int, default=64, help="dev examples evaluated after each round (progress)")
     ap.add_argument("--tune", action="store_true", help="lr sweep at epsilon=3, seed 0 (writes dp_experiment_tune.json)")
     ap.add_argument("--tune-lrs", type=float, nargs="+", default=[1e-3, 4e-3],
                     help="effective lrs of the sweep (both methods)")
     ap.add_argument("--probe", type=float, nargs="+", help="centralised non-private lr probe (30 steps) instead")
+    ap.add_argument("--centralised", action="store_true",
+                    help="one model, no federation, no label skew (first seed only); writes <out>_centralised.json")
     ap.add_argument("--out", default=str(RESULTS / "dp_experiment.json"))
     a = ap.parse_args()
     a.lr = {"fedit": a.lr_fedit, "ffa_lora": a.lr_ffa}
@@ -216,6 +271,13 @@ def main() -> int:
         save(path, doc)
         return 0
     command = ".venv/bin/python bench/" + " ".join(shlex.quote(x) for x in [Path(__file__).name, *sys.argv[1:]])
+    if a.centralised:
+        path = Path(a.out).with_name(Path(a.out).stem + "_centralised.json")
+        doc = load(path)
+        doc.setdefault("runs", {}).update(centralised(a))
+        doc.update({"command": command, "what": centralised.__doc__.strip().replace("\n    ", " ")})
+        save(path, doc)
+        return 0
     if a.tune:
         path = RESULTS / "dp_experiment_tune.json"
         doc = load(path) or {"command": command, "runs": {}}
@@ -238,14 +300,16 @@ def main() -> int:
     path = Path(a.out)
     doc = load(path)
     settings = {"rounds": a.rounds, "local_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "dp_lr": a.dp_lr,
-                "dp_optimizer": a.dp_optimizer,
-                "ffa_lr_multiplier": a.ffa_multiplier, "max_grad_norm": a.clip, "delta": 1e-5}
+                "dp_optimizer": a.dp_optimizer, "lora_targets": a.targets or "model config", "micro_batch_size": a.micro,
+                "ffa_lr_multiplier": a.ffa_multiplier, "ffa_alpha": a.ffa_alpha, "max_grad_norm": a.clip, "delta": 1e-5}
     if doc.get("settings") not in (None, settings):
         print(f"{path} holds runs with other settings {doc['settings']}: move it away first.", file=sys.stderr)
         return 2
     doc.setdefault("runs", {})
     doc.update({"command": command, "settings": settings, "setting": {
-        "model": "minilm (all-MiniLM-L6-v2, LoRA r=8 alpha=16 on query/value/pooler.dense, classifier head trained)",
+        "model": "minilm (all-MiniLM-L6-v2, LoRA r=8 alpha=16 on "
+                 + (f"the modules matching {a.targets}" if a.targets else "query/value/pooler.dense")
+                 + ", classifier head trained)",
         "data": "SST-2 train split over 3 clients, label skew [[0.1,0.9],[0.9,0.1],[0.5,0.5]]; dev split (872) for accuracy",
         "dp": "sample-level DP-SGD on every client (Opacus RDP, Poisson sampling, noise planned once for rounds x steps)",
         "optimizer": "AdamW, cosine schedule over the run", "metric": "final dev accuracy of the global model"},
@@ -271,7 +335,11 @@ def main() -> int:
         f"{a.rounds} rounds × {a.steps} local steps, expected batch {a.batch}, per-example clipping norm {a.clip}, "
         f"AdamW lr {a.lr['fedit']:g} (FedIT) / {a.lr['ffa_lora']:g} × {a.ffa_multiplier:g} (FFA-LoRA), cosine schedule; "
         f"DP runs: {a.dp_optimizer} at lr {a.dp_lr['fedit']:g} (FedIT) / {a.dp_lr['ffa_lora']:g} × {a.ffa_multiplier:g} "
-        "(FFA-LoRA).",
+        "(FFA-LoRA)"
+        + (f"; FFA-LoRA's LoRA alpha {a.ffa_alpha:g} (A is frozen at its small random init, so alpha/r is the scale of "
+           "A's side of the update)" if a.ffa_alpha else "")
+        + "; LoRA on " + (f"`{a.targets}`" if a.targets else "the model config's targets") + " plus the classifier head"
+        + (f"; micro-batches of {a.micro} rows (train.micro_batch_size)" if a.micro else "") + ".",
         "",
         table(doc, seeds),
         "",
@@ -283,8 +351,10 @@ def main() -> int:
         "Notes: one accountant per client for the whole run (restored from the node's state every round); each "
         "client ends at ε ≤ target (it takes part in every round, which is what the noise is planned for). "
         f"Each run is short ({a.rounds * a.steps} DP-SGD steps per client) and the learning rates were not tuned "
-        "per ε (earlier sweeps: bench/results/dp_experiment_tune.json); differences below about one std are not "
-        "meaningful.",
+        "per ε; differences below about one std are not meaningful. The control column runs the DP-SGD path "
+        "(Poisson batches, per-example clipping, the DP optimizer) with σ = 0: what clipping alone costs. "
+        "Earlier settings: bench/results/dp_experiment_b64.json (expected batch 64, all layers) and "
+        "dp_experiment_tune.json; one model without federation: dp_experiment_centralised.json (--centralised).",
         "",
         "How to run it yourself: `fedlora run privacy=dp_sgd privacy.target_epsilon=3 ...` (sample-level, every "
         "client; metrics carry every client's ε each round, clients stop at their budget and the run stops "
