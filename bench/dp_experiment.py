@@ -149,7 +149,7 @@ def centralised(a) -> dict:
     """The same model, optimizer and DP-SGD steps without federation or label skew: one model trained on a shuffled
     22,000-row sample of SST-2 train (the size of one client) for rounds x steps steps in one go, then evaluated on
     the whole dev split. Separates what DP costs at this compute from what the label-skewed federation adds."""
-    from fedlora import config, data, models, train
+    from fedlora import adapters, config, data, models, train
     from fedlora import privacy as P
 
     out = {}
@@ -158,9 +158,7 @@ def centralised(a) -> dict:
             cfg = config.load(overrides(s, e, a.seeds[0], a))
             bundle = models.build(cfg)
             if s == "ffa_lora":
-                for name, p in bundle.model.named_parameters():
-                    if ".lora_A." in name:
-                        p.requires_grad_(False)
+                adapters.train_A(bundle.model, False)
             tr, dev = data.load(cfg.data)
             tr = tr.shuffle(seed=a.seeds[0]).select(range(22000))
             col = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), None)
@@ -221,8 +219,8 @@ def paired(doc: dict, seeds: list[int]) -> str:
     """FedIT minus FFA-LoRA, seed by seed (same data, same partition): the comparison the issue asks about."""
     runs, parts = doc["runs"], []
     for e in EPSILONS:
-        diffs = [100 * (runs[f"fedit/eps={e}/seed={sd}"]["final_accuracy"] - runs[f"ffa_lora/eps={e}/seed={sd}"]["final_accuracy"])
-                 for sd in seeds if f"fedit/eps={e}/seed={sd}" in runs and f"ffa_lora/eps={e}/seed={sd}" in runs]
+        pairs = [(runs.get(f"fedit/eps={e}/seed={sd}"), runs.get(f"ffa_lora/eps={e}/seed={sd}")) for sd in seeds]
+        diffs = [100 * (f["final_accuracy"] - g["final_accuracy"]) for f, g in pairs if f and g]
         if diffs:
             ahead = sum(d > 0 for d in diffs)
             parts.append(f"ε={e}: {sum(diffs) / len(diffs):+.1f} points (FedIT ahead in {ahead} of {len(diffs)} seeds; "

@@ -151,10 +151,7 @@ def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context:
         state.lora[name] = adapters.LoraFactors(A, B, alpha / r)
     state.extra = {k[len("extra."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("extra.")}
     adapters.load_into_peft(bundle.model, state)
-    freeze_a = bool(conf["fl.freeze_a"])
-    for pname, p in bundle.model.named_parameters():
-        if ".lora_A." in pname:
-            p.requires_grad_(not freeze_a)
+    adapters.train_A(bundle.model, not bool(conf["fl.freeze_a"]))
     if conf.get("fl.modules"):  # FedPipe: LoRA only on the selected modules; the others stay at B = 0, frozen
         selected = set(str(conf["fl.modules"]).split(","))
         for name, layer in layers.items():

@@ -146,6 +146,13 @@ def resize_peft(model, ranks: dict[str, int] | int, alpha: float, adapter_name: 
         layer.scaling[adapter_name] = alpha / r
 
 
+def train_A(model, trainable: bool) -> None:
+    """Let every LoRA A factor train, or freeze it (FFA-LoRA: A is shared, fixed and never sent back)."""
+    for layer in lora_layers(model).values():
+        for a in layer.lora_A.values():
+            a.weight.requires_grad_(trainable)
+
+
 # ----------------------------------------------------------------------------------------------
 # Flat arrays (Flower ArrayRecord content) and files
 # ----------------------------------------------------------------------------------------------

@@ -116,3 +116,23 @@ def test_reproducible_dp_round_seeds_dropout_too():
     a, b, c = one(1, (0, 1, 2)), one(1000, (0, 1, 2)), one(1, (0, 1, 3))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_train_A_freezes_exactly_the_A_factors_and_a_B_only_step_keeps_A():
+    """FFA-LoRA's switch (fedlora.adapters.train_A): every lora_A frozen, B and the head still train; undone by True."""
+    from fedlora import adapters
+
+    model = tiny_bert()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    adapters.train_A(model, False)
+    frozen = {n for n, p in model.named_parameters() if before[n] and not p.requires_grad}
+    assert frozen and frozen == {n for n in before if ".lora_A." in n}
+    assert any(p.requires_grad for n, p in model.named_parameters() if ".lora_B." in n)
+    A0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n}
+    train.local_train(model, rows(), collate, steps=2, batch_size=BATCH, lr=1e-2, step_offset=0, total_steps=2,
+                      seed=0)
+    for n, p in model.named_parameters():
+        if n in A0:
+            assert torch.equal(p, A0[n]), n
+    adapters.train_A(model, True)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
