@@ -70,9 +70,9 @@ def run_one(ov: list[str], out_dir: Path) -> dict:
 
     from harness import InProcessGrid
 
-    import strategies
+    from fedlora import strategies
     from fedlora import config, data, models
-    from strategies.server_app import evaluate_global, run_server
+    from fedlora.strategies.server_app import evaluate_global, run_server
 
     cfg = config.load(ov)
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -48,7 +48,7 @@ def run_one(overrides: list[str]) -> dict:
     from harness import InProcessGrid
 
     from fedlora import config
-    from strategies.server_app import run_server
+    from fedlora.strategies.server_app import run_server
 
     cfg = config.load(overrides)
     d = Path(tempfile.mkdtemp(prefix="fedpipe-bench-"))

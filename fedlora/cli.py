@@ -87,8 +87,8 @@ def simulate(cfg, run_dir: Path, verbose: bool = False, resume: bool = False) ->
 
     from flwr.simulation import run_simulation
 
-    import clients.client_app
-    import strategies.server_app
+    from fedlora.clients import client_app
+    from fedlora.strategies import server_app
     from fedlora import config
 
     os.environ["FEDLORA_OVERRIDES_YAML"] = config.to_yaml(cfg)
@@ -103,7 +103,7 @@ def simulate(cfg, run_dir: Path, verbose: bool = False, resume: bool = False) ->
 
     os.environ["FEDLORA_RUN_TOKEN"] = uuid.uuid4().hex  # inherited by Ray and its workers: see _shutdown_ray
     try:
-        run_simulation(server_app=strategies.server_app.app, client_app=clients.client_app.app,
+        run_simulation(server_app=server_app.app, client_app=client_app.app,
                        num_supernodes=int(cfg.num_clients), backend_config=backend, verbose_logging=verbose)
     finally:
         _shutdown_ray()
@@ -138,7 +138,7 @@ def prepare(overrides: list[str]):
     cfg = config.load(overrides)
     data.check_partitions(cfg)
     if cfg.strategy.name == "fedpipe":  # memory budgets: an infeasible client is a config error (exit 2)
-        import strategies
+        from fedlora import strategies
 
         strategies.get("fedpipe").check_config(cfg)
     run_dir = (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg)).resolve()

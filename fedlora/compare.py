@@ -117,7 +117,7 @@ def cmd_compare(argv: list[str]) -> int:
     for n in names:
         try:
             cfg = config.load(argv + [f"strategy={n}", f"out_dir={out / n}"])
-            import strategies
+            from fedlora import strategies
 
             strategies.get(n).check_config(cfg)
         except ConfigError as e:  # e.g. a single-rank method in a mixed-rank preset

@@ -21,10 +21,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-import strategies
+from fedlora import strategies
 from fedlora import adapters, checkpoint, config, data, models, train
 from fedlora.report import Recorder, default_run_dir
-from strategies import dp as privacy_server
+from fedlora.strategies import dp as privacy_server
 
 app = ServerApp()
 
@@ -35,9 +35,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, strategies.base.NodeInfo]:
+def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, "NodeInfo"]:
     """Wait for ``num_clients`` nodes, then ask each for its partition, size, device (a QUERY message)."""
-    from strategies.base import NodeInfo
+    from fedlora.strategies.base import NodeInfo
 
     t0 = time.time()
     while len(ids := sorted(grid.get_node_ids())) < cfg.num_clients:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import clients.client_app as ca
+import fedlora.clients.client_app as ca
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 

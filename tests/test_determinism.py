@@ -59,7 +59,7 @@ def run_case(name: str, out: Path) -> list[dict]:
     from harness import InProcessGrid
 
     from fedlora import config
-    from strategies.server_app import run_server
+    from fedlora.strategies.server_app import run_server
 
     cfg = config.load(FAST + CASES[name])
     run_server(InProcessGrid(cfg.num_clients), cfg, out, echo=lambda *_: None)

@@ -8,7 +8,7 @@ from conftest import ROOT, fedlora_cmd
 from harness import InProcessGrid
 
 from fedlora import config
-from strategies.server_app import run_server
+from fedlora.strategies.server_app import run_server
 
 
 def test_raising_and_silent_clients_are_left_out(tmp_path):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from harness import InProcessGrid
 
-import strategies
+from fedlora import strategies
 from fedlora import config, models, quant, resources
-from strategies import fedpipe as fp
-from strategies.server_app import run_server
+from fedlora.strategies import fedpipe as fp
+from fedlora.strategies.server_app import run_server
 
 FAST = ["model=tiny_llama", "num_clients=4", "local_steps=2", "train.batch_size=4", "eval.max_examples=32",
         "train.max_length=32", "strategy=fedpipe",

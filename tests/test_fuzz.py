@@ -11,10 +11,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from harness import InProcessGrid  # noqa: F401  (sets Flower's task identity)
 
-import strategies
+from fedlora import strategies
 from fedlora import adapters, config
 from fedlora.adapters import AdapterState, LoraFactors
-from strategies.base import NodeInfo
+from fedlora.strategies.base import NodeInfo
 
 N_CASES = 1000
 SHAPES = {"layers.0.q": (12, 10), "layers.0.v": (12, 10)}

@@ -17,11 +17,11 @@ from harness import InProcessGrid, Killed, KillingGrid
 from flwr.app import ConfigRecord
 from opacus.accountants import RDPAccountant
 
-import strategies
-import strategies.dp as server_dp
+from fedlora import strategies
+import fedlora.strategies.dp as server_dp
 from fedlora import adapters, config, data
 from fedlora import privacy as P
-from strategies.server_app import run_server
+from fedlora.strategies.server_app import run_server
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

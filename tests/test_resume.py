@@ -16,7 +16,7 @@ from harness import InProcessGrid, Killed, KillingGrid
 from safetensors.torch import load_file
 
 from fedlora import checkpoint, config
-from strategies.server_app import run_server
+from fedlora.strategies.server_app import run_server
 
 FAST = ["model=tiny_llama", "num_clients=4", "local_steps=2", "train.batch_size=4", "eval.max_examples=16",
         "train.max_length=32", "fraction_train=0.75", "num_rounds=4"]

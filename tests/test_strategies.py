@@ -13,9 +13,9 @@ from harness import InProcessGrid
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import strategies
+from fedlora import strategies
 from fedlora import adapters, config
-from strategies.server_app import run_server
+from fedlora.strategies.server_app import run_server
 
 FAST = ["model=tiny_llama", "num_clients=4", "local_steps=1", "train.batch_size=4", "eval.max_examples=16",
         "train.max_length=32"]
@@ -44,7 +44,7 @@ def run(tmp_path, *overrides, grid=None, name="run"):
 
 def test_flora_partial_participation_keeps_every_client_in_sync(tmp_path):
     """fraction_train=0.5 over 6 rounds: every client, once caught up, trains on exactly the server's base."""
-    import clients.client_app as ca
+    import fedlora.clients.client_app as ca
 
     seen = []  # (partition, version, delta) right after each client caught up
     orig_train = ca.train_fn
