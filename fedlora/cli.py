@@ -89,12 +89,6 @@ def simulate(cfg, run_dir: Path, verbose: bool = False, resume: bool = False) ->
 
     from fedlora.clients import client_app
     from fedlora.strategies import server_app
-    from fedlora import config
-
-    os.environ["FEDLORA_OVERRIDES_YAML"] = config.to_yaml(cfg)
-    os.environ["FEDLORA_RUN_DIR"] = str(run_dir)
-    if resume:
-        os.environ["FEDLORA_RESUME"] = "1"
     num_cpus = cfg.simulation.num_cpus or os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": int(cfg.simulation.client_cpus), "num_gpus": 0.0},
                "init_args": {"num_cpus": int(num_cpus), "include_dashboard": False, "log_to_driver": verbose}}
@@ -103,53 +97,22 @@ def simulate(cfg, run_dir: Path, verbose: bool = False, resume: bool = False) ->
 
     os.environ["FEDLORA_RUN_TOKEN"] = uuid.uuid4().hex  # inherited by Ray and its workers: see _shutdown_ray
     try:
-        run_simulation(server_app=server_app.app, client_app=client_app.app,
+        run_simulation(server_app=server_app.make_app(cfg, run_dir, resume), client_app=client_app.app,
                        num_supernodes=int(cfg.num_clients), backend_config=backend, verbose_logging=verbose)
     finally:
         _shutdown_ray()
-        os.environ.pop("FEDLORA_OVERRIDES_YAML", None)
-        os.environ.pop("FEDLORA_RESUME", None)
     summary = run_dir / "summary.json"
     if not summary.exists():
         raise RuntimeError(f"the run stopped before finishing (see the log above); partial results are in {run_dir}")
     return json.loads(summary.read_text())
 
 
-def prepare(overrides: list[str]):
-    """Compose + validate config and data up front (errors before anything starts).
-    ``resume=<run dir>`` continues that run with its saved config (``num_rounds=N`` may extend it)."""
-    from omegaconf import OmegaConf
-
-    from fedlora import config, data
-    from fedlora.report import check_fresh, default_run_dir
-
-    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
-    if resume:
-        run_dir = Path(resume).resolve()
-        if not (run_dir / "config.yaml").exists():
-            raise config.ConfigError(f"resume={resume} is not a run directory (no config.yaml there).")
-        cfg = config.from_yaml((run_dir / "config.yaml").read_text())
-        rest = [o for o in overrides if not o.startswith("resume=")]
-        if rest:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
-        config.validate(cfg)
-        data.check_partitions(cfg)
-        return cfg, run_dir, True
-    cfg = config.load(overrides)
-    data.check_partitions(cfg)
-    if cfg.strategy.name == "fedpipe":  # memory budgets: an infeasible client is a config error (exit 2)
-        from fedlora import strategies
-
-        strategies.get("fedpipe").check_config(cfg)
-    run_dir = (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(cfg)).resolve()
-    check_fresh(run_dir)
-    return cfg, run_dir, False
-
-
 def cmd_run(argv: list[str]) -> int:
     verbose = "-v" in argv
     overrides = [a for a in argv if a != "-v"]
     _quiet_libraries(verbose)
+    from fedlora.preflight import prepare
+
     cfg, run_dir, resume = prepare(overrides)
     print(f"fedlora: {'resuming ' if resume else ''}{cfg.strategy.name} on {cfg.model.name}/{cfg.data.name}, {cfg.num_clients} clients, "
           f"{cfg.num_rounds} rounds -> {run_dir}", flush=True)

@@ -8,7 +8,6 @@ Each strategy still exposes Flower's ``configure_train`` / ``aggregate_train`` a
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from logging import INFO
@@ -190,10 +189,28 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
     return summary
 
 
+def make_app(cfg, run_dir: Path, resume: bool = False) -> ServerApp:
+    """A ServerApp bound to a config that was already checked (:func:`fedlora.preflight.prepare`) and its run
+    directory: what ``fedlora run`` and ``fedlora compare`` hand to the simulation. Data flows in through the
+    arguments, never through the environment."""
+    bound = ServerApp()
+
+    @bound.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_server(grid, cfg, Path(run_dir).resolve(), resume=resume)
+
+    return bound
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    resolved = os.environ.get("FEDLORA_OVERRIDES_YAML")  # set by `fedlora run` (already validated)
-    cfg = config.from_yaml(resolved) if resolved else config.load(str(context.run_config.get("hydra-overrides", "")))
-    run_dir = str(context.run_config.get("run-dir", "") or os.environ.get("FEDLORA_RUN_DIR", "") or cfg.out_dir or "")
-    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-    run_server(grid, cfg, run_dir.resolve(), resume=bool(os.environ.get("FEDLORA_RESUME") or context.run_config.get("resume")))
+    """``flwr run .``: the config comes from the run config (``hydra-overrides``, ``run-dir``, ``resume``) and
+    goes through the same pre-flight as ``fedlora run``."""
+    from fedlora import preflight
+
+    rc = context.run_config
+    overrides = config.split_overrides(str(rc.get("hydra-overrides", "")))
+    if rc.get("resume"):
+        overrides.append(f"resume={rc['resume']}")
+    cfg, run_dir, resume = preflight.prepare(overrides, run_dir=str(rc.get("run-dir", "") or "") or None)
+    run_server(grid, cfg, run_dir, resume=resume)

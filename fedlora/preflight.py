@@ -1,0 +1,43 @@
+"""One pre-flight for every entry point (``fedlora run``, ``fedlora compare``, ``resume=``, ``flwr run .``):
+compose the config, check it, its data and the strategy's own requirements, and choose the run directory,
+before anything starts. Every refusal is a :class:`~fedlora.config.ConfigError` in one sentence (exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from . import config, data
+from .report import check_fresh, default_run_dir
+
+
+def check(cfg) -> None:
+    """Everything that can be checked about a composed config without starting anything."""
+    from fedlora import strategies
+
+    config.validate(cfg)
+    data.check_partitions(cfg)
+    strategies.get(cfg.strategy.name).check_config(cfg)
+
+
+def prepare(overrides: list[str], run_dir: str | Path | None = None):
+    """``(cfg, run_dir, resume)`` for a run: composed and checked config, absolute run directory (``run_dir``,
+    else ``out_dir``, else a fresh timestamped one; it must not hold a run already), and whether it resumes.
+    ``resume=<run dir>`` continues that run with its saved config (``num_rounds=N`` may extend it)."""
+    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
+    if resume:
+        rdir = Path(resume).resolve()
+        if not (rdir / "config.yaml").exists():
+            raise config.ConfigError(f"resume={resume} is not a run directory (no config.yaml there).")
+        cfg = config.from_yaml((rdir / "config.yaml").read_text())
+        rest = [o for o in overrides if not o.startswith("resume=")]
+        if rest:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
+        check(cfg)
+        return cfg, rdir, True
+    cfg = config.load(overrides)
+    check(cfg)
+    rdir = Path(run_dir or cfg.out_dir or default_run_dir(cfg)).resolve()
+    check_fresh(rdir)
+    return cfg, rdir, False
