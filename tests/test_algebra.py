@@ -1,4 +1,8 @@
-"""Aggregation maths of fedlora.algebra on random adapters (no Flower, no model; fp32 inputs, small shapes)."""
+"""Aggregation maths of fedlora.algebra on random adapters (no Flower, no model; small shapes).
+
+Inputs are float64 (fp32 draws, upcast): fp32 factors would put order-dependent roundings (averages, FMA or not,
+Gram sums, solves) into every comparison, beyond what a tolerance can bound for any order (tests/tolerances.py).
+"""
 
 from __future__ import annotations
 
@@ -18,9 +22,9 @@ def rand_state(seed: int, rank: int | dict, alpha: float, shapes=SHAPES, head=Tr
         r = rank if isinstance(rank, int) else rank[name]
         A = A_from.lora[name].A.clone() if A_from is not None else torch.randn(r, n, generator=g) / n**0.5
         B = torch.randn(m, r, generator=g) * 0.1
-        st.lora[name] = LoraFactors(A, B, alpha / r)
+        st.lora[name] = LoraFactors(A.double(), B.double(), alpha / r)
     if head:
-        st.extra["classifier.weight"] = torch.randn(3, 40, generator=g)
+        st.extra["classifier.weight"] = torch.randn(3, 40, generator=g).double()
     return st
 
 
@@ -235,8 +239,8 @@ def test_hetlora_pad_average_truncate(mixed):
     glob = alg.hetlora(mixed, n)
     f = glob.lora["l0.v"]
     assert f.rank == 64 and f.scale == 1.0
-    exp_A = torch.zeros(64, 40)
-    exp_B = torch.zeros(36, 64)
+    exp_A = torch.zeros(64, 40, dtype=torch.float64)
+    exp_B = torch.zeros(36, 64, dtype=torch.float64)
     for pk, st in zip(p, mixed):
         g = st.lora["l0.v"]
         exp_A[: g.rank] += pk * g.A
@@ -261,7 +265,7 @@ def test_hetlora_norm_weighted(mixed):
     p = alg.normalize(n)
     norms = [float(torch.linalg.norm(s.lora[name].delta())) for s in mixed]
     w = alg.normalize([pk * nk for pk, nk in zip(p, norms)])
-    exp_A = torch.zeros(64, 40)
+    exp_A = torch.zeros(64, 40, dtype=torch.float64)
     for wk, st in zip(w, mixed):
         exp_A[: st.lora[name].rank] += wk * st.lora[name].A
     assert torch.allclose(glob.lora[name].A, exp_A, atol=1e-6)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fedlora.kernels import torch_backend as tb
+from tolerances import assert_f64_close, float64_model
 
 F64 = torch.float64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -176,11 +177,10 @@ def _randomise_B(model, seed=1):
 
 
 def _local_round(kernels: str, steps: int = 10):
-    from fedlora.adapters import from_peft
     from fedlora.kernels import apply_fused_lora
     from fedlora.kernels.peft_integration import call_stats
 
-    model = _tiny_llama(dropout=0.0)
+    model = float64_model(_tiny_llama(dropout=0.0))  # float64: the two paths sum in other orders (tolerances.py)
     report = apply_fused_lora(model, mode=kernels)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(1)
@@ -190,7 +190,8 @@ def _local_round(kernels: str, steps: int = 10):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return from_peft(model), report, call_stats(model)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}  # float64 (from_peft: fp32)
+    return lora, report, call_stats(model)
 
 
 def test_local_round_torch_kernels_match_peft():
@@ -199,13 +200,12 @@ def test_local_round_torch_kernels_match_peft():
     assert len(report.fused) == 14 and not report.skipped
     assert report_peft.backend == "peft" and not report_peft.fused
     assert stats["fused"] == 14 * 10 and set(stats) == {"fused"}
-    assert set(fused.lora) == set(plain.lora) and len(fused.lora) == 14
+    assert set(fused) == set(plain) and sum("lora_A" in n for n in fused) == sum("lora_B" in n for n in fused) == 14
     moved = 0.0
-    for name, f in fused.lora.items():
-        p = plain.lora[name]
-        torch.testing.assert_close(f.A, p.A, rtol=0, atol=1e-5)
-        torch.testing.assert_close(f.B, p.B, rtol=0, atol=1e-5)
-        moved = max(moved, p.B.abs().max().item())
+    for name, f in fused.items():
+        assert_f64_close(f, plain[name], what=name)
+        if "lora_B" in name:
+            moved = max(moved, plain[name].abs().max().item())
     assert moved > 1e-3  # the adapters did train
 
 
@@ -238,7 +238,7 @@ def test_train_eval_dropout_and_fallbacks():
     from fedlora.kernels import apply_fused_lora, remove_fused_lora
     from fedlora.kernels.peft_integration import call_stats
 
-    model = _tiny_llama(dropout=0.2)
+    model = float64_model(_tiny_llama(dropout=0.2))  # float64: fused, PEFT and merged paths sum in other orders
     _randomise_B(model)
     ids = torch.randint(0, 1000, (2, 12))
     model.eval()
@@ -248,11 +248,11 @@ def test_train_eval_dropout_and_fallbacks():
             ref_base = model(ids).logits
     apply_fused_lora(model, mode="torch")
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref_eval, rtol=1e-5, atol=1e-5)
+        assert_f64_close(model(ids).logits, ref_eval, what="fused eval")
         with model.disable_adapter():  # PEFT's disabled state: base model only
-            torch.testing.assert_close(model(ids).logits, ref_base, rtol=1e-5, atol=1e-5)
+            assert_f64_close(model(ids).logits, ref_base, what="adapters disabled")
         model.merge_adapter()  # merged: PEFT's forward on the merged weight
-        torch.testing.assert_close(model(ids).logits, ref_eval, rtol=1e-4, atol=1e-4)
+        assert_f64_close(model(ids).logits, ref_eval, what="merged")
         model.unmerge_adapter()
     stats = call_stats(model)
     assert stats["adapters disabled"] == 14 and stats["adapter merged"] == 14 and stats["fused"] == 14
@@ -295,20 +295,20 @@ def test_unsupported_layers_are_reported():
 def test_fused_group_forward_matches_layers():
     from fedlora.kernels import apply_fused_lora, fused_group_forward
 
-    model = _tiny_llama(dropout=0.0)
+    model = float64_model(_tiny_llama(dropout=0.0))  # float64: grouped and per-layer GEMMs sum in other orders
     _randomise_B(model)
     apply_fused_lora(model, mode="torch")
     attn = model.base_model.model.model.layers[1].self_attn
     layers = [attn.q_proj, attn.k_proj, attn.v_proj]
-    x = torch.randn(2, 9, 64, requires_grad=True)
+    x = torch.randn(2, 9, 64, dtype=F64, requires_grad=True)
     grouped = fused_group_forward(layers, x)
     single = [layer(x) for layer in layers]
     params = [x] + [layer.lora_A["default"].weight for layer in layers] + [
         layer.lora_B["default"].weight for layer in layers]
     g1 = torch.autograd.grad(sum(o.square().sum() for o in grouped), params)
     g2 = torch.autograd.grad(sum(o.square().sum() for o in single), params)
-    for u, v in zip(grouped + tuple(g1), tuple(single) + tuple(g2)):
-        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+    for i, (u, v) in enumerate(zip(grouped + tuple(g1), tuple(single) + tuple(g2))):
+        assert_f64_close(u, v, what=f"output/grad {i}")
 
 
 def test_saved_activation_memory_vs_peft():
