@@ -1,0 +1,210 @@
+"""Config-level privacy rules: :class:`DPConfig`, which strategy/privacy combinations are refused
+(:func:`check_compatible`, :func:`validate_config`, one sentence each), and reading the run config's ``privacy``
+group (:func:`mode_of`, :func:`planned_rounds`, :func:`dp_config`). Why each refusal: ``docs/privacy.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+from .accounting import ACCOUNTANTS, plan_noise
+
+STRATEGIES = ("fedit", "flora", "ffa_lora", "lora_fair", "fedpipe", "hetlora", "flexlora")
+PRIVACY_MODES = ("none", "dp_sgd", "client_dp", "client_dp_adaptive")
+_CLIENT_DP_STRATEGIES = ("fedit", "ffa_lora")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Sample-level DP-SGD settings of one run (identical on every client).
+
+    Give exactly one of ``noise_multiplier`` (fixed sigma; no budget check) or ``target_epsilon`` (sigma is
+    planned once for the whole run by :func:`plan_noise`; rounds that would exceed it are refused).
+    ``train_head=False`` freezes every trainable non-LoRA parameter (e.g. a ``modules_to_save`` classifier)
+    in :func:`make_private`.
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    poisson: bool = True
+    train_head: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "DPConfig needs exactly one of noise_multiplier (fixed noise) or target_epsilon "
+                "(noise planned for the run), got "
+                f"noise_multiplier={self.noise_multiplier} and target_epsilon={self.target_epsilon}."
+            )
+        if self.noise_multiplier is not None and not (
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0
+        ):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}.")
+        if self.target_epsilon is not None and not (math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
+            raise ValueError(f"target_epsilon must be a finite number > 0, got {self.target_epsilon}.")
+        if not (0.0 < self.target_delta < 1.0):
+            raise ValueError(f"target_delta must lie strictly between 0 and 1, got {self.target_delta}.")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm (the per-example clipping norm) must be > 0, got {self.max_grad_norm}.")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}.")
+
+
+def check_compatible(
+    strategy_name: str,
+    privacy_mode: str,
+    *,
+    weighting: str = "num_examples",
+    fedpipe_importance: str = "private",
+) -> None:
+    """Refuse strategy/privacy combinations that make no sense, with one sentence (see docs/privacy.md).
+
+    ``weighting``: how the server weights clients, ``"num_examples"`` or ``"uniform"``.
+    ``fedpipe_importance``: where FedPipe's importance scores come from: ``"private"`` (client data),
+    ``"public"`` (data the server may see) or ``"none"`` (fixed choice of matrices).
+    """
+    if strategy_name not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy_name!r}; expected one of {', '.join(STRATEGIES)}.")
+    if privacy_mode not in PRIVACY_MODES:
+        raise ValueError(f"Unknown privacy mode {privacy_mode!r}; expected one of {', '.join(PRIVACY_MODES)}.")
+    if weighting not in ("num_examples", "uniform"):
+        raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}.")
+    if fedpipe_importance not in ("private", "public", "none"):
+        raise ValueError(f"fedpipe_importance must be 'private', 'public' or 'none', got {fedpipe_importance!r}.")
+
+    if privacy_mode == "none":
+        return
+    if privacy_mode == "dp_sgd":
+        if strategy_name == "fedpipe" and fedpipe_importance == "private":
+            raise ValueError(
+                "fedpipe with dp_sgd is refused while its importance scores come from gradients on private "
+                "client data, which would leave the client outside DP-SGD's accounting; compute them on "
+                "public data (fedpipe_importance='public') or fix the adapted matrices ('none')."
+            )
+        return
+    if privacy_mode == "client_dp_adaptive":
+        raise ValueError(
+            "client_dp_adaptive is refused because Flower 1.42 has no privacy accountant for adaptive "
+            "clipping, so no epsilon could be reported; use client_dp (fixed clipping) instead."
+        )
+    # client_dp
+    reasons = {
+        "flora": "flora stacks each client's individual factors instead of averaging them, so there is no "
+        "noised sum for client-level DP to release",
+        "lora_fair": "lora_fair's server-side correction reads every client's un-noised factors, which "
+        "client-level DP does not cover",
+        "flexlora": "flexlora forms and decomposes sum_k p_k B_k A_k from every client's un-noised factors, "
+        "which client-level DP does not cover",
+        "hetlora": "hetlora clients have different ranks (and may be weighted by their update norms), so "
+        "there is no common update to clip and noise",
+        "fedpipe": "fedpipe clients have different ranks, so there is no common update to clip and noise",
+    }
+    if strategy_name in reasons:
+        raise ValueError(
+            f"{reasons[strategy_name]}; client_dp works with {' or '.join(_CLIENT_DP_STRATEGIES)} only."
+        )
+    if weighting != "uniform":
+        raise ValueError(
+            "client_dp needs equal client weights (weighting='uniform'): weighting by example counts lets "
+            "one client's clipped update count for more than the sensitivity the noise is calibrated for."
+        )
+
+
+def mode_of(cfg) -> str:
+    """The run's privacy mode (``none`` when the config has no ``privacy`` group)."""
+    priv = cfg.get("privacy") if hasattr(cfg, "get") else None
+    return str(priv.get("mode", "none")) if priv else "none"
+
+
+def planned_rounds(cfg) -> int:
+    """Rounds the noise is planned for: ``privacy.planned_rounds``, default ``num_rounds`` (the worst case:
+    a client sampled in every round)."""
+    r = cfg.privacy.get("planned_rounds")
+    return int(r) if r not in (None, "null") else int(cfg.num_rounds)
+
+
+def dp_config(cfg) -> DPConfig:
+    """The :class:`DPConfig` of a run. ``dp_sgd``: per-example clipping at ``privacy.max_grad_norm``.
+    ``client_dp``: the same object describes the client-level Gaussian mechanism: ``max_grad_norm`` is the
+    clipping norm of a client's whole update (``privacy.clipping_norm``), the accountant is RDP."""
+    priv = cfg.privacy
+    mode = str(priv.get("mode"))
+
+    def _opt(key):
+        v = priv.get(key)
+        return None if v in (None, "null") else float(v)
+
+    if mode == "dp_sgd":
+        return DPConfig(noise_multiplier=_opt("noise_multiplier"), target_epsilon=_opt("target_epsilon"),
+                        target_delta=float(priv.get("target_delta", 1e-5)),
+                        max_grad_norm=float(priv.get("max_grad_norm", 1.0)),
+                        accountant=str(priv.get("accountant", "rdp")), poisson=bool(priv.get("poisson", True)),
+                        train_head=bool(priv.get("train_head", True)))
+    if mode == "client_dp":
+        return DPConfig(noise_multiplier=_opt("noise_multiplier"), target_epsilon=_opt("target_epsilon"),
+                        target_delta=float(priv.get("target_delta", 1e-5)),
+                        max_grad_norm=float(priv.get("clipping_norm", 1.0)), accountant="rdp")
+    raise ValueError(f"privacy mode {mode!r} has no DP configuration.")
+
+
+def client_level_noise(cfg: DPConfig, releases: int) -> float:
+    """Noise multiplier of client-level DP (Flower's fixed-clipping wrappers): ``cfg.noise_multiplier``, or the
+    one that spends ``cfg.target_epsilon`` over ``releases`` Gaussian releases without sampling amplification
+    (Flower's accounted mode; each round's noised mean is one release)."""
+    return plan_noise(cfg, 1.0, releases)
+
+
+def validate_config(cfg) -> None:
+    """Config-time checks of the ``privacy`` group against the rest of the run config; ``ValueError`` with
+    one sentence (``fedlora.config.validate`` turns it into a ConfigError, exit 2)."""
+    mode = mode_of(cfg)
+    if mode not in PRIVACY_MODES:
+        raise ValueError(f"privacy.mode={mode!r} is unknown: choose one of {', '.join(PRIVACY_MODES)}.")
+    if mode == "none":
+        return
+    priv = cfg.privacy
+    weighting = str(priv.get("weighting", "uniform" if mode.startswith("client_dp") else "num_examples"))
+    check_compatible(str(cfg.strategy.name), mode, weighting=weighting,
+                     fedpipe_importance=str(cfg.strategy.get("importance", "private")))
+    r = priv.get("planned_rounds")
+    if r not in (None, "null") and not (isinstance(r, int) and r >= 1):
+        raise ValueError(f"privacy.planned_rounds={r} must be an integer >= 1 (or null for num_rounds).")
+    given = [k for k in ("noise_multiplier", "target_epsilon") if priv.get(k) not in (None, "null")]
+    if len(given) != 1:
+        raise ValueError(
+            f"privacy={mode} needs exactly one of privacy.target_epsilon (noise planned for the run) or "
+            "privacy.noise_multiplier (fixed noise), "
+            + ("got neither: set one of them." if not given else "got both: set one of them to null.")
+        )
+    try:
+        dp = dp_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"privacy: {str(e).rstrip('.')}; set it in conf/privacy/"
+                         f"{'dp_sgd' if mode == 'dp_sgd' else 'client_level'}.yaml or as privacy.<key>=...") from None
+    if mode == "dp_sgd":
+        if str(priv.get("optimizer", "adamw")) not in ("adamw", "sgd"):
+            raise ValueError(f"privacy.optimizer={priv.get('optimizer')!r} must be adamw or sgd.")
+        if str(cfg.get("kernels", "peft")) != "peft":
+            raise ValueError(
+                f"dp_sgd needs kernels=peft: the fused LoRA kernels (kernels={cfg.kernels}) bypass the nn.Linear "
+                "forward that Opacus hooks to compute per-example gradients."
+            )
+        return
+    # client_dp: Flower's fixed-clipping wrappers with accounting
+    if str(priv.get("clipping", "server")) not in ("server", "client"):
+        raise ValueError(f"privacy.clipping={priv.get('clipping')!r} must be server or client "
+                         "(which side clips each update).")
+    if dp.noise_multiplier is not None and dp.noise_multiplier <= 0:
+        raise ValueError("client_dp needs privacy.noise_multiplier > 0 "
+                         "(Flower's accountant refuses noise-free releases).")
+    if float(cfg.fraction_train) < 1.0:
+        warnings.warn(
+            "client_dp with fraction_train < 1: Flower's accountant takes no amplification from sampling, "
+            "so the reported epsilon is an upper bound.",
+            stacklevel=2,
+        )
