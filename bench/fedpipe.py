@@ -99,7 +99,7 @@ def write_md(res: dict, path: Path) -> None:
          "Federation: 10 clients = 4x jetson_orin_nano_8gb, 4x rtx3060_12gb, 2x a100_80gb (partition order).",
          "",
          "**Modelled** (plan tables, round times): planned for a Llama-7B-shaped model (meta device, analytic "
-         "memory model, 512-token examples, the time model of `fedlora.resources`); seconds are the time "
+         "memory model, 512-token examples, the time model of `fedlora.fedpipe.timing`); seconds are the time "
          "model's, not wall clock. **Measured** (accuracy): the named small model trained in the in-process grid "
          "(real ServerApp/ClientApp code) with the planned ranks, batch sizes, steps and base bit widths "
          "(bitsandbytes NF4/int8 on CPU); aggregation zero_pad (HetLoRA), half of the LoRA targets kept by "

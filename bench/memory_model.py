@@ -2,7 +2,7 @@
 
 For each model: two dry runs per bit width (16, 8, 4) at rank 8 and batches 1 and 4 calibrate the activation
 line; then three (rank, batch, bits) settings that are not calibration points are measured and predicted.
-Measurement: fedlora.resources.measure_peak (CUDA: max_memory_allocated; CPU: exact static storages plus the
+Measurement: fedlora.fedpipe.measure.measure_peak (CUDA: max_memory_allocated; CPU: exact static storages plus the
 dispatch-tracked high-water mark of one steady-state step). Target: |relative error| < 15%.
 
     .venv/bin/python bench/memory_model.py                 # both models -> bench/results/memory_model.json
@@ -28,7 +28,8 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedlora import resources as R  # noqa: E402
+from fedlora.fedpipe.measure import calibrate_activations, measure_peak  # noqa: E402
+from fedlora.fedpipe.memory import ModelSpec, analytic_activations, memory_breakdown, predict_memory  # noqa: E402
 
 SETTINGS = [(4, 2, 16), (16, 8, 8), (32, 6, 4)]  # (rank, batch, bits); calibration is rank 8, batch 1 and 4
 
@@ -60,23 +61,23 @@ MODELS = {"tiny_llama": tiny_llama, "minilm": minilm}
 
 def run_model(key: str) -> dict:
     name, build, targets, mts, seq = MODELS[key]()
-    spec = R.ModelSpec.from_model(build(), targets, name=name, modules_to_save=mts or ())
+    spec = ModelSpec.from_model(build(), targets, name=name, modules_to_save=mts or ())
     t0 = time.perf_counter()
-    calib = R.calibrate_activations(build, spec, seq, targets=targets, bits=(16, 8, 4), rank=8, batches=(1, 4),
-                                    modules_to_save=mts)
+    calib = calibrate_activations(build, spec, seq, targets=targets, bits=(16, 8, 4), rank=8, batches=(1, 4),
+                                  modules_to_save=mts)
     t_cal = time.perf_counter() - t0
-    analytic = R.analytic_activations(spec, seq)
+    analytic = analytic_activations(spec, seq)
     rows = []
     for rank, batch, bits in SETTINGS:
-        meas = R.measure_peak(build, rank, batch, bits, seq, targets=targets, modules_to_save=mts)
-        pred = R.predict_memory(spec, rank, batch, bits, seq, calib)
-        pred_an = R.predict_memory(spec, rank, batch, bits, seq, analytic)
+        meas = measure_peak(build, rank, batch, bits, seq, targets=targets, modules_to_save=mts)
+        pred = predict_memory(spec, rank, batch, bits, seq, calib)
+        pred_an = predict_memory(spec, rank, batch, bits, seq, analytic)
         rows.append({
             "rank": rank, "batch": batch, "bits": bits, "seq_len": seq,
             "measured_bytes": meas.total, "measured_static_bytes": meas.static,
             "measured_dynamic_peak_bytes": meas.dynamic_peak,
             "predicted_bytes": pred, "rel_error": (pred - meas.total) / meas.total,
-            "predicted_breakdown": R.memory_breakdown(spec, rank, batch, bits, seq, calib),
+            "predicted_breakdown": memory_breakdown(spec, rank, batch, bits, seq, calib),
             "analytic_predicted_bytes": pred_an, "analytic_rel_error": (pred_an - meas.total) / meas.total,
             "measure_seconds": round(meas.seconds, 2), "method": meas.method,
         })

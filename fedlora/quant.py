@@ -9,7 +9,7 @@ What is here
   quantised on the device the original weight lives on.
 - :func:`prepare_for_lora` freezes the base and optionally enables gradient checkpointing. ``mode="light"``
   (default) keeps embeddings / norms / heads in their 16-bit dtype, which is what the memory model in
-  :mod:`fedlora.resources` assumes; ``mode="peft"`` calls PEFT's ``prepare_model_for_kbit_training``, which
+  :mod:`fedlora.fedpipe.memory` assumes; ``mode="peft"`` calls PEFT's ``prepare_model_for_kbit_training``, which
   upcasts every non-4-bit 16-bit parameter to fp32 (predict with ``other_bytes=4`` then).
 - :func:`merge_update` merges a dense update into a (possibly quantised) base layer **without accumulating
   requantisation error**.
