@@ -27,10 +27,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The loopback federation harness is test code (tests/federation.py), not part of the fedlora package.
+sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fedlora import deploy  # noqa: E402
+from federation import LocalFederation  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 DEFAULT = ["strategy=ffa_lora", "model=tiny_llama", "num_clients=3", "num_rounds=2", "local_steps=1",
@@ -56,7 +58,8 @@ def rows(run_dir: Path) -> list[dict]:
 def totals(rs: list[dict]) -> dict:
     rounds = [r for r in rs if r["round"] > 0]
     return {"bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": sum(r["bytes_down"] for r in rounds),
-            "rounds_wall_s": round(rounds[-1]["wall_s"], 2), "mean_round_s": round(sum(r["round_s"] for r in rounds) / len(rounds), 2),
+            "rounds_wall_s": round(rounds[-1]["wall_s"], 2),
+            "mean_round_s": round(sum(r["round_s"] for r in rounds) / len(rounds), 2),
             "final_eval_loss": rs[-1].get("eval_loss"), "final_eval_accuracy": rs[-1].get("eval_accuracy")}
 
 
@@ -70,7 +73,8 @@ def comparison(result: dict) -> dict:
     return {
         "same_bytes_per_round": all(a["bytes_up"] == b["bytes_up"] and a["bytes_down"] == b["bytes_down"]
                                     for a, b in zip(dep, sim)),
-        "same_eval_loss_per_round": all(abs(a.get("eval_loss", 0) - b.get("eval_loss", 0)) < 1e-6 for a, b in zip(dep, sim)),
+        "same_eval_loss_per_round": all(abs(a.get("eval_loss", 0) - b.get("eval_loss", 0)) < 1e-6
+                                        for a, b in zip(dep, sim)),
         "round_s_deployed": dep_s, "round_s_simulated": sim_s,
         "last_round_s_ratio_deployed_over_simulated": round(dep_s[-1] / max(sim_s[-1], 1e-9), 1),
         "adapter_bytes_total": arrays, "flower_network_bytes_total": wire,
@@ -87,7 +91,8 @@ def main() -> int:
     work = Path(args.keep or tempfile.mkdtemp(prefix="fedlora-bench-deploy-"))
     work.mkdir(parents=True, exist_ok=True)
     load = {"before": os.getloadavg()[0]}
-    result: dict = {"command": " ".join([".venv/bin/python", "bench/deploy.py", *sys.argv[1:]]), "overrides": " ".join(overrides), "cpu_count": os.cpu_count(), "machine": platform.machine()}
+    result: dict = {"command": " ".join([".venv/bin/python", "bench/deploy.py", *sys.argv[1:]]),
+                    "overrides": " ".join(overrides), "cpu_count": os.cpu_count(), "machine": platform.machine()}
     try:
         import flwr
         import torch
@@ -99,7 +104,7 @@ def main() -> int:
     # Deployed ---------------------------------------------------------------------------------
     dep_dir = work / "deployed" / "run"
     t0 = time.time()
-    with deploy.LocalFederation(work / "deployed", nodes=3, data=str(SST2), profile="cpu") as fed:
+    with LocalFederation(work / "deployed", nodes=3, data=str(SST2), profile="cpu") as fed:
         fed.start()
         t_up = time.time() - t0
         t1 = time.time()
@@ -113,13 +118,16 @@ def main() -> int:
     load["after_deployed"] = os.getloadavg()[0]
     dep_rows = rows(dep_dir)
     result["deployed"] = {
-        "command": (f"flwr run . rehearsal --run-config {shlex.quote('hydra-overrides=' + json.dumps(' '.join(overrides + ['out_dir=RUN_DIR'])))} --stream"),
+        "command": ("flwr run . rehearsal --run-config " + shlex.quote(
+            "hydra-overrides=" + json.dumps(" ".join(overrides + ["out_dir=RUN_DIR"]))) + " --stream"),
         "federation": "1 SuperLink (--ssl-* certs, --enable-supernode-auth) + 3 SuperNodes (registered P-384 keys, "
-                      "--root-certificates ca.crt, node config partition-id/num-partitions/data-path/profile) on 127.0.0.1, "
-                      "started with `fedlora deploy superlink|supernode` (bench uses fedlora.deploy.LocalFederation)",
+                      "--root-certificates ca.crt, node config partition-id/num-partitions/data-path/profile) "
+                      "on 127.0.0.1, started with `fedlora deploy superlink|supernode` "
+                      "(bench uses LocalFederation from tests/federation.py)",
         "startup_s": round(t_up, 1), "flwr_run_s": round(t_run, 1),
         "flower_accounting": {k: info.get(k) for k in ("status", "elapsed", "network-traffic", "compute-time")},
-        "nodes": [{k: n[k] for k in ("partition_id", "device")} | {"profile": n["extra"].get("profile")} for n in nodes],
+        "nodes": [{k: n[k] for k in ("partition_id", "device")} | {"profile": n["extra"].get("profile")}
+                  for n in nodes],
         "rounds": dep_rows, "totals": totals(dep_rows),
     }
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from fedlora import processes
+
 ROOT = Path(__file__).resolve().parent.parent
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,12 +34,4 @@ def tagged_env() -> dict:
 
 def tagged_pids() -> set:
     """Processes started by this test session's subprocesses, whatever else runs on the machine."""
-    pids = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if f"FEDLORA_TEST_TAG={TEST_TAG}".encode() in (d / "environ").read_bytes():
-                    pids.add(int(d.name))
-            except OSError:
-                pass
-    return pids
+    return {p.pid for p in processes.with_env("FEDLORA_TEST_TAG", TEST_TAG)}

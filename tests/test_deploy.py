@@ -14,8 +14,10 @@ import sys
 
 import pytest
 from conftest import ROOT, SST2, fedlora_cmd
+from federation import LocalFederation, free_port
 
-from fedlora import deploy
+from fedlora.deploy.certs import key_paths
+from fedlora.deploy.flower_config import flwr_bin
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process bookkeeping reads /proc")
 
@@ -57,7 +59,7 @@ def test_keys_are_what_flower_node_auth_accepts(tmp_path):
     p = deploy_cmd("keys", str(tmp_path), "--nodes", "2")
     assert p.returncode == 0, p.stderr
     for i in (1, 2):
-        priv, pub = deploy.key_paths(tmp_path, i)
+        priv, pub = key_paths(tmp_path, i)
         key = load_ssh_private_key(priv.read_bytes(), None)  # what flower-supernode does
         assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
         assert priv.stat().st_mode & 0o077 == 0
@@ -98,7 +100,8 @@ def test_launch_commands_are_secure_by_default(tmp_path):
     no_certs = deploy_cmd("superlink", "--dry-run")
     assert no_certs.returncode == 2 and "--certs" in no_certs.stderr and "--insecure" in no_certs.stderr
     insecure = deploy_cmd("superlink", "--insecure", "--dry-run")
-    assert insecure.returncode == 0 and "WARNING" in insecure.stderr and "--enable-supernode-auth" not in insecure.stdout
+    assert (insecure.returncode == 0 and "WARNING" in insecure.stderr
+            and "--enable-supernode-auth" not in insecure.stdout)
 
     node = deploy_cmd("supernode", "--superlink", "127.0.0.1:9093", "--data", str(SST2), "--profile",
                       "jetson_orin_nano_8gb", "--partition-id", "1", "--num-partitions", "3",
@@ -118,7 +121,8 @@ def test_launch_commands_are_secure_by_default(tmp_path):
         argv = [x for k, v in {**base, **extra}.items() for x in (k, v)]
         p = deploy_cmd("supernode", *argv, "--ca", str(tmp_path / "ca.crt"), "--dry-run")
         assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
-    no_ca = deploy_cmd("supernode", "--superlink", "127.0.0.1:9093", "--data", str(SST2), "--profile", "cpu", "--dry-run")
+    no_ca = deploy_cmd("supernode", "--superlink", "127.0.0.1:9093", "--data", str(SST2), "--profile", "cpu",
+                       "--dry-run")
     assert no_ca.returncode == 2 and "--ca FILE is required" in no_ca.stderr
 
 
@@ -127,7 +131,7 @@ def test_launch_commands_are_secure_by_default(tmp_path):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
-    fed = deploy.LocalFederation(tmp_path_factory.mktemp("deploy"), nodes=3, data=str(SST2), profile="cpu")
+    fed = LocalFederation(tmp_path_factory.mktemp("deploy"), nodes=3, data=str(SST2), profile="cpu")
     try:
         fed.make_credentials(extra_keys=1)  # key 4 is never registered
         fed.start_superlink()
@@ -135,13 +139,12 @@ def fed(tmp_path_factory):
         yield fed
     finally:
         fed.stop()
-        left = [pid for pid, start in fed._seen if deploy._alive(pid, start)]
-        left += [p.pid for p in fed.procs if p.poll() is None]
+        left = fed.leftovers()  # below the SuperLink/SuperNodes too, even re-parented
         assert not left, f"processes left running: {left}"
 
 
 def test_registering_a_known_key_again(fed):
-    pub = str(deploy.key_paths(fed.keys, 1)[1])
+    pub = str(key_paths(fed.keys, 1)[1])
     again = fed.fedlora("register", pub, "--connection", fed.connection, check=False)
     assert again.returncode == 1 and "already in use" in again.stderr  # no silent second identity
     skip = fed.fedlora("register", pub, "--connection", fed.connection, "--skip-registered")
@@ -160,8 +163,8 @@ def test_unregistered_key_is_refused(fed):
 
 def test_supernode_without_the_ca_cannot_connect(fed):
     # No CA at all: flower-supernode falls back to the system trust store, which does not know our CA.
-    raw = [deploy.flwr_bin("flower-supernode"), "--superlink", fed.address, "--port", str(deploy.free_port()),
-           "--auth-supernode-private-key", str(deploy.key_paths(fed.keys, 1)[0]), "--max-retries", "1"]
+    raw = [flwr_bin("flower-supernode"), "--superlink", fed.address, "--port", str(free_port()),
+           "--auth-supernode-private-key", str(key_paths(fed.keys, 1)[0]), "--max-retries", "1"]
     # Another federation's CA (a wrong ca.crt) through the fedlora command.
     other = fed.dir / "other-ca"
     fed.fedlora("certs", str(other))

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from fedlora import deploy
+from fedlora.deploy.cli import build_parser
+from fedlora.deploy.commands import profiles
 
 DOCKER = ROOT / "docker"
 IMAGES = {"Dockerfile.superlink": "superlink", "Dockerfile.supernode-cuda": "supernode",
@@ -63,7 +64,8 @@ def test_dockerfile(name):
             assert "--no-cache-dir" in cmd, cmd
     # non-root, after the last RUN
     user = [i for i, (k, _) in enumerate(ins) if k == "USER"]
-    assert user and ins[user[-1]][1] not in ("root", "0") and user[-1] > max(i for i, (k, _) in enumerate(ins) if k == "RUN")
+    last_run = max(i for i, (k, _) in enumerate(ins) if k == "RUN")
+    assert user and ins[user[-1]][1] not in ("root", "0") and user[-1] > last_run
     # exec-form entry point: the Flower process gets the signals (`fedlora deploy` execs into it)
     (entry,) = [json.loads(a) for k, a in ins if k == "ENTRYPOINT"]
     assert entry == ["fedlora", "deploy", IMAGES[name]]
@@ -80,7 +82,7 @@ def test_dockerfile(name):
             assert "secrets" not in a and not a.startswith("http"), a
 
     if name == "Dockerfile.superlink":
-        parsed = deploy.build_parser().parse_args(entry[2:] + cmd)
+        parsed = build_parser().parse_args(entry[2:] + cmd)
         assert str(parsed.certs) == "/certs" and not parsed.insecure and not parsed.no_node_auth
         assert parsed.database and parsed.host == "0.0.0.0"
         assert "HEALTHCHECK" in kinds and any(k == "EXPOSE" and "9093" in a for k, a in ins)
@@ -105,7 +107,7 @@ def test_compose_rehearsal_is_secure_and_consistent():
     assert {"superlink", "register"} <= set(services)
     nodes = sorted(s for s in services if s.startswith("supernode-"))
     assert len(nodes) >= 2
-    parser = deploy.build_parser()
+    parser = build_parser()
 
     link = services["superlink"]
     assert (ROOT / link["build"]["dockerfile"]).exists() and link["build"]["context"] == ".."
@@ -128,7 +130,7 @@ def test_compose_rehearsal_is_secure_and_consistent():
         args = parser.parse_args(["supernode", *map(expand, svc["command"])])
         assert not args.insecure and str(args.ca) == "/certs/ca.crt" and str(args.key) == "/keys/supernode.key"
         assert args.superlink == "superlink:9093" and args.num_partitions == len(nodes)
-        assert args.profile in deploy.profiles()
+        assert args.profile in profiles()
         parts.add(args.partition_id)
         mounts = {v.split(":")[1]: v for v in map(expand, svc["volumes"])}
         assert mounts["/keys/supernode.key"].endswith(":ro") and mounts["/certs/ca.crt"].endswith(":ro")
