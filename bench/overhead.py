@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedlora import adapters, config, data, models, train  # noqa: E402
-from fedlora.cli import _quiet_libraries, simulate  # noqa: E402
+from fedlora import adapters, config, data, models, preflight, train  # noqa: E402
 from fedlora.report import read_metrics  # noqa: E402
+from fedlora.simulation import quiet_libraries, simulate  # noqa: E402
 
 DEFAULTS = ["model=tiny_llama", "num_clients=8", "local_steps=20", "num_rounds=4", "eval.max_examples=200"]
 
@@ -40,9 +40,10 @@ def plain_round(cfg, bundle, rnd: int) -> float:
         adapters.load_into_peft(bundle.model, init)
         ds = data.partition(cfg, pid)
         steps = int(cfg.local_steps)
-        train.local_train(bundle.model, ds, coll, steps=steps, batch_size=int(cfg.train.batch_size), lr=float(cfg.train.lr),
-                          step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps,
-                          scheduler=cfg.train.scheduler, max_grad_norm=cfg.train.max_grad_norm,
+        train.local_train(bundle.model, ds, coll, steps=steps, batch_size=int(cfg.train.batch_size),
+                          lr=float(cfg.train.lr), step_offset=(rnd - 1) * steps,
+                          total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
+                          max_grad_norm=cfg.train.max_grad_norm,
                           seed=int(cfg.seed) * 1000 + pid, round_idx=rnd, task=bundle.task, device=bundle.device)
     return time.perf_counter() - t0
 
@@ -58,9 +59,9 @@ def ray_startup_s() -> float:
 
 
 def main(argv: list[str]) -> dict:
-    _quiet_libraries(False)
+    quiet_libraries(False)
     cfg = config.load(DEFAULTS + argv)
-    data.check_partitions(cfg)
+    preflight.check(cfg)
     out = ROOT / "bench" / "results" / "overhead.json"
     startup = ray_startup_s()
     with tempfile.TemporaryDirectory() as tmp:

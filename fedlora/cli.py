@@ -1,154 +1,115 @@
-"""``fedlora``: the command line.
+"""``fedlora``: the command line. It parses argv and dispatches; the work is elsewhere (pre-flight:
+:mod:`fedlora.preflight`, the simulation: :mod:`fedlora.simulation`, comparisons: :mod:`fedlora.compare`,
+deployment: :mod:`fedlora.deploy`). Bad input exits 2 with one sentence; a failed run exits 1; Ctrl-C stops
+every process started (130)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+USAGE = """usage: fedlora COMMAND [...]
 
   fedlora run [hydra overrides]          a simulated federation (Flower simulation, Ray backend)
   fedlora compare strategies=[a,b] [...]  several strategies on identical data, seeds and budget
   fedlora deploy ...                     certificates, keys, SuperLink/SuperNode (see `fedlora deploy -h`)
 
+`fedlora run -h` and `fedlora compare -h` describe each command.
 Bad input exits 2 with one sentence; a failed run exits 1; Ctrl-C stops every process started (130).
 """
+HELP_FLAGS = ("-h", "--help")
+VERBOSE_FLAGS = ("-v", "--verbose")
 
-from __future__ import annotations
+RUN_HELP = """usage: fedlora run [-v] [key=value ...] [resume=RUN_DIR]
 
-import os
-import sys
-from pathlib import Path
+Run one simulated federation (Flower simulation, Ray backend) on this machine. The config is conf/config.yaml
+composed with Hydra overrides; it is checked, with the data and the strategy's requirements, before anything
+starts.
 
-USAGE = __doc__
+config groups (group=option):
+{groups}
+common keys: num_clients, num_rounds, local_steps, seed, client_ranks=[4,8,...], fraction_train,
+  train.batch_size, train.lr, eval.max_examples, simulation.num_cpus, audit=true, kernels=...
+  (any key of conf/config.yaml or of a group, e.g. model.lora.r=16)
 
+  out_dir=DIR        the run directory (default: runs/<timestamp>-<strategy>); it must not hold a run already
+  resume=RUN_DIR     continue an interrupted run from its last checkpoint with its saved config
+                     (num_rounds=N may extend it)
+  -v, --verbose      Flower's and Ray's logs too
 
-def _quiet_libraries(verbose: bool) -> None:
-    import logging
-    import warnings
+The run directory gets config.yaml, metrics.jsonl (one line per round), checkpoint.pt, summary.json and
+adapter/ (a PEFT adapter); audit/ with audit=true.
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    warnings.filterwarnings("ignore")
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-
-
-def _shutdown_ray() -> None:
-    """Stop Ray, then every process it left behind. Ray's workers can outlive ``ray.shutdown`` by a minute,
-    orphaned (Flower's simulation shuts Ray down itself), so they are found by a token that every process
-    started by this run inherits (``FEDLORA_RUN_TOKEN``): SIGTERM, and SIGKILL 3 s later."""
-    import psutil
-
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:
-        pass
-    token = os.environ.get("FEDLORA_RUN_TOKEN")
-    if not token:
-        return
-    me = os.getpid()
-    left = []
-    for p in psutil.process_iter(["pid"]):
-        if p.pid == me:
-            continue
-        try:
-            if p.environ().get("FEDLORA_RUN_TOKEN") == token:
-                left.append(p)
-        except psutil.Error:
-            pass
-    for p in left:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(left, timeout=3)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+example: fedlora run model=tiny_llama strategy=flora num_clients=4 num_rounds=3
+"""
 
 
-def _install_stop_handlers() -> None:
-    """Ctrl-C / SIGTERM: stop Ray (its raylet, GCS and actors) and exit; metrics already written stay."""
-    import signal
+def run_help() -> str:
+    from fedlora import config
 
-    def stop(signum, frame):
-        print("\ninterrupted: stopping the simulation and every process it started...", file=sys.stderr, flush=True)
-        _shutdown_ray()
-        os._exit(130 if signum == signal.SIGINT else 143)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-
-
-def simulate(cfg, run_dir: Path, verbose: bool = False, resume: bool = False) -> dict:
-    """Run one simulated federation in this process; returns the run summary. Raises on failure."""
-    import json
-
-    from flwr.simulation import run_simulation
-
-    from fedlora.clients import client_app
-    from fedlora.strategies import server_app
-    num_cpus = cfg.simulation.num_cpus or os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": int(cfg.simulation.client_cpus), "num_gpus": 0.0},
-               "init_args": {"num_cpus": int(num_cpus), "include_dashboard": False, "log_to_driver": verbose}}
-    _install_stop_handlers()
-    import uuid
-
-    os.environ["FEDLORA_RUN_TOKEN"] = uuid.uuid4().hex  # inherited by Ray and its workers: see _shutdown_ray
-    try:
-        run_simulation(server_app=server_app.make_app(cfg, run_dir, resume), client_app=client_app.app,
-                       num_supernodes=int(cfg.num_clients), backend_config=backend, verbose_logging=verbose)
-    finally:
-        _shutdown_ray()
-    summary = run_dir / "summary.json"
-    if not summary.exists():
-        raise RuntimeError(f"the run stopped before finishing (see the log above); partial results are in {run_dir}")
-    return json.loads(summary.read_text())
+    groups = ("strategy", "model", "data", "partitioner", "privacy", "client", "preset")
+    lines = [textwrap.fill(", ".join(config.group_options(g)), width=110, initial_indent=f"  {g:<12} ",
+                           subsequent_indent=" " * 15) for g in groups]
+    return RUN_HELP.format(groups="\n".join(lines))
 
 
 def cmd_run(argv: list[str]) -> int:
-    verbose = "-v" in argv
-    overrides = [a for a in argv if a != "-v"]
-    _quiet_libraries(verbose)
-    from fedlora.preflight import prepare
+    """``fedlora run``: the pre-flight, the simulation, and what the user reads."""
+    if any(a in HELP_FLAGS for a in argv):
+        print(run_help())
+        return 0
+    verbose = any(a in VERBOSE_FLAGS for a in argv)
+    overrides = [a for a in argv if a not in VERBOSE_FLAGS]
+    from fedlora import simulation
 
-    cfg, run_dir, resume = prepare(overrides)
-    print(f"fedlora: {'resuming ' if resume else ''}{cfg.strategy.name} on {cfg.model.name}/{cfg.data.name}, {cfg.num_clients} clients, "
-          f"{cfg.num_rounds} rounds -> {run_dir}", flush=True)
-    summary = simulate(cfg, run_dir, verbose, resume=resume)
+    simulation.quiet_libraries(verbose)  # before the libraries are imported
+    from fedlora import preflight
+
+    cfg, run_dir, resume = preflight.prepare(overrides)
+    print(f"fedlora: {'resuming ' if resume else ''}{cfg.strategy.name} on {cfg.model.name}/{cfg.data.name}, "
+          f"{cfg.num_clients} clients, {cfg.num_rounds} rounds -> {run_dir}", flush=True)
+    summary = simulation.simulate(cfg, run_dir, verbose, resume=resume)
     acc = summary.get("final_eval_accuracy")
     print(f"done: final eval_loss {summary['final_eval_loss']:.4f}"
           + (f", eval_accuracy {acc:.4f}" if acc is not None else "") + f"; adapter in {summary['adapter']}")
     return 0
 
 
+def cmd_compare(argv: list[str]) -> int:
+    from fedlora.compare import cmd_compare
+
+    return cmd_compare(argv)
+
+
+def cmd_deploy(argv: list[str]) -> int:
+    from fedlora.deploy import main as deploy_main
+
+    return deploy_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "deploy": cmd_deploy}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv or argv[0] in (*HELP_FLAGS, "help"):
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"error: unknown command {cmd!r}; use run, compare or deploy.", file=sys.stderr)
+        return 2
     from fedlora.config import ConfigError
 
     try:
-        if cmd == "run":
-            return cmd_run(rest)
-        if cmd == "compare":
-            from fedlora.compare import cmd_compare
-
-            return cmd_compare(rest)
-        if cmd == "deploy":
-            from fedlora.deploy import main as deploy_main
-
-            return deploy_main(rest)
-        print(f"error: unknown command {cmd!r}; use run, compare or deploy.", file=sys.stderr)
-        return 2
+        return COMMANDS[cmd](rest)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _shutdown_ray()
+        from fedlora.simulation import shutdown
+
+        shutdown()
         print("interrupted: stopped all processes; results so far are kept.", file=sys.stderr)
         return 130
     except RuntimeError as e:

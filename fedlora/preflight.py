@@ -12,12 +12,19 @@ from . import config, data
 from .report import check_fresh, default_run_dir
 
 
-def check(cfg) -> None:
-    """Everything that can be checked about a composed config without starting anything."""
-    from fedlora import strategies
-
+def check_setting(cfg) -> None:
+    """The part of :func:`check` that does not depend on the strategy: the config's own rules and the data
+    (loaded and split into the clients' partitions). ``fedlora compare`` refuses a whole comparison on these."""
     config.validate(cfg)
     data.check_partitions(cfg)
+
+
+def check(cfg) -> None:
+    """Everything that can be checked about a composed config without starting anything: :func:`check_setting`
+    and the strategy's own requirements (e.g. a single-rank method refuses mixed client ranks)."""
+    from fedlora import strategies
+
+    check_setting(cfg)
     strategies.get(cfg.strategy.name).check_config(cfg)
 
 

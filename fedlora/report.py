@@ -113,3 +113,98 @@ class Recorder:
 def read_metrics(run_dir) -> list[dict]:
     with open(Path(run_dir) / "metrics.jsonl") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparisons (``fedlora compare``): one row per strategy, a table (markdown, csv) and two plots
+# ----------------------------------------------------------------------------------------------
+COLUMNS = ["strategy", "final_accuracy", "best_accuracy", "rounds_to_target", "bytes_up", "bytes_down", "wall_s",
+           "note"]
+
+
+def rounds_to(rows: list[dict], target: float):
+    """The first round whose eval accuracy reaches ``target`` (None if none does)."""
+    for r in rows:
+        if r.get("eval_accuracy") is not None and r["eval_accuracy"] >= target:
+            return r["round"]
+    return None
+
+
+def summarise(name: str, run_dir: Path, target: float) -> dict:
+    """A comparison row for a finished run, from its ``metrics.jsonl`` and ``summary.json``."""
+    rows = read_metrics(run_dir)
+    summ = json.loads((Path(run_dir) / "summary.json").read_text())
+    return {"strategy": name, "final_accuracy": summ.get("final_eval_accuracy"),
+            "best_accuracy": summ.get("best_eval_accuracy"), "rounds_to_target": rounds_to(rows, target),
+            "bytes_up": summ["bytes_up"], "bytes_down": summ["bytes_down"], "wall_s": round(summ["wall_s"], 1),
+            "note": ""}
+
+
+def not_run_row(name: str, reason) -> dict:
+    """A comparison row for a strategy the pre-flight refused for this setting."""
+    return {c: None for c in COLUMNS} | {"strategy": name, "note": f"not run: {reason}"}
+
+
+def markdown_table(rows: list[dict], target: float) -> str:
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"| strategy | final acc | best acc | rounds to {target:g} | bytes up | bytes down | wall s | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {f(r['final_accuracy'], '.4f')} | {f(r['best_accuracy'], '.4f')} | "
+                     f"{f(r['rounds_to_target'], 'd')} | {human_bytes(r['bytes_up'] or 0)} | "
+                     f"{human_bytes(r['bytes_down'] or 0)} | {f(r['wall_s'], '.0f')} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plots(out: Path, runs: dict[str, Path]) -> None:
+    """``accuracy_vs_round.png`` and ``accuracy_vs_bytes.png`` in ``out``: one line per run directory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for xkey, fname, xlabel in (("round", "accuracy_vs_round.png", "round"),
+                                ("bytes", "accuracy_vs_bytes.png", "cumulative bytes (up + down, MB)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, d in runs.items():
+            rows = [r for r in read_metrics(d) if "eval_accuracy" in r]
+            if not rows:
+                continue
+            if xkey == "round":
+                xs = [r["round"] for r in rows]
+            else:
+                tot, xs = 0, []
+                for r in rows:
+                    tot += r.get("bytes_up", 0) + r.get("bytes_down", 0)
+                    xs.append(tot / 1e6)
+            ax.plot(xs, [r["eval_accuracy"] for r in rows], marker="o", ms=3, label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("dev accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+
+
+def write_comparison(out: Path, rows: list[dict], target: float, setting: str, runs: dict[str, Path]) -> str:
+    """``comparison.csv``, ``comparison.md`` (``setting``: one sentence describing what was compared) and, when
+    some run finished, the plots; returns the markdown table."""
+    out = Path(out)
+    write_csv(out / "comparison.csv", rows)
+    table = markdown_table(rows, target)
+    (out / "comparison.md").write_text(f"# fedlora compare\n\n{setting}\n\n{table}\n")
+    if runs:
+        plots(out, runs)
+    return table
