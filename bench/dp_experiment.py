@@ -377,7 +377,7 @@ def main() -> int:
         "is refused), equal client weights (an unweighted mean; privacy.weighting=num_examples is refused), a "
         "fixed number of sampled clients per round (a round with fewer valid updates is not released), "
         "no-amplification accounting, and an element-wise-mean aggregate (flora, lora_fair, flexlora, hetlora "
-        "are refused). See fedlora/privacy.py and strategies/dp.py.",
+        "are refused). See docs/privacy.md, fedlora/privacy/ and strategies/privacy.py.",
         "",
         "Reproduce (resumes: runs already in the JSON are skipped):",
         "",

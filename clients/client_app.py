@@ -18,6 +18,9 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedlora import adapters, config, data, merges, models, privacy, train
+from fedlora.messages import CONFIG_KEY, DIGEST_KEY, NEEDS_CONFIG
+
+from .dp_sgd import DP_STATE, accountant_record, budget_exhausted_reply, dp_sgd_round
 
 app = ClientApp()
 
@@ -26,16 +29,47 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", 0))
 
 
+#: context.state record holding the run config this node received at the handshake: {"yaml", "digest"}
+RUN_CONFIG = "run-config"
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(yaml_text: str):
+    """The run config, read-only: a node never edits it (node-local settings are derived, see _dataset)."""
+    from omegaconf import OmegaConf
+
+    cfg = config.from_yaml(yaml_text)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def run_config(conf, context: Context):
+    """The run config for a message: the one the message carries (the handshake, or a resent message after a
+    node restart), which the node keeps in ``context.state`` for the run, else the one kept; None when the node
+    holds none or not the one the message names by digest."""
+    if CONFIG_KEY in conf:
+        text = str(conf[CONFIG_KEY])
+        context.state[RUN_CONFIG] = ConfigRecord({"yaml": text, "digest": config.config_digest(text)})
+    if RUN_CONFIG not in context.state:
+        return None
+    held = context.state[RUN_CONFIG]
+    if DIGEST_KEY in conf and str(conf[DIGEST_KEY]) != str(held["digest"]):
+        return None
+    return _parse(str(held["yaml"]))
+
+
 def _dataset(cfg, context: Context):
     """This node's training examples. In simulation: partition ``partition-id`` of the configured data.
     In deployment a node may bring its own file (``--node-config "data-path=/data/reviews.tsv"``): its whole
     training split is used, or one partition of it when ``num-partitions`` is also given."""
+    from omegaconf import OmegaConf
+
     nc = context.node_config
     if nc.get("data-path"):
-        cfg.data.path = str(nc["data-path"])
+        local = {"data": {"path": str(nc["data-path"])}}
         if "num-partitions" not in nc:
-            return data.load(cfg.data)[0]
-        cfg.num_clients = int(nc["num-partitions"])
+            return data.load(OmegaConf.merge(cfg, local).data)[0]
+        cfg = OmegaConf.merge(cfg, local, {"num_clients": int(nc["num-partitions"])})
     return data.partition(cfg, _partition_id(context))
 
 
@@ -49,7 +83,7 @@ def device_info() -> dict:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Handshake: tell the server who we are (partition, examples, device)."""
-    cfg = config.from_yaml(msg.content["config"]["fedlora-config"])
+    cfg = run_config(msg.content["config"], context)
     if "fl.importance-steps" in msg.content["config"]:  # FedPipe warm-up: importance scores of this node's base
         return importance_reply(msg, context, cfg)
     info = device_info()
@@ -59,16 +93,17 @@ def query(msg: Message, context: Context) -> Message:
     if profile == "detect":  # FedPipe: this machine's profile (free memory, matched compute figures), as JSON
         import json
 
-        from fedlora import resources
+        from fedlora.fedpipe.profiles import detect_profile
 
-        profile = json.dumps(resources.detect_profile())
-    return Message(RecordDict({"metrics": metrics, "config": ConfigRecord({"device": info["device"], "profile": profile})}), reply_to=msg)
+        profile = json.dumps(detect_profile())
+    conf = ConfigRecord({"device": info["device"], "profile": profile})
+    return Message(RecordDict({"metrics": metrics, "config": conf}), reply_to=msg)
 
 
 def importance_reply(msg: Message, context: Context, cfg) -> Message:
-    """FedPipe warm-up: :func:`fedlora.resources.importance_scores` of every LoRA target on this node's base
-    (quantised to ``fl.bits``, adapter at B = 0) over ``fl.importance-steps`` batches of ``fl.batch_size``."""
-    from fedlora import resources
+    """FedPipe warm-up: :func:`fedlora.fedpipe.importance.importance_scores` of every LoRA target on this node's
+    base (quantised to ``fl.bits``, adapter at B = 0) over ``fl.importance-steps`` batches of ``fl.batch_size``."""
+    from fedlora.fedpipe.importance import importance_scores
 
     conf = msg.content["config"]
     bundle = models.cached(cfg, bits=int(conf["fl.bits"]))
@@ -82,11 +117,12 @@ def importance_reply(msg: Message, context: Context, cfg) -> Message:
     collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     steps = int(conf["fl.importance-steps"])
     batches = [{k: v.to(bundle.device) for k, v in collator([ds[int(j)] for j in idx]).items()}
-               for idx in train.batch_indices(len(ds), int(conf["fl.batch_size"]), steps, int(cfg.seed) * 1000 + pid, 0)]
+               for idx in train.batch_indices(len(ds), int(conf["fl.batch_size"]), steps,
+                                              int(cfg.seed) * 1000 + pid, 0)]
     t = cfg.model.lora.target_modules
-    scores = resources.importance_scores(bundle.model, batches, steps, beta=float(conf["fl.importance-beta"]),
-                                         targets=[t] if isinstance(t, str) else list(t),
-                                         loss_fn=lambda m, b: train.model_loss(m, b, bundle.task))
+    scores = importance_scores(bundle.model, batches, steps, beta=float(conf["fl.importance-beta"]),
+                               targets=[t] if isinstance(t, str) else list(t),
+                               loss_fn=lambda m, b: train.model_loss(m, b, bundle.task))
     metrics = {f"importance.{k}": float(v) for k, v in scores.items()}
     metrics.update({"num-examples": len(ds), "partition-id": pid})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -146,7 +182,10 @@ def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context:
     for name, layer in layers.items():
         A = arrays.get(f"{name}.lora_A")
         B = arrays.get(f"{name}.lora_B")
-        A = torch.from_numpy(A) if A is not None else adapters.seeded_A(int(conf["fl.a_seed"]), name, r, layer.in_features)
+        if A is None:
+            A = adapters.seeded_A(int(conf["fl.a_seed"]), name, r, layer.in_features)
+        else:
+            A = torch.from_numpy(A)
         B = torch.from_numpy(B) if B is not None else torch.zeros(layer.out_features, r)
         state.lora[name] = adapters.LoraFactors(A, B, alpha / r)
     state.extra = {k[len("extra."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("extra.")}
@@ -174,7 +213,11 @@ def train_fn(msg: Message, context: Context) -> Message:
 
 def _train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
-    cfg = config.from_yaml(conf["fedlora-config"])
+    cfg = run_config(conf, context)
+    if cfg is None:  # restarted since the handshake: the server resends this message with the config
+        status = ConfigRecord({"status": NEEDS_CONFIG, "reason": "this node does not hold the run config"})
+        return Message(RecordDict({"status": status, "metrics": MetricRecord({}), "arrays": ArrayRecord()}),
+                       reply_to=msg)
     rnd = int(conf["server-round"])
     _inject_faults(cfg, _partition_id(context))
     bundle = models.cached(cfg, bits=int(conf.get("fl.bits", 16)))
@@ -193,8 +236,8 @@ def _train(msg: Message, context: Context) -> Message:
     pid = _partition_id(context)
     dp_metrics = {}
     if privacy.mode_of(cfg) == "dp_sgd":
-        result, dp_metrics = dp_sgd_round(cfg, context, bundle, ds, collator, steps=steps, batch_size=bs, rnd=rnd, pid=pid,
-                                          conf=conf)
+        result, dp_metrics = dp_sgd_round(cfg, context, bundle, ds, collator, steps=steps, batch_size=bs, rnd=rnd,
+                                          pid=pid, conf=conf)
         if result is None:
             return budget_exhausted_reply(msg, pid, len(ds), dp_metrics, accountant_record(context))
     else:
@@ -217,93 +260,8 @@ def _train(msg: Message, context: Context) -> Message:
     if bool(conf["fl.freeze_a"]):
         metrics["a-fingerprint"] = adapters.a_fingerprint(state)
     reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}), "metrics": MetricRecord(metrics)})
-    if privacy.mode_of(cfg) == "dp_sgd":  # the accountant travels back, so the server keeps a copy (see fedlora.privacy)
+    if privacy.mode_of(cfg) == "dp_sgd":  # the accountant travels back: the server keeps a copy (docs/privacy.md)
         reply[DP_STATE] = accountant_record(context)
-    return Message(reply, reply_to=msg)
-
-
-# context.state key and reply record: ConfigRecord {"accountant": JSON of fedlora.privacy.AccountantState}
-DP_STATE = privacy.ACCOUNTANT_RECORD
-
-
-def accountant_record(context: Context) -> ConfigRecord:
-    """This node's accountant as it stands (a copy of ``context.state[DP_STATE]``), for the reply."""
-    return ConfigRecord({"accountant": str(context.state[DP_STATE]["accountant"])})
-
-
-def restore_accountant(context: Context, conf, dp_cfg: privacy.DPConfig, pid: int) -> privacy.AccountantState:
-    """The node's accountant for this round: its own (``context.state``) or the server's copy sent in the train
-    config, by :func:`fedlora.privacy.restore_accountant` (the one that has spent more; the server's alone when
-    the node has none). The choice is saved to ``context.state`` at once."""
-    from logging import INFO, WARNING
-
-    from flwr.common.logger import log
-
-    local = str(context.state[DP_STATE]["accountant"]) if DP_STATE in context.state else None
-    server_copy = conf.get(privacy.ACCOUNTANT_CONFIG_KEY) if hasattr(conf, "get") else None
-    server_copy = str(server_copy) if server_copy not in (None, "") else None
-    state, source, problem = privacy.restore_accountant(local, server_copy, dp_cfg.accountant, dp_cfg.target_delta)
-    if problem:
-        log(WARNING, "client %d: %s; keeping the local accountant", pid, problem)
-    if source == "server":
-        eps = privacy.epsilon(state, dp_cfg.target_delta)
-        if local:
-            log(WARNING, "client %d: the server's accountant copy has spent more than the local one; continuing from "
-                "the server's (%d steps, epsilon %.4g)", pid, state.steps, eps)
-        else:
-            log(INFO, "client %d: no local accountant (restarted node); restored the server's copy (%d steps, "
-                "epsilon %.4g)", pid, state.steps, eps)
-    context.state[DP_STATE] = ConfigRecord({"accountant": state.to_json()})
-    return state
-
-
-@functools.lru_cache(maxsize=64)
-def _planned_noise(dp_cfg: privacy.DPConfig, sample_rate: float, total_steps: int) -> float:
-    return privacy.plan_noise(dp_cfg, sample_rate, total_steps)
-
-
-def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, batch_size: int, rnd: int, pid: int,
-                 conf=None):
-    """One round of sample-level DP-SGD on this node: ``(result of train.local_train_dp, metrics)``, or
-    ``(None, metrics)`` when ``steps`` more steps would take the node past ``privacy.target_epsilon``.
-
-    One accountant per node for the whole run, restored from ``context.state`` or the server's copy in the
-    train config ``conf`` (:func:`restore_accountant`) and saved to ``context.state``. The noise is
-    planned once for ``privacy.planned_rounds`` (default ``num_rounds``) x ``steps`` at this node's sampling
-    rate, the worst case of a node sampled every round: with ``fraction_train < 1`` a node trains fewer rounds
-    and ends below the target.
-    """
-    dp_cfg = privacy.dp_config(cfg)
-    q = 1.0 / math.ceil(len(ds) / batch_size)  # privacy.sample_rate of the loader local_train_dp builds
-    sigma = _planned_noise(dp_cfg, q, privacy.planned_rounds(cfg) * steps)
-    state = restore_accountant(context, conf, dp_cfg, pid)
-    info = {"noise_multiplier": sigma, "sample_rate": q, "delta": dp_cfg.target_delta}
-    if privacy.would_exceed(state, dp_cfg, sigma, q, steps):
-        return None, {"epsilon": privacy.epsilon(state, dp_cfg.target_delta), **info}
-    result = train.local_train_dp(
-        bundle.model, ds, collator, dp_cfg=dp_cfg, noise_multiplier=sigma, accountant_state=state, steps=steps,
-        batch_size=batch_size, lr=float(cfg.train.lr) * float(cfg.strategy.get("lr_multiplier", 1.0)),
-        step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
-        warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay), task=bundle.task,
-        device=bundle.device, rng_seed=(int(cfg.seed), pid, rnd) if cfg.privacy.get("reproducible") else None,
-        optimizer=str(cfg.privacy.get("optimizer", "adamw")),
-        micro_batch_size=cfg.train.get("micro_batch_size"),
-    )
-    context.state[DP_STATE] = ConfigRecord({"accountant": result["accountant"]})
-    return result, {"epsilon": result["epsilon"], "empty_batches": result["empty_batches"], **info}
-
-
-def budget_exhausted_reply(msg: Message, pid: int, num_examples: int, dp_metrics: dict,
-                           accountant: ConfigRecord) -> Message:
-    """A reply without training: no arrays, the epsilon spent so far (and the accountant), status
-    ``budget-exhausted``."""
-    eps = dp_metrics["epsilon"]
-    reason = (f"another round would take epsilon from {eps:.4g} past privacy.target_epsilon "
-              f"at delta={dp_metrics['delta']:g}")
-    reply = RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord({"num-examples": num_examples, "partition-id": pid,
-                                                                        "steps": 0, **dp_metrics}),
-                        "status": ConfigRecord({"status": "budget-exhausted", "reason": reason}),
-                        DP_STATE: accountant})
     return Message(reply, reply_to=msg)
 
 

@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
-STRATEGIES = ("fedit", "flora", "ffa_lora", "lora_fair", "flexlora", "hetlora", "fedpipe")
 
 
 class ConfigError(ValueError):
@@ -85,6 +84,13 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+def config_digest(text: str) -> str:
+    """A short digest of a resolved config's YAML: what every train message names instead of the config."""
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -107,7 +113,8 @@ def client_ranks(cfg: DictConfig) -> list[int]:
 
 
 def validate(cfg: DictConfig) -> None:
-    _require(cfg.strategy.name in STRATEGIES, f"unknown strategy '{cfg.strategy.name}': choose one of {', '.join(STRATEGIES)}.")
+    names = group_options("strategy")  # conf/strategy/ names the methods; fedlora.strategies registers each
+    _require(cfg.strategy.name in names, f"unknown strategy '{cfg.strategy.name}': choose one of {', '.join(names)}.")
     _require(isinstance(cfg.num_clients, int) and cfg.num_clients >= 1, "num_clients must be an integer >= 1.")
     _require(isinstance(cfg.num_rounds, int) and cfg.num_rounds >= 1, "num_rounds must be an integer >= 1.")
     _require(
@@ -125,11 +132,13 @@ def validate(cfg: DictConfig) -> None:
     mb = cfg.train.get("micro_batch_size")
     _require(mb is None or (isinstance(mb, int) and mb >= 1),
              f"train.micro_batch_size={mb} must be an integer >= 1 (or null for the whole batch).")
-    _require(cfg.train.scheduler in ("constant", "linear", "cosine"), "train.scheduler must be constant, linear or cosine.")
+    _require(cfg.train.scheduler in ("constant", "linear", "cosine"),
+             "train.scheduler must be constant, linear or cosine.")
     _require(cfg.kernels in ("auto", "triton", "torch", "peft"), "kernels must be auto, triton, torch or peft.")
     _require(cfg.model.task in ("seq-cls", "causal-lm"), f"model.task='{cfg.model.task}' must be seq-cls or causal-lm.")
     if cfg.model.name == "hf":
-        _require(not OmegaConf.is_missing(cfg.model, "source") and cfg.model.source, "model=hf needs model.source=<local path or hub id>.")
+        _require(not OmegaConf.is_missing(cfg.model, "source") and cfg.model.source,
+                 "model=hf needs model.source=<local path or hub id>.")
     lora = cfg.model.lora
     _require(isinstance(lora.r, int) and lora.r >= 1, f"model.lora.r={lora.r} must be an integer >= 1 (the LoRA rank).")
     _require(lora.alpha > 0, "model.lora.alpha must be > 0.")
@@ -142,7 +151,8 @@ def validate(cfg: DictConfig) -> None:
              "simulation.client_cpus must be a positive integer (Flower 1.42 requires it).")
     if cfg.partitioner.name == "label_skew":
         rows = len(cfg.partitioner.proportions)
-        _require(rows == cfg.num_clients, f"partitioner label_skew has {rows} rows of proportions but num_clients={cfg.num_clients}: give one row per client.")
+        _require(rows == cfg.num_clients, f"partitioner label_skew has {rows} rows of proportions but "
+                                          f"num_clients={cfg.num_clients}: give one row per client.")
     from . import privacy
 
     try:

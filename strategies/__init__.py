@@ -1,4 +1,7 @@
-"""Server side: one Flower strategy per method (each a thin layer over :mod:`fedlora.algebra`) and the ServerApp."""
+"""Server side: one Flower strategy per method (each a thin layer over :mod:`fedlora.algebra`) and the ServerApp.
+
+``STRATEGIES`` is the one registry of methods. What each supports is declared on its class
+(``supports_mixed_ranks``, ``privacy_modes``, ``client_sends``) and checked by ``check_config``."""
 
 from .fedit import FedIT
 from .fedpipe import FedPipe
@@ -12,6 +15,7 @@ STRATEGIES = {s.name: s for s in (FedIT, FLoRA, FFALoRA, LoRAFAIR, FlexLoRA, Het
 
 
 def get(name: str):
+    """The strategy class registered under ``name`` (a ConfigError naming the choices otherwise)."""
     if name not in STRATEGIES:
         from fedlora.config import ConfigError
 

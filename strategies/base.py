@@ -1,21 +1,9 @@
-"""The Flower glue shared by every fedlora strategy: a small subclass of Flower's ``FedAvg`` whose steps
-(sampling, per-node payloads, reply checking, aggregation) are overridable one at a time. The maths of
-each method lives in :mod:`fedlora.algebra`; a strategy file only says what to send and what to call.
-
-What travels (one Message per node, since payloads differ per node):
-- down: ``arrays`` (ArrayRecord: the factors this client starts from: ``<module>.lora_A``/``lora_B``/
-  ``extra.<param>``, plus anything strategy-specific such as FLoRA merges) and ``config`` (ConfigRecord:
-  the resolved run config as YAML, and the client's instructions ``fl.*``: rank, alpha, A seed, what to
-  freeze and what to send back).
-- up: ``arrays`` (the trained factors, only the parts the strategy asks for) and ``metrics``
-  (``num-examples``, ``train_loss``, ``partition-id``, ...); a client that did not train (e.g. its privacy
-  budget is spent) adds a ConfigRecord ``status`` = {"status": "<word>", "reason": "<sentence>"}.
-- DP-SGD (``privacy=dp_sgd``) only: down, ``config["dp.accountant"]`` = the server's copy of this client's
-  accountant (once it has one); up, a ConfigRecord ``dp-sgd`` = {"accountant": "<JSON>"} in every trained or
-  budget-exhausted reply. The server keeps the latest copy per partition (``accountants``, checkpointed), see
-  :mod:`fedlora.privacy`.
-A client whose arrays is missing a factor starts it fresh: A from ``fl.a_seed`` (see
-:func:`fedlora.adapters.seeded_A`), B zero.
+"""The Flower glue shared by every fedlora strategy: a small subclass of Flower's ``FedAvg`` whose round is split
+into overridable steps (sample, payload, check replies, aggregate), each declared here with a default. The
+maths of each method lives in :mod:`fedlora.algebra`; a strategy file only says what to send and what to call.
+A round's outcome is returned as a :class:`RoundResult`, never left on attributes for the caller to read.
+Privacy is a component the strategy holds (:mod:`fedlora.strategies.privacy`). What travels is described in
+``docs/messages.md``.
 """
 
 from __future__ import annotations
@@ -29,10 +17,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedlora import privacy
-from fedlora.adapters import LORA_A, LORA_B, AdapterState, LoraFactors, from_arrays, to_arrays
-from fedlora.config import ConfigError, client_ranks, to_yaml
+from fedlora.adapters import LORA_A, LORA_B, AdapterState, from_arrays, to_arrays
+from fedlora.config import ConfigError, client_ranks, config_digest, to_yaml
+from fedlora.messages import DIGEST_KEY
 from fedlora.validate import check_update, norm_outliers, update_norm
+
+from . import privacy as privacy_modes
 
 
 @dataclass
@@ -53,6 +43,52 @@ class NodeInfo:
         return self.alpha / self.rank
 
 
+@dataclass
+class Update:
+    """One accepted reply: the node, its arrays and its metrics (``num-examples`` is its weight)."""
+
+    node: NodeInfo
+    arrays: dict[str, np.ndarray]
+    metrics: dict
+
+    @property
+    def weight(self) -> float:
+        return float(self.metrics["num-examples"])
+
+
+@dataclass
+class RoundPlan:
+    """What :meth:`LoraStrategy.configure_round` sends: one message per sampled node."""
+
+    messages: list[Message]
+    sampled: list[int]  # partition ids, in partition order
+    bytes_down: int
+
+
+@dataclass
+class Checked:
+    """The replies of a round after validation."""
+
+    accepted: list[Update]
+    rejected: list[dict]  # {"node": partition id, "reason": sentence}
+    bytes_up: int
+
+
+@dataclass
+class RoundResult:
+    """What one round's aggregation produced."""
+
+    arrays: ArrayRecord | None  # the new global arrays; None when the round was skipped
+    metrics: dict  # train_loss, num_clients and the strategy's and privacy's numbers for the metrics line
+    rejected: list[dict]
+    bytes_up: int
+    client_states: list[tuple[NodeInfo, AdapterState, float]] = field(default_factory=list)
+    delta: dict | None = None  # the round's effective update per module (LoraFactors), for the audit
+    skipped: str | None = None
+
+
+
+
 def error_summary(reason: str, limit: int = 300) -> str:
     """The line of a client's error report that says what went wrong (Ray wraps it in a long traceback)."""
     import re
@@ -71,6 +107,15 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def train_metrics(accepted: list[Update]) -> dict:
+    """``num_clients`` and the example-weighted mean ``train_loss`` of the accepted updates."""
+    out = {"num_clients": len(accepted)}
+    if accepted:
+        w = np.array([u.weight for u in accepted])
+        out["train_loss"] = float(np.average([u.metrics["train_loss"] for u in accepted], weights=w))
+    return out
+
+
 class LoraStrategy(FedAvg):
     """Base class: FedIT-style plumbing. Subclasses override the hooks marked *hook*."""
 
@@ -79,9 +124,14 @@ class LoraStrategy(FedAvg):
     client_sends: tuple[str, ...] = (LORA_A, LORA_B, "extra")
     #: whether clients may hold different ranks
     supports_mixed_ranks = False
-    #: attributes that make up the strategy's state between rounds (checkpointed); the privacy books
-    #: (``epsilon``, ``exhausted``, ``accountants``) are empty unless ``privacy=dp_sgd``
-    persistent: tuple[str, ...] = ("state", "rng", "epsilon", "exhausted", "accountants")
+    #: privacy modes this method supports (``client_dp`` needs an element-wise mean of same-shaped updates)
+    privacy_modes: tuple[str, ...] = ("none", "dp_sgd")
+    #: why client-level DP is refused for this method (one clause; see :meth:`check_config`)
+    client_dp_refusal = ""
+    #: attributes that make up the strategy's state between rounds (checkpointed)
+    persistent: tuple[str, ...] = ("state", "rng")
+    #: components with a state of their own (``state_dict``/``load_state_dict``), checkpointed under their name
+    components: tuple[str, ...] = ("privacy",)
 
     def __init__(self, cfg, initial: AdapterState, shapes: dict[str, tuple[int, int]]):
         import logging
@@ -96,18 +146,15 @@ class LoraStrategy(FedAvg):
             )
         finally:
             flwr_log.setLevel(level)
-        self.cfg, self.cfg_yaml = cfg, to_yaml(cfg)
+        self.cfg = cfg
         self.state = initial  # the global adapter clients start from
         self.shapes = shapes  # module -> (out, in)
         self.nodes: dict[int, NodeInfo] = {}
         self.rng = random.Random(int(cfg.seed))
         self.norm_factor = float(cfg.get("update_norm_factor", 0) or 0)
-        self.last: dict = {}  # stats of the last round (bytes, rejected, train loss), read by the server loop
-        self.last_delta: dict[str, torch.Tensor] | None = None
-        self.epsilon: dict[int, float] = {}  # partition -> epsilon so far, as DP-SGD clients report it
-        self.exhausted: set[int] = set()  # partitions whose privacy budget is spent (no longer sampled)
-        self.accountants: dict[int, str] = {}  # partition -> latest DP-SGD accountant (JSON) the client sent
-        self.dp_sgd = privacy.mode_of(cfg) == "dp_sgd"
+        self.privacy = privacy_modes.for_config(cfg)
+        self.cfg_yaml = to_yaml(cfg)  # the run config every node needs: sent once (handshake), then its digest
+        self.config_digest = config_digest(self.cfg_yaml)
         self.check_config(cfg)
 
     @classmethod
@@ -119,15 +166,28 @@ class LoraStrategy(FedAvg):
                 f"strategy {cls.name} needs one rank for every client but client_ranks gives {sorted(set(ranks))}: "
                 f"use flora, flexlora or hetlora for mixed ranks."
             )
+        mode = privacy_modes.mode_of(cfg)
+        if mode == "client_dp" and mode not in cls.privacy_modes:
+            from . import STRATEGIES
+
+            able = [n for n, s in STRATEGIES.items() if mode in s.privacy_modes]
+            raise ConfigError(f"{cls.client_dp_refusal}; client_dp works with {' or '.join(able)} only.")
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.persistent}
+        return {**{k: getattr(self, k) for k in self.persistent},
+                **{c: getattr(self, c).state_dict() for c in self.components}}
 
     def load_state_dict(self, sd: dict) -> None:
         for k, v in sd.items():
-            setattr(self, k, v)
+            if k in self.components:
+                getattr(self, k).load_state_dict(v)
+            else:
+                setattr(self, k, v)
 
     # ------------------------------------------------------------------ hooks
+    def prepare_run(self, grid, run_dir, echo=print, resume: bool = False) -> None:
+        """*hook* Work before the first round, once the nodes are known (FedPipe: warm-up and plan)."""
+
     def payload(self, node: NodeInfo, server_round: int) -> tuple[dict[str, np.ndarray], dict]:
         """*hook* What node starts from: (arrays, extra ``fl.*`` config). Default: the global adapter."""
         return to_arrays(self.state), {}
@@ -149,8 +209,9 @@ class LoraStrategy(FedAvg):
         return from_arrays(arrays, node.scale)
 
     def aggregate(self, server_round: int, states: list[AdapterState], weights: list[float],
-                  nodes: list[NodeInfo]) -> None:
-        """*hook* Update ``self.state`` (and ``self.last_delta``, the round's effective ΔW per module)."""
+                  updates: list[Update]) -> dict | None:
+        """*hook* Update ``self.state`` from the accepted updates; return the round's effective update per
+        module (``{name: LoraFactors}``, for the audit) or None."""
         raise NotImplementedError
 
     def on_status(self, node: NodeInfo, status: str, metrics: dict) -> None:
@@ -164,7 +225,7 @@ class LoraStrategy(FedAvg):
         """*hook* The final model as one adapter on the pristine base (default: :meth:`eval_adapter`)."""
         return self.eval_adapter()
 
-    def round_metrics(self) -> dict:
+    def round_metrics(self, updates: list[Update]) -> dict:
         """*hook* Strategy-specific numbers for this round's metrics line (e.g. FLoRA's base sync error)."""
         return {}
 
@@ -172,10 +233,10 @@ class LoraStrategy(FedAvg):
         """*hook* Updates merged into the base weights so far (FLoRA); empty when nothing is merged."""
         return {}
 
-    # ------------------------------------------------------------------ Flower steps
-    def sample(self, grid) -> list[int]:
+    # ------------------------------------------------------------------ a round
+    def sample(self) -> list[int]:
         """Seeded sampling over clients ordered by partition id, so runs are reproducible."""
-        ids = sorted((n for n in self.nodes if self.nodes[n].partition_id not in self.exhausted),
+        ids = sorted((n for n, info in self.nodes.items() if self.privacy.can_train(info)),
                      key=lambda n: self.nodes[n].partition_id)
         k = max(int(len(ids) * float(self.cfg.fraction_train)), self.min_train_nodes)
         return sorted(self.rng.sample(ids, min(k, len(ids))), key=lambda n: self.nodes[n].partition_id)
@@ -183,134 +244,109 @@ class LoraStrategy(FedAvg):
     def node_config(self, node: NodeInfo, server_round: int, extra: dict) -> ConfigRecord:
         conf = {
             "server-round": server_round,
-            "fedlora-config": self.cfg_yaml,
             "fl.strategy": self.name,
             "fl.rank": node.rank,
             "fl.alpha": float(node.alpha),
             "fl.a_seed": int(self.cfg.seed) * 100_003 + server_round * 1009 + node.partition_id,
             "fl.freeze_a": False,
             "fl.send": ",".join(self.client_sends),
+            DIGEST_KEY: self.config_digest,
+            **self.privacy.node_config(node),
         }
-        if self.dp_sgd and node.partition_id in self.accountants:  # the client restores it if it lost its own
-            conf[privacy.ACCOUNTANT_CONFIG_KEY] = self.accountants[node.partition_id]
         conf.update(extra)
         return ConfigRecord(conf)
 
-    def configure_train(self, server_round, arrays, config, grid):
-        self.last = {"bytes_down": 0, "bytes_up": 0, "rejected": [], "sampled": []}
-        messages = []
-        for nid in self.sample(grid):
+    def build_messages(self, server_round: int) -> RoundPlan:
+        """One TRAIN message per sampled node, with its payload and instructions."""
+        messages, sampled, down = [], [], 0
+        for nid in self.sample():
             node = self.nodes[nid]
             arrs, extra = self.payload(node, server_round)
             record = to_record(arrs)
-            self.last["bytes_down"] += record_bytes(record)
-            self.last["sampled"].append(node.partition_id)
+            down += record_bytes(record)
+            sampled.append(node.partition_id)
             content = RecordDict({"arrays": record, "config": self.node_config(node, server_round, extra)})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid))
-        return messages
+        return RoundPlan(messages, sampled, down)
 
-    def check_replies(self, replies) -> list[tuple[NodeInfo, dict, dict]]:
-        """Valid replies as (node, arrays, metrics); every rejection is recorded with its reason."""
-        accepted, norms = [], {}
+    def configure_round(self, server_round: int, grid) -> RoundPlan:
+        """The round's messages, through the privacy component (client-level DP: Flower's wrapper, which raises
+        ``PrivacyBudgetExhausted`` when the next release would exceed the budget)."""
+        return self.privacy.configure(self, server_round, grid)
+
+    def check_replies(self, replies) -> Checked:
+        """Valid replies as updates (in partition order); every rejection is recorded with its reason."""
+        accepted, rejected, bytes_up, norms = [], [], 0, {}
         for msg in replies:
             nid = msg.metadata.src_node_id
             node = self.nodes.get(nid)
             who = node.partition_id if node else nid
             if msg.has_error():
-                self.last["rejected"].append({"node": who, "reason": f"client error: {error_summary(msg.error.reason)}"})
+                rejected.append({"node": who, "reason": f"client error: {error_summary(msg.error.reason)}"})
                 continue
             try:
                 arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
                 metrics = dict(msg.content["metrics"])
             except Exception as e:  # malformed record
-                self.last["rejected"].append({"node": who, "reason": f"malformed reply: {e}"[:300]})
+                rejected.append({"node": who, "reason": f"malformed reply: {e}"[:300]})
                 continue
-            self.last["bytes_up"] += record_bytes(msg.content["arrays"])
+            bytes_up += record_bytes(msg.content["arrays"])
             if node is None:
-                self.last["rejected"].append({"node": who, "reason": "reply from an unknown node"})
+                rejected.append({"node": who, "reason": "reply from an unknown node"})
                 continue
-            reason, accountant = self.check_accountant(node, msg, metrics)
+            reason = self.privacy.check_reply(self, node, msg, metrics)
             if reason:
-                self.last["rejected"].append({"node": who, "reason": reason})
+                rejected.append({"node": who, "reason": reason})
                 continue
-            self.note_privacy(node, msg, metrics, accountant)
             if "status" in msg.content and msg.content["status"].get("status", "ok") != "ok":
                 st = msg.content["status"]
                 self.on_status(node, str(st.get("status")), metrics)
-                self.last["rejected"].append({"node": who, "reason": f"client status: {st.get('status')} {st.get('reason', '')}".strip()})
+                reason = f"client status: {st.get('status')} {st.get('reason', '')}".strip()
+                rejected.append({"node": who, "reason": reason})
                 continue
             reason = check_update(arrays, self.expected(node), metrics.get("num-examples"), node.num_examples)
             if reason:
-                self.last["rejected"].append({"node": who, "reason": reason})
+                rejected.append({"node": who, "reason": reason})
                 continue
             norms[nid] = update_norm(arrays)
-            accepted.append((node, arrays, metrics))
-        accepted.sort(key=lambda a: a[0].partition_id)  # aggregation order independent of arrival order
-        outliers = norm_outliers(norms, self.norm_factor)
-        for node, _, _ in accepted:
-            if node.node_id in outliers:
-                self.last["rejected"].append({"node": node.partition_id, "reason": outliers[node.node_id]})
-        return [a for a in accepted if a[0].node_id not in outliers]
+            accepted.append(Update(node, arrays, metrics))
+        accepted.sort(key=lambda u: u.node.partition_id)  # aggregation order independent of arrival order
+        outliers = norm_outliers(norms, self.norm_factor if self.privacy.outlier_check else 0.0)
+        for u in accepted:
+            if u.node.node_id in outliers:
+                rejected.append({"node": u.node.partition_id, "reason": outliers[u.node.node_id]})
+        return Checked([u for u in accepted if u.node.node_id not in outliers], rejected, bytes_up)
 
-    def check_accountant(self, node: NodeInfo, msg: Message, metrics: dict) -> tuple[str | None, str | None]:
-        """DP-SGD: ``(reason, accountant)``: why the reply's accountant record makes the reply invalid (None when
-        it does not), and the accountant as JSON (None when there is none). A trained or
-        budget-exhausted reply must carry ConfigRecord ``dp-sgd`` = {"accountant": JSON} that
-        :func:`fedlora.privacy.check_reported` accepts (parses, the run's mechanism, the reported epsilon, not
-        less than the server's copy). Other statuses (e.g. FLoRA's out-of-sync) may omit it."""
-        if not self.dp_sgd:
-            return None, None
-        content = msg.content
-        status = str(content["status"].get("status", "ok")) if "status" in content else "ok"
-        rec = content[privacy.ACCOUNTANT_RECORD] if privacy.ACCOUNTANT_RECORD in content else None
-        if rec is None:
-            if status in ("ok", "budget-exhausted"):
-                return (f"invalid DP-SGD reply: no '{privacy.ACCOUNTANT_RECORD}' ConfigRecord with the client's "
-                        "accountant"), None
-            return None, None
-        try:
-            if not isinstance(rec, ConfigRecord):
-                raise ValueError(f"'{privacy.ACCOUNTANT_RECORD}' must be a ConfigRecord, got a {type(rec).__name__}.")
-            if set(rec.keys()) != {"accountant"}:
-                raise ValueError(f"the record must hold exactly the key 'accountant', got {sorted(rec.keys())}.")
-            dp = privacy.dp_config(self.cfg)
-            state = privacy.check_reported(rec["accountant"], dp.accountant, dp.target_delta, metrics.get("epsilon"),
-                                           stored=self.accountants.get(node.partition_id))
-        except (ValueError, TypeError) as e:
-            return f"invalid DP-SGD accountant record: {str(e).rstrip('.')}"[:300], None
-        return None, state.to_json()
-
-    def note_privacy(self, node: NodeInfo, msg: Message, metrics: dict, accountant: str | None = None) -> None:
-        """The epsilon a DP-SGD client reports (kept while it sits rounds out), its accountant (the server's copy,
-        checkpointed and sent back down) and whether its budget is spent."""
-        if isinstance(metrics.get("epsilon"), (int, float)):
-            self.epsilon[node.partition_id] = float(metrics["epsilon"])
-        if accountant is not None:
-            self.accountants[node.partition_id] = accountant
-        if "status" in msg.content and msg.content["status"].get("status") == "budget-exhausted":
-            self.exhausted.add(node.partition_id)
-
-    def aggregate_train(self, server_round, replies):
-        accepted = self.check_replies(list(replies))
-        self.last["num_clients"] = len(accepted)
-        self.last_delta = None
-        if accepted:
-            w = np.array([float(m["num-examples"]) for _, _, m in accepted])
-            self.last["train_loss"] = float(np.average([m["train_loss"] for _, _, m in accepted], weights=w))
-            self.last["client_metrics"] = [
-                {"node": n.partition_id, **{k: v for k, v in m.items() if isinstance(v, (int, float))}}
-                for n, _, m in accepted
-            ]
+    def release(self, server_round: int, accepted: list[Update]) -> tuple[ArrayRecord | None, list, dict | None,
+                                                                            str | None]:
+        """Aggregate the accepted updates: ``(arrays, client_states, delta, skipped)``. A round with fewer than
+        ``min_train_nodes`` valid updates is skipped and changes nothing."""
         if len(accepted) < self.min_train_nodes:
-            self.last["skipped"] = f"only {len(accepted)} valid updates (< min_train_nodes={self.min_train_nodes})"
+            return None, [], None, f"only {len(accepted)} valid updates (< min_train_nodes={self.min_train_nodes})"
+        states = [self.to_state(u.node, u.arrays) for u in accepted]
+        weights = [u.weight for u in accepted]
+        delta = self.aggregate(server_round, states, weights, accepted)
+        client_states = [(u.node, s, w) for u, s, w in zip(accepted, states, weights)]
+        return to_record(to_arrays(self.state)), client_states, delta, None
+
+    def aggregate_round(self, server_round: int, replies) -> RoundResult:
+        """Check the replies, aggregate (through the privacy component) and say what happened."""
+        replies = list(replies)
+        checked = self.check_replies(replies)
+        arrays, client_states, delta, skipped = self.privacy.release(self, server_round, checked.accepted, replies)
+        if skipped:
             from flwr.common.logger import log
 
-            log(WARNING, "round %d skipped: %s", server_round, self.last["skipped"])
+            log(WARNING, "round %d skipped: %s", server_round, skipped)
+        metrics = {**train_metrics(checked.accepted), **self.round_metrics(checked.accepted)}
+        return RoundResult(arrays, metrics, checked.rejected, checked.bytes_up, client_states, delta, skipped)
+
+    # ------------------------------------------------------------------ Flower's interface
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.configure_round(server_round, grid).messages
+
+    def aggregate_train(self, server_round, replies):
+        res = self.aggregate_round(server_round, replies)
+        if res.arrays is None:
             return None, None
-        nodes = [n for n, _, _ in accepted]
-        states = [self.to_state(n, a) for n, a, _ in accepted]
-        weights = [float(m["num-examples"]) for _, _, m in accepted]
-        self.last["client_states"] = list(zip(nodes, states, weights))
-        self.last["accepted"] = accepted
-        self.aggregate(server_round, states, weights, nodes)
-        return to_record(to_arrays(self.state)), MetricRecord({"train_loss": self.last["train_loss"]})
+        return res.arrays, MetricRecord({"train_loss": res.metrics["train_loss"]})

@@ -9,8 +9,10 @@ from .base import LoraStrategy
 
 class FedIT(LoraStrategy):
     name = "fedit"
+    privacy_modes = ("none", "dp_sgd", "client_dp")
 
-    def aggregate(self, server_round, states, weights, nodes):
+    def aggregate(self, server_round, states, weights, updates):
         new = algebra.fedit(states, weights)
-        self.last_delta = algebra.effective_update(new, self.state)
+        delta = algebra.effective_update(new, self.state)
         self.state = new
+        return delta

@@ -13,6 +13,7 @@ from .base import LoraStrategy
 class FFALoRA(LoraStrategy):
     name = "ffa_lora"
     client_sends = (LORA_B, "extra")
+    privacy_modes = ("none", "dp_sgd", "client_dp")
 
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)
@@ -26,21 +27,24 @@ class FFALoRA(LoraStrategy):
         return to_arrays(self.state, parts=(LORA_B, "extra")), {"fl.a_seed": self.a_seed, "fl.freeze_a": True}
 
     def check_replies(self, replies):
-        accepted = super().check_replies(replies)
+        checked = super().check_replies(replies)
         ok = []
-        for node, arrays, m in accepted:
-            if int(m.get("a-fingerprint", -1)) != self.a_fingerprint:
-                self.last["rejected"].append({"node": node.partition_id, "reason": "frozen A differs from the server's (seed mismatch)"})
+        for u in checked.accepted:
+            if int(u.metrics.get("a-fingerprint", -1)) != self.a_fingerprint:
+                checked.rejected.append({"node": u.node.partition_id,
+                                         "reason": "frozen A differs from the server's (seed mismatch)"})
             else:
-                ok.append((node, arrays, m))
-        return ok
+                ok.append(u)
+        checked.accepted = ok
+        return checked
 
     def to_state(self, node, arrays):
         full = dict(arrays)
         full.update({f"{n}.lora_A": f.A for n, f in self.state.lora.items()})
         return from_arrays(full, node.scale)
 
-    def aggregate(self, server_round, states, weights, nodes):
+    def aggregate(self, server_round, states, weights, updates):
         new = algebra.ffa_average(states, weights)
-        self.last_delta = algebra.effective_update(new, self.state)
+        delta = algebra.effective_update(new, self.state)
         self.state = new
+        return delta

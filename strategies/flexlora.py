@@ -11,6 +11,8 @@ from .base import LoraStrategy
 class FlexLoRA(LoraStrategy):
     name = "flexlora"
     supports_mixed_ranks = True
+    client_dp_refusal = ("flexlora forms and decomposes sum_k p_k B_k A_k from every client's un-noised factors, "
+                         "which client-level DP does not cover")
     persistent = LoraStrategy.persistent + ("per_client", "global_state")
 
     def __init__(self, cfg, initial, shapes):
@@ -24,14 +26,15 @@ class FlexLoRA(LoraStrategy):
             return to_arrays(self.state, parts=("extra",)), {}
         return to_arrays(st), {}
 
-    def aggregate(self, server_round, states, weights, nodes):
+    def aggregate(self, server_round, states, weights, updates):
         keys = sorted({(n.rank, n.scale) for n in self.nodes.values()})
         outs = algebra.flexlora(states, weights, [r for r, _ in keys], [s for _, s in keys])
         self.per_client = dict(zip(keys, outs))
         new_global = algebra.flexlora_global(states, weights)
-        self.last_delta = algebra.effective_update(new_global, self.global_state)
+        delta = algebra.effective_update(new_global, self.global_state)
         self.global_state = new_global
         self.state.extra = new_global.extra
+        return delta
 
     def eval_adapter(self):
         return self.global_state if self.global_state is not None else self.state

@@ -10,9 +10,12 @@ from .base import LoraStrategy
 
 class LoRAFAIR(LoraStrategy):
     name = "lora_fair"
+    client_dp_refusal = ("lora_fair's server-side correction reads every client's un-noised factors, which "
+                         "client-level DP does not cover")
 
-    def aggregate(self, server_round, states, weights, nodes):
+    def aggregate(self, server_round, states, weights, updates):
         s = self.cfg.strategy
         new = algebra.lora_fair(states, weights, lam=float(s.lam), solver=str(s.solver), steps=int(s.steps))
-        self.last_delta = algebra.effective_update(new, self.state)
+        delta = algebra.effective_update(new, self.state)
         self.state = new
+        return delta

@@ -20,10 +20,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from fedlora import strategies
 from fedlora import adapters, checkpoint, config, data, models, train
-from fedlora.report import Recorder, default_run_dir
-from fedlora.strategies import dp as privacy_server
+from fedlora.report import Recorder
+
+from . import get as get_strategy
+from fedlora.messages import CONFIG_KEY, DIGEST_KEY, NEEDS_CONFIG
+
+from .base import NodeInfo, RoundResult
 
 app = ServerApp()
 
@@ -34,17 +37,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, "NodeInfo"]:
-    """Wait for ``num_clients`` nodes, then ask each for its partition, size, device (a QUERY message)."""
-    from fedlora.strategies.base import NodeInfo
-
+def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, NodeInfo]:
+    """Wait for ``num_clients`` nodes, then ask each for its partition, size, device (a QUERY message). The
+    handshake carries the run config, which each node keeps for the run (train messages name its digest)."""
     t0 = time.time()
     while len(ids := sorted(grid.get_node_ids())) < cfg.num_clients:
         if time.time() - t0 > timeout:
             raise RuntimeError(f"only {len(ids)} of {cfg.num_clients} clients connected within {timeout:.0f}s")
         time.sleep(0.5)
-    msgs = [Message(RecordDict({"config": ConfigRecord({"fedlora-config": strategy.cfg_yaml})}),
-                    message_type=MessageType.QUERY, dst_node_id=nid) for nid in ids]
+    conf = {CONFIG_KEY: strategy.cfg_yaml, DIGEST_KEY: strategy.config_digest}
+    msgs = [Message(RecordDict({"config": ConfigRecord(conf)}), message_type=MessageType.QUERY, dst_node_id=nid)
+            for nid in ids]
     nodes = {}
     for rep in grid.send_and_receive(msgs, timeout=timeout):
         if rep.has_error():
@@ -57,14 +60,32 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, "NodeInfo"]
         scale = float(cfg.model.lora.alpha) / float(cfg.model.lora.r)  # one scale for all ranks
         nodes[rep.metadata.src_node_id] = NodeInfo(
             node_id=rep.metadata.src_node_id, partition_id=pid, num_examples=int(m["num-examples"]),
-            rank=r, alpha=scale * r, base_version=int(m.get("base-version", 0)), device=str(rep.content["config"].get("device", "cpu")) if "config" in rep.content else "cpu",
+            rank=r, alpha=scale * r, base_version=int(m.get("base-version", 0)),
+            device=str(rep.content["config"].get("device", "cpu")) if "config" in rep.content else "cpu",
         )
         nodes[rep.metadata.src_node_id].extra.update({  # what each node runs on (nodes.json in the run dir)
             "device-memory": int(m.get("device-memory", 0)),
             "profile": str(rep.content["config"].get("profile", "")) if "config" in rep.content else ""})
     if len(nodes) < cfg.min_train_nodes:
-        raise RuntimeError(f"only {len(nodes)} clients answered the handshake (< min_train_nodes={cfg.min_train_nodes})")
+        raise RuntimeError(f"only {len(nodes)} clients answered the handshake "
+                           f"(< min_train_nodes={cfg.min_train_nodes})")
     return nodes
+
+
+def exchange(grid: Grid, strategy, messages: list[Message], timeout: float) -> list[Message]:
+    """Send a round's messages and collect the replies. A node that no longer holds the run config (it restarted
+    since the handshake) answers ``needs-config`` and gets its message again, this time with the config."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    lost = {r.metadata.src_node_id for r in replies if not r.has_error() and "status" in r.content
+            and r.content["status"].get("status") == NEEDS_CONFIG}
+    if not lost:
+        return replies
+    again = [Message(RecordDict({**dict(m.content.items()),
+                                 "config": ConfigRecord({**dict(m.content["config"]), CONFIG_KEY: strategy.cfg_yaml})}),
+                     message_type=m.metadata.message_type, dst_node_id=m.metadata.dst_node_id)
+             for m in messages if m.metadata.dst_node_id in lost]
+    kept = [r for r in replies if r.metadata.src_node_id not in lost]
+    return kept + list(grid.send_and_receive(again, timeout=timeout))
 
 
 def write_nodes(path: Path, nodes: dict) -> None:
@@ -98,15 +119,16 @@ def evaluate_global(bundle, strategy, test, collator, cfg) -> dict:
     return res
 
 
-def write_audit(recorder: Recorder, rnd: int, strategy) -> None:
+def write_audit(recorder: Recorder, rnd: int, strategy, result: RoundResult) -> None:
+    """Every accepted client update and the round's effective ΔW, so anyone can recompute the round."""
     d = recorder.audit_dir(rnd)
-    for node, state, n in strategy.last.get("client_states", []):
+    for node, state, n in result.client_states:
         adapters.save_file(state, d / f"client_{node.partition_id:03d}.safetensors",
                            metadata={"num_examples": str(int(n)), "rank": str(node.rank), "round": str(rnd)})
-    if strategy.last_delta:
+    if result.delta:
         from safetensors.torch import save_file
 
-        save_file({k: f.delta().float().contiguous() for k, f in strategy.last_delta.items()}, str(d / "delta.safetensors"),
+        save_file({k: f.delta().float().contiguous() for k, f in result.delta.items()}, str(d / "delta.safetensors"),
                   metadata={"strategy": strategy.name, "round": str(rnd)})
 
 
@@ -119,6 +141,7 @@ def save_adapter(bundle, strategy, path: Path) -> None:
 
 
 def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False) -> dict:
+    """The whole run: handshake, rounds, evaluation, checkpoints, the final adapter and summary."""
     seed_everything(int(cfg.seed))
     recorder = Recorder(run_dir, config.to_yaml(cfg), int(cfg.num_rounds), echo=echo)
     bundle = models.build(cfg)
@@ -126,13 +149,12 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
     collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     initial = adapters.from_peft(bundle.model)
     shapes = {n: (l.out_features, l.in_features) for n, l in adapters.lora_layers(bundle.model).items()}
-    strategy = strategies.get(cfg.strategy.name)(cfg, initial, shapes)
+    strategy = get_strategy(cfg.strategy.name)(cfg, initial, shapes)
     # the handshake includes each client's first data and model load: give it more than a round
     strategy.nodes = discover(grid, strategy, cfg, timeout=max(600.0, float(cfg.round_timeout)))
-    if hasattr(strategy, "prepare_run"):  # FedPipe: warm-up, module selection and plan (plan.json) before training
-        strategy.prepare_run(grid, run_dir, echo=echo, resume=resume)
+    strategy.prepare_run(grid, run_dir, echo=echo, resume=resume)  # FedPipe: warm-up, module selection, plan
     write_nodes(run_dir / "nodes.json", strategy.nodes)
-    strategy = privacy_server.wrap(strategy, cfg)  # client-level DP: Flower's DP wrapper around the strategy
+    strategy.privacy.start(strategy)
     status, stop = "completed", None
     t0, start = time.time(), 1
     if resume:
@@ -146,13 +168,14 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
         echo(f"resumed {run_dir} after round {ck['round']}")
     else:
         recorder.log_round({"round": 0, "strategy": strategy.name, "num_clients": 0, "bytes_up": 0, "bytes_down": 0,
-                            "wall_s": 0.0, "unix": time.time(), **evaluate_global(bundle, strategy, test, collator, cfg)})
+                            "wall_s": 0.0, "unix": time.time(),
+                            **evaluate_global(bundle, strategy, test, collator, cfg)})
     for rnd in range(start, int(cfg.num_rounds) + 1):
         t_round = time.time()
-        stop = privacy_server.stop_reason(strategy, cfg)
+        stop = strategy.privacy.stop_reason(strategy)
         if stop is None:
             try:
-                messages = strategy.configure_train(rnd, None, None, grid)
+                plan = strategy.configure_round(rnd, grid)
             except PrivacyBudgetExhausted as e:
                 stop = f"the next release would exceed privacy.target_epsilon ({e})"
         if stop:
@@ -160,23 +183,23 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
             log(INFO, "stopping before round %d: %s", rnd, stop)
             echo(f"stopping before round {rnd}: {stop}")
             break
-        replies = list(grid.send_and_receive(messages, timeout=float(cfg.round_timeout)))
+        replies = exchange(grid, strategy, plan.messages, float(cfg.round_timeout))
         answered = {r.metadata.src_node_id for r in replies}
-        strategy.aggregate_train(rnd, replies)
-        for m in messages:
+        result = strategy.aggregate_round(rnd, replies)
+        for m in plan.messages:
             if m.metadata.dst_node_id not in answered:
-                strategy.last["rejected"].append({"node": strategy.nodes[m.metadata.dst_node_id].partition_id,
-                                                  "reason": f"no reply within round_timeout={cfg.round_timeout}s"})
+                result.rejected.append({"node": strategy.nodes[m.metadata.dst_node_id].partition_id,
+                                        "reason": f"no reply within round_timeout={cfg.round_timeout}s"})
         if cfg.audit:
-            write_audit(recorder, rnd, strategy)
-        metrics = {"round": rnd, "strategy": strategy.name, "num_clients": strategy.last["num_clients"],
-                   "train_loss": strategy.last.get("train_loss"),
+            write_audit(recorder, rnd, strategy, result)
+        round_metrics = dict(result.metrics)
+        metrics = {"round": rnd, "strategy": strategy.name, "num_clients": round_metrics.pop("num_clients"),
+                   "train_loss": round_metrics.pop("train_loss", None),
                    **evaluate_global(bundle, strategy, test, collator, cfg),
-                   "bytes_up": strategy.last["bytes_up"], "bytes_down": strategy.last["bytes_down"],
+                   "bytes_up": result.bytes_up, "bytes_down": plan.bytes_down,
                    "round_s": time.time() - t_round, "wall_s": time.time() - t0,
-                   "sampled": strategy.last["sampled"], "rejected": strategy.last["rejected"],
-                   "skipped": strategy.last.get("skipped"), **strategy.round_metrics(),
-                   **privacy_server.round_metrics(strategy, cfg)}
+                   "sampled": plan.sampled, "rejected": result.rejected, "skipped": result.skipped,
+                   **round_metrics, **strategy.privacy.round_metrics(strategy)}
         recorder.log_round(metrics)
         checkpoint.save(run_dir, {"round": rnd, "strategy": strategy.state_dict(), "rows": recorder.rows,
                                   "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
@@ -185,7 +208,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
     summary = recorder.summary({"strategy": strategy.name, "model": cfg.model.name, "num_clients": cfg.num_clients,
                                 "num_rounds": cfg.num_rounds, "seed": cfg.seed,
                                 "adapter": str(run_dir / "adapter"), "status": status, "stop_reason": stop,
-                                **privacy_server.summary(strategy, cfg)})
+                                **strategy.privacy.summary(strategy)})
     return summary
 
 

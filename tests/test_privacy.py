@@ -377,15 +377,30 @@ def test_train_head_false_freezes_the_head():
 # ----------------------------------------------------------------------------------------------
 # 5. compatibility rules
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("strategy", P.STRATEGIES)
+STRATEGY_NAMES = ("fedit", "flora", "ffa_lora", "lora_fair", "fedpipe", "hetlora", "flexlora")
+FEDPIPE_FAST = ["model=tiny_llama", "strategy.plan_model=llama-7b", "strategy.memory_model=analytic"]
+
+
+def _check(overrides):
+    """A config as the pre-flight sees it: the privacy group's own rules, then the strategy's (its class)."""
+    from fedlora import config, strategies
+
+    cfg = config.load(overrides)
+    strategies.get(cfg.strategy.name).check_config(cfg)
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
 def test_everything_runs_without_privacy_and_dp_sgd_with_all_but_private_fedpipe(strategy):
-    P.check_compatible(strategy, "none")
+    from fedlora.config import ConfigError
+
+    extra = FEDPIPE_FAST if strategy == "fedpipe" else []
+    _check([f"strategy={strategy}"] + extra)
     if strategy == "fedpipe":
-        with pytest.raises(ValueError, match="importance scores"):
-            P.check_compatible(strategy, "dp_sgd")
-        P.check_compatible(strategy, "dp_sgd", fedpipe_importance="public")
+        with pytest.raises(ConfigError, match="importance scores"):
+            _check([f"strategy={strategy}", "privacy=dp_sgd"] + extra)
+        _check([f"strategy={strategy}", "privacy=dp_sgd", "strategy.importance.budget=1.0"] + extra)
     else:
-        P.check_compatible(strategy, "dp_sgd")
+        _check([f"strategy={strategy}", "privacy=dp_sgd"])
 
 
 @pytest.mark.parametrize(
@@ -394,21 +409,27 @@ def test_everything_runs_without_privacy_and_dp_sgd_with_all_but_private_fedpipe
      ("fedpipe", "different ranks")],
 )
 def test_client_dp_refusals(strategy, match):
-    with pytest.raises(ValueError, match=match):
-        P.check_compatible(strategy, "client_dp", weighting="uniform")
+    from fedlora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _check([f"strategy={strategy}", "privacy=client_level"] + (FEDPIPE_FAST if strategy == "fedpipe" else []))
 
 
 def test_client_dp_rules():
+    from fedlora import strategies
+    from fedlora.config import ConfigError
+
     for s in ("fedit", "ffa_lora"):
-        P.check_compatible(s, "client_dp", weighting="uniform")
+        _check([f"strategy={s}", "privacy=client_level"])
+        P.check_compatible("client_dp", weighting="uniform")
         with pytest.raises(ValueError, match="equal client weights"):
-            P.check_compatible(s, "client_dp", weighting="num_examples")
+            P.check_compatible("client_dp", weighting="num_examples")
         with pytest.raises(ValueError, match="no privacy accountant for adaptive"):
-            P.check_compatible(s, "client_dp_adaptive", weighting="uniform")
-    with pytest.raises(ValueError, match="Unknown strategy"):
-        P.check_compatible("fedavg", "none")
+            P.check_compatible("client_dp_adaptive", weighting="uniform")
+    with pytest.raises(ConfigError, match="not available"):
+        strategies.get("fedavg")
     with pytest.raises(ValueError, match="Unknown privacy mode"):
-        P.check_compatible("fedit", "ldp")
+        P.check_compatible("ldp")
 
 
 def test_batch_size_of_handles_empty_poisson_batches():

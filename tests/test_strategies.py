@@ -60,14 +60,14 @@ def test_flora_partial_participation_keeps_every_client_in_sync(tmp_path):
 
     rows, strat, grid = run(tmp_path, "strategy=flora", "fraction_train=0.5", "num_rounds=6", "client_ranks=[2,4,3,5]",
                             grid=Grid(4))
-    assert strat.log.version == 6
+    assert strat.rule.log.version == 6
     assert all(len(r["sampled"]) == 2 for r in rows[1:])
     assert len({p for r in rows[1:] for p in r["sampled"]}) == 4  # everyone took part at some point
     caught_up_late = 0
     for pid, v, delta in seen:
         # the server's base at version v = the sum of its first v merges
         ref = {}
-        for e in strat.log.entries[:v]:
+        for e in strat.rule.log.entries[:v]:
             for name, f in e.items():
                 ref[name] = ref.get(name, 0) + f.delta()
         assert set(delta) == set(ref)
@@ -183,3 +183,46 @@ def test_single_rank_methods_refuse_mixed_ranks():
     for s in ("fedit", "ffa_lora", "lora_fair"):
         with pytest.raises(config.ConfigError, match="needs one rank for every client"):
             strategies.get(s).check_config(config.load([f"strategy={s}", "client_ranks=[4,8]"]))
+
+
+def test_one_registry_whose_capabilities_are_class_attributes():
+    assert set(strategies.STRATEGIES) == set(config.group_options("strategy"))
+    for name, cls in strategies.STRATEGIES.items():
+        assert cls.name == name and "none" in cls.privacy_modes
+        assert "client_dp" in cls.privacy_modes or cls.client_dp_refusal  # a refusal says why
+    assert {n for n, c in strategies.STRATEGIES.items() if c.supports_mixed_ranks} == {
+        "flora", "flexlora", "hetlora", "fedpipe"}
+
+
+def test_run_config_travels_once_and_again_only_to_a_restarted_node(tmp_path):
+    """The handshake carries the run config; train messages name its digest. Partition 1's node loses its state
+    before round 2 (a restart): it says so, gets the same message again with the config, and trains that round."""
+    from flwr.app import MessageType
+
+    import fedlora.clients.client_app as ca
+    from fedlora.messages import CONFIG_KEY, DIGEST_KEY
+
+    wiped = []
+
+    class Grid(InProcessGrid):
+        def send_and_receive(self, messages, timeout=None):
+            for m in messages:
+                if (m.metadata.message_type == MessageType.TRAIN and m.content["config"]["server-round"] == 2
+                        and self.partition_of(m.metadata.dst_node_id) == 1 and not wiped):
+                    ctx = self.contexts[m.metadata.dst_node_id]
+                    for k in list(ctx.state.keys()):
+                        del ctx.state[k]
+                    wiped.append(True)
+            return super().send_and_receive(messages, timeout)
+
+    rows, strat, grid = run(tmp_path, "strategy=fedit", "num_rounds=2", grid=Grid(4))
+    assert wiped and all(r["num_clients"] == 4 and not r["rejected"] for r in rows[1:])
+    queries = [m for m in grid.sent if m.metadata.message_type == MessageType.QUERY]
+    assert len(queries) == 4 and all(CONFIG_KEY in m.content["config"] for m in queries)
+    train = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert all(m.content["config"][DIGEST_KEY] == strat.config_digest for m in train)
+    with_config = [(m.content["config"]["server-round"], grid.partition_of(m.metadata.dst_node_id))
+                   for m in train if CONFIG_KEY in m.content["config"]]
+    assert with_config == [(2, 1)]
+    with pytest.raises(Exception, match="read-only"):  # a node never edits the run config
+        ca._parse(strat.cfg_yaml).num_clients = 99

@@ -3,8 +3,8 @@
 - :mod:`.accounting`: one accountant per client as plain data (:class:`AccountantState`), epsilon, noise planning,
   the budget check, and which copy of an accountant a client continues from;
 - :mod:`.opacus`: sample-level DP-SGD with Opacus for one client round (:func:`make_private`, :class:`DPSession`);
-- :mod:`.checks`: :class:`DPConfig`, the run config's ``privacy`` group and the strategy/privacy combinations
-  that are refused.
+- :mod:`.checks`: :class:`DPConfig`, the run config's ``privacy`` group and the privacy settings that are
+  refused (which strategy supports which mode is declared on the strategy classes).
 
 Everything is re-exported here: ``from fedlora import privacy; privacy.X``.
 """
@@ -23,7 +23,6 @@ from .accounting import (
 )
 from .checks import (
     PRIVACY_MODES,
-    STRATEGIES,
     DPConfig,
     check_compatible,
     client_level_noise,
@@ -46,7 +45,6 @@ from .opacus import (
 __all__ = [
     "ACCOUNTANTS",
     "PRIVACY_MODES",
-    "STRATEGIES",
     "AccountantState",
     "batch_size_of",
     "DPConfig",

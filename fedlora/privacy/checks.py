@@ -1,5 +1,5 @@
-"""Config-level privacy rules: :class:`DPConfig`, which strategy/privacy combinations are refused
-(:func:`check_compatible`, :func:`validate_config`, one sentence each), and reading the run config's ``privacy``
+"""Config-level privacy rules: :class:`DPConfig`, which privacy settings are refused
+(:func:`check_compatible`, :func:`validate_config`, one sentence each; per-strategy rules are on the strategies), and reading the run config's ``privacy``
 group (:func:`mode_of`, :func:`planned_rounds`, :func:`dp_config`). Why each refusal: ``docs/privacy.md``.
 """
 
@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 from .accounting import ACCOUNTANTS, plan_noise
 
-STRATEGIES = ("fedit", "flora", "ffa_lora", "lora_fair", "fedpipe", "hetlora", "flexlora")
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp", "client_dp_adaptive")
-_CLIENT_DP_STRATEGIES = ("fedit", "ffa_lora")
 
 
 @dataclass(frozen=True)
@@ -55,60 +53,23 @@ class DPConfig:
             raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}.")
 
 
-def check_compatible(
-    strategy_name: str,
-    privacy_mode: str,
-    *,
-    weighting: str = "num_examples",
-    fedpipe_importance: str = "private",
-) -> None:
-    """Refuse strategy/privacy combinations that make no sense, with one sentence (see docs/privacy.md).
+def check_compatible(privacy_mode: str, *, weighting: str = "num_examples") -> None:
+    """Refuse privacy settings that make no sense for any strategy, with one sentence (see docs/privacy.md).
+    Which strategy supports which mode is declared on the strategy classes (``privacy_modes``) and checked by
+    their ``check_config``.
 
     ``weighting``: how the server weights clients, ``"num_examples"`` or ``"uniform"``.
-    ``fedpipe_importance``: where FedPipe's importance scores come from: ``"private"`` (client data),
-    ``"public"`` (data the server may see) or ``"none"`` (fixed choice of matrices).
     """
-    if strategy_name not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy_name!r}; expected one of {', '.join(STRATEGIES)}.")
     if privacy_mode not in PRIVACY_MODES:
         raise ValueError(f"Unknown privacy mode {privacy_mode!r}; expected one of {', '.join(PRIVACY_MODES)}.")
     if weighting not in ("num_examples", "uniform"):
         raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {weighting!r}.")
-    if fedpipe_importance not in ("private", "public", "none"):
-        raise ValueError(f"fedpipe_importance must be 'private', 'public' or 'none', got {fedpipe_importance!r}.")
-
-    if privacy_mode == "none":
-        return
-    if privacy_mode == "dp_sgd":
-        if strategy_name == "fedpipe" and fedpipe_importance == "private":
-            raise ValueError(
-                "fedpipe with dp_sgd is refused while its importance scores come from gradients on private "
-                "client data, which would leave the client outside DP-SGD's accounting; compute them on "
-                "public data (fedpipe_importance='public') or fix the adapted matrices ('none')."
-            )
-        return
     if privacy_mode == "client_dp_adaptive":
         raise ValueError(
             "client_dp_adaptive is refused because Flower 1.42 has no privacy accountant for adaptive "
             "clipping, so no epsilon could be reported; use client_dp (fixed clipping) instead."
         )
-    # client_dp
-    reasons = {
-        "flora": "flora stacks each client's individual factors instead of averaging them, so there is no "
-        "noised sum for client-level DP to release",
-        "lora_fair": "lora_fair's server-side correction reads every client's un-noised factors, which "
-        "client-level DP does not cover",
-        "flexlora": "flexlora forms and decomposes sum_k p_k B_k A_k from every client's un-noised factors, "
-        "which client-level DP does not cover",
-        "hetlora": "hetlora clients have different ranks (and may be weighted by their update norms), so "
-        "there is no common update to clip and noise",
-        "fedpipe": "fedpipe clients have different ranks, so there is no common update to clip and noise",
-    }
-    if strategy_name in reasons:
-        raise ValueError(
-            f"{reasons[strategy_name]}; client_dp works with {' or '.join(_CLIENT_DP_STRATEGIES)} only."
-        )
-    if weighting != "uniform":
+    if privacy_mode == "client_dp" and weighting != "uniform":
         raise ValueError(
             "client_dp needs equal client weights (weighting='uniform'): weighting by example counts lets "
             "one client's clipped update count for more than the sensitivity the noise is calibrated for."
@@ -169,8 +130,7 @@ def validate_config(cfg) -> None:
         return
     priv = cfg.privacy
     weighting = str(priv.get("weighting", "uniform" if mode.startswith("client_dp") else "num_examples"))
-    check_compatible(str(cfg.strategy.name), mode, weighting=weighting,
-                     fedpipe_importance=str(cfg.strategy.get("importance", "private")))
+    check_compatible(mode, weighting=weighting)
     r = priv.get("planned_rounds")
     if r not in (None, "null") and not (isinstance(r, int) and r >= 1):
         raise ValueError(f"privacy.planned_rounds={r} must be an integer >= 1 (or null for num_rounds).")
