@@ -36,7 +36,8 @@ def _read_table(path: Path, fmt: str):
     fmt = SUFFIXES.get(path.suffix.lower(), fmt) if fmt == "auto" else fmt
     try:
         if fmt in ("tsv", "csv"):
-            df = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",", quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
+            df = pd.read_csv(path, sep="\t" if fmt == "tsv" else ",",
+                             quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
                              keep_default_na=False, on_bad_lines="error", dtype=str)
         elif fmt == "json":
             with open(path) as fh:
@@ -159,7 +160,10 @@ def _load(data_cfg):
     else:
         raise DataError(f"data.path={src} does not exist: point it at a file or folder (or a hub id like {SST2_HUB}).")
 
-    convert = (lambda df, w: _instruction(df, w)) if kind == "instruction" else (lambda df, w: _classification(df, data_cfg, w))
+    if kind == "instruction":
+        convert = lambda df, w: _instruction(df, w)  # noqa: E731
+    else:
+        convert = lambda df, w: _classification(df, data_cfg, w)  # noqa: E731
     train_df = convert(train_df, where)
     if test_df is not None:
         test_df = convert(test_df, where)
@@ -258,7 +262,8 @@ def partition(cfg, partition_id: int):
 
     data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
     _load_cached(data_yaml)
-    part = _partitions_cached(data_yaml, OmegaConf.to_yaml(cfg.partitioner, resolve=True), int(cfg.num_clients), int(cfg.seed))
+    part_yaml = OmegaConf.to_yaml(cfg.partitioner, resolve=True)
+    part = _partitions_cached(data_yaml, part_yaml, int(cfg.num_clients), int(cfg.seed))
     return part.load_partition(partition_id)
 
 
@@ -266,14 +271,17 @@ def check_partitions(cfg) -> list[int]:
     """Load data and partitions up front; return partition sizes. Raises DataError with one sentence."""
     train, test = load(cfg.data)
     if len(train) < cfg.num_clients:
-        raise ConfigError(f"num_clients={cfg.num_clients} is more than the {len(train)} training examples: use fewer clients.")
+        raise ConfigError(f"num_clients={cfg.num_clients} is more than the {len(train)} training examples: "
+                          "use fewer clients.")
     try:
         sizes = [len(partition(cfg, i)) for i in range(cfg.num_clients)]
     except ValueError as e:  # flwr-datasets refuses impossible partitionings with a ValueError
-        raise ConfigError(f"partitioner {cfg.partitioner.name} cannot split the data into {cfg.num_clients} clients ({str(e).splitlines()[0]}).") from None
+        raise ConfigError(f"partitioner {cfg.partitioner.name} cannot split the data into {cfg.num_clients} clients "
+                          f"({str(e).splitlines()[0]}).") from None
     empty = [i for i, s in enumerate(sizes) if s == 0]
     if empty:
-        raise ConfigError(f"client {empty[0]} gets no examples with partitioner {cfg.partitioner.name}: use fewer clients or another partitioner.")
+        raise ConfigError(f"client {empty[0]} gets no examples with partitioner {cfg.partitioner.name}: "
+                          "use fewer clients or another partitioner.")
     return sizes
 
 
@@ -295,7 +303,8 @@ class Collator:
         if task == "causal-lm" and self.label_words:
             self.label_token_ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in self.label_words]
             if len(set(self.label_token_ids)) != len(self.label_token_ids):
-                raise DataError(f"label words {self.label_words} share their first token: choose distinct data.label_words.")
+                raise DataError(f"label words {self.label_words} share their first token: "
+                                "choose distinct data.label_words.")
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if self.task == "seq-cls":
@@ -313,7 +322,8 @@ class Collator:
                 prompt, response = e["prompt"], e["response"]
             else:
                 if not self.label_words:
-                    raise DataError("a causal LM on classification data needs data.label_words, e.g. [negative,positive].")
+                    raise DataError("a causal LM on classification data needs data.label_words, "
+                                    "e.g. [negative,positive].")
                 prompt = f"Review: {e['text']}\nSentiment: "
                 response = self.label_words[int(e["label"])]
                 class_labels.append(int(e["label"]))

@@ -34,7 +34,8 @@ class MergeLog:
         return len(self.entries)
 
     def append(self, update: dict[str, LoraFactors]) -> None:
-        self.entries.append({k: LoraFactors(f.A.float().clone(), f.B.float().clone(), f.scale) for k, f in update.items()})
+        self.entries.append({k: LoraFactors(f.A.float().clone(), f.B.float().clone(), f.scale)
+                             for k, f in update.items()})
         for name, f in update.items():
             d = f.delta()
             self.total[name] = self.total[name] + d if name in self.total else d
@@ -81,7 +82,8 @@ def parse_payload(arrays: dict[str, np.ndarray]) -> dict[int, dict[str, torch.Te
     return out
 
 
-def apply(delta: dict[str, torch.Tensor], version: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], int]:
+def apply(delta: dict[str, torch.Tensor], version: int,
+          arrays: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], int]:
     """Client side: add the merges in ``arrays`` (versions version+1..) to ``delta`` in order."""
     merges = parse_payload(arrays)
     for v in sorted(merges):

@@ -87,7 +87,8 @@ def build_base(model_cfg, seed: int):
             model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(model_cfg.dtype))
     except OSError as e:
         first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"model.source={source} could not be loaded ({first}): give a local path or a reachable hub id.") from None
+        raise ConfigError(f"model.source={source} could not be loaded ({first}): "
+                          "give a local path or a reachable hub id.") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
@@ -117,7 +118,8 @@ class Bundle:
     task: str
     device: torch.device
     base_weights: dict[str, torch.Tensor]  # pristine weights of adapted base modules (FLoRA merges restart here)
-    bits: int = 16  # base bit width (FedPipe: 8/4 = bitsandbytes; merges via fedlora.quant's fp32 masters, base_weights empty)
+    # base bit width (FedPipe: 8/4 = bitsandbytes; merges via fedlora.quant's fp32 masters, base_weights empty)
+    bits: int = 16
 
 
 def build(cfg, bits: int = 16) -> Bundle:
@@ -158,4 +160,5 @@ def cached(cfg, bits: int = 16) -> Bundle:
     process; FedPipe clients of different bit widths may share a process in simulation)."""
     from omegaconf import OmegaConf
 
-    return _cached(OmegaConf.to_yaml(cfg.model, resolve=True), int(cfg.seed), str(cfg.get("kernels", "peft")), int(bits))
+    model_yaml = OmegaConf.to_yaml(cfg.model, resolve=True)
+    return _cached(model_yaml, int(cfg.seed), str(cfg.get("kernels", "peft")), int(bits))

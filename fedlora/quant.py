@@ -72,7 +72,8 @@ class Master:
 # ----------------------------------------------------------------------------------------------
 def is_target(name: str, targets: Iterable[str] | str | None, skip: Iterable[str] = DEFAULT_SKIP) -> bool:
     """``targets``: None (every linear not in ``skip``), a regex (full match on the module path) or a list of
-    names matched as PEFT matches ``target_modules`` (full path, or a dotted suffix such as ``pooler.dense``). ``skip`` entries match leaf names or path components."""
+    names matched as PEFT matches ``target_modules`` (full path, or a dotted suffix such as ``pooler.dense``).
+    ``skip`` entries match leaf names or path components."""
     parts = name.split(".")
     if any(s in parts for s in skip):
         return False

@@ -82,7 +82,8 @@ def model_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor
     if task == "seq-cls":
         return F.cross_entropy(logits, batch["labels"])
     # causal LM: predict token t+1 from position t, ignore -100
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100)
 
 
 def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: float, step_offset: int,
@@ -97,7 +98,8 @@ def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: fl
     """
     device = device or next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (optimizer_fn or (lambda ps, lr_, wd: torch.optim.AdamW(ps, lr=lr_, weight_decay=wd)))(params, lr, weight_decay)
+    make_opt = optimizer_fn or (lambda ps, lr_, wd: torch.optim.AdamW(ps, lr=lr_, weight_decay=wd))
+    opt = make_opt(params, lr, weight_decay)
     model.train()
     losses, t0 = [], time.perf_counter()
     with seeded_dropout((seed, round_idx, 7), device):  # per (client, round)
@@ -221,7 +223,8 @@ def evaluate(model, dataset, collator, *, task: str, batch_size: int = 64, max_e
     n = len(dataset) if not max_examples else min(len(dataset), int(max_examples))
     tot_loss, tot_tokens, correct, count = 0.0, 0, 0, 0
     for start in range(0, n, batch_size):
-        batch = {k: v.to(device) for k, v in collator([dataset[i] for i in range(start, min(n, start + batch_size))]).items()}
+        rows = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        batch = {k: v.to(device) for k, v in collator(rows).items()}
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         with autocast(device):
             logits = model(**inputs).logits.float()
@@ -232,7 +235,8 @@ def evaluate(model, dataset, collator, *, task: str, batch_size: int = 64, max_e
             count += len(batch["labels"])
             continue
         labels = batch["labels"][:, 1:]
-        lsum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        lsum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                               reduction="sum")
         tot_loss += float(lsum)
         tot_tokens += int((labels != -100).sum())
         if "class_labels" in batch:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def check_update(arrays: dict, expected: dict[str, tuple[int, ...]], num_examples, max_examples: int | None) -> str | None:
+def check_update(arrays: dict, expected: dict[str, tuple[int, ...]], num_examples,
+                 max_examples: int | None) -> str | None:
     """``None`` when the update is acceptable, else one sentence saying why not.
 
     ``expected`` maps every key the client must send to its shape (from the client's assigned rank)."""

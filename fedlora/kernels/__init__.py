@@ -107,7 +107,8 @@ def _seed(p: float, seed: int | None) -> int:
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float = 0.0, seed: int | None = None,
                 backend: str = "auto"):
-    """``x·Wᵀ (+bias) + scale·drop(x)·Aᵀ·Bᵀ`` (W, bias frozen). ``dropout_p`` > 0 means training-mode dropout."""
+    """``x·Wᵀ (+bias) + scale·drop(x)·Aᵀ·Bᵀ`` (W, bias frozen). ``dropout_p`` > 0 means training-mode
+    dropout."""
     mod = backend_module(_pick(backend, x))
     return mod.lora_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, _seed(dropout_p, seed))
 

@@ -15,8 +15,9 @@ What this buys over PEFT's ``result + lora_B(lora_A(dropout(x))) * scaling`` on 
 - the dropout mask is regenerated from a seed, never stored: 16 random bits per element, drawn as ``int64``
   words by a ``torch.Generator`` seeded from the saved seed (about 5× cheaper than ``bernoulli_`` on a CPU, so
   drawing it twice costs less than PEFT's one ``nn.Dropout``). It is produced in row blocks (cache-sized on
-  one thread) that are applied while they are in cache; the mask does not depend on the block size. The drop probability is quantised to multiples of 2⁻¹⁶ (0.1 → 0.100006); the 1/(1−p)
-  rescaling uses that exact value, so E[drop(x)] = x.
+  one thread) that are applied while they are in cache; the mask does not depend on the block size. The drop
+  probability is quantised to multiples of 2⁻¹⁶ (0.1 → 0.100006); the 1/(1−p) rescaling uses that exact value,
+  so E[drop(x)] = x.
 - Frozen base: W and bias get no gradient (the callers only fuse layers whose base is frozen).
 - Deterministic: no atomics; the same inputs and seed give bit-identical outputs and gradients.
 
@@ -120,7 +121,8 @@ def _lora_first_out(x2, weight, bias, S, B, scale: float) -> torch.Tensor:
 
 
 def _masked_backward(dS, A, x2, p: float, seed: int, dx, dA) -> None:
-    """dx[rows] = M⊙(dS·A) and dA += dSᵀ·(M⊙x), block by block with the regenerated mask (dS carries 1/(1−p))."""
+    """dx[rows] = M⊙(dS·A) and dA += dSᵀ·(M⊙x), block by block with the regenerated mask (dS carries
+    1/(1−p))."""
     m, k = dS.shape[0], A.shape[1]
     for i, j, keep in MaskStream(seed, m, k, p, dS.dtype, dS.device):
         if dx is not None:

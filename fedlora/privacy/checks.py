@@ -1,5 +1,6 @@
 """Config-level privacy rules: :class:`DPConfig`, which privacy settings are refused
-(:func:`check_compatible`, :func:`validate_config`, one sentence each; per-strategy rules are on the strategies), and reading the run config's ``privacy``
+(:func:`check_compatible`, :func:`validate_config`, one sentence each; per-strategy rules are on the
+strategies), and reading the run config's ``privacy``
 group (:func:`mode_of`, :func:`planned_rounds`, :func:`dp_config`). Why each refusal: ``docs/privacy.md``.
 """
 
