@@ -19,7 +19,7 @@ from federation import LocalFederation, free_port
 from fedlora.deploy.certs import key_paths
 from fedlora.deploy.flower_config import flwr_bin
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process bookkeeping reads /proc")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the loopback deployment is rehearsed on Linux only")
 
 
 def deploy_cmd(*args, env=None, cwd=None, timeout=120):
