@@ -80,6 +80,7 @@ def exchange(grid: Grid, strategy, messages: list[Message], timeout: float) -> l
             and r.content["status"].get("status") == NEEDS_CONFIG}
     if not lost:
         return replies
+    log(INFO, "resending the run config to %d node(s) that restarted since the handshake", len(lost))
     again = [Message(RecordDict({**dict(m.content.items()),
                                  "config": ConfigRecord({**dict(m.content["config"]), CONFIG_KEY: strategy.cfg_yaml})}),
                      message_type=m.metadata.message_type, dst_node_id=m.metadata.dst_node_id)
