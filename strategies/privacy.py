@@ -75,7 +75,11 @@ class NoPrivacy:
         return {}
 
     def summary(self, strategy) -> dict:
-        return {}
+        """The run summary's privacy entries: the mode and the epsilon spent (none without privacy)."""
+        if self.mode == "none":
+            return {}
+        m = self.round_metrics(strategy)
+        return {"privacy": self.mode, "epsilon_max": m["epsilon_max"], "delta": m["delta"], "epsilon": m["epsilon"]}
 
     def state_dict(self) -> dict:
         return {}
@@ -154,10 +158,6 @@ class DPSGD(NoPrivacy):
         eps = {str(p): float(self.epsilon.get(p, 0.0)) for p in pids}
         return {"epsilon": eps, "epsilon_max": max(eps.values(), default=0.0), "delta": self.delta,
                 "budget_exhausted": sorted(self.exhausted)}
-
-    def summary(self, strategy):
-        m = self.round_metrics(strategy)
-        return {"privacy": self.mode, "epsilon_max": m["epsilon_max"], "delta": m["delta"], "epsilon": m["epsilon"]}
 
     def state_dict(self):
         return {"epsilon": self.epsilon, "exhausted": self.exhausted, "accountants": self.accountants}
@@ -325,7 +325,3 @@ class ClientLevelDP(NoPrivacy):
         return {"epsilon": {str(p): eps for p in pids}, "epsilon_max": eps, "delta": self.dp_cfg.target_delta,
                 "noise_multiplier": self.noise_multiplier, "clipping_norm": self.dp_cfg.max_grad_norm,
                 "releases": self.accountant.num_releases}
-
-    def summary(self, strategy):
-        m = self.round_metrics(strategy)
-        return {"privacy": self.mode, "epsilon_max": m["epsilon_max"], "delta": m["delta"], "epsilon": m["epsilon"]}
