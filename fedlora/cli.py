@@ -37,7 +37,7 @@ common keys: num_clients, num_rounds, local_steps, seed, client_ranks=[4,8,...],
                      (num_rounds=N may extend it)
   -v, --verbose      Flower's and Ray's logs too
 
-The run directory gets config.yaml, metrics.jsonl (one line per round), checkpoint.pt, summary.json and
+The run directory gets config.yaml, metrics.jsonl (one line per round), checkpoint.fedlora, summary.json and
 adapter/ (a PEFT adapter); audit/ with audit=true.
 
 example: fedlora run model=tiny_llama strategy=flora num_clients=4 num_rounds=3

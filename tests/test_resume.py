@@ -1,21 +1,32 @@
 """Checkpoint/resume: a run stopped after round k of N and resumed ends with the same adapter and metrics
 as an uninterrupted run with the same seed; a corrupted checkpoint falls back to the previous good one;
-and a real SIGKILL of a Ray simulation loses at most the round in progress."""
+a real SIGKILL of a Ray simulation loses at most the round in progress; and reading a checkpoint runs no code
+(issue 16 item 7: safetensors + JSON, crafted files refused, only corruption falls back)."""
 
+import hashlib
 import json
+import math
 import os
+import pickle
+import random
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, fedlora_cmd, tagged_env, tagged_pids
 from harness import InProcessGrid, Killed, KillingGrid
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
+from test_determinism import CASES
+from test_determinism import FAST as DET_FAST
 
 from fedlora import checkpoint, config
+from fedlora.adapters import AdapterState, LoraFactors
+from fedlora.merges import MergeLog
 from fedlora.strategies.server_app import run_server
 
 FAST = ["model=tiny_llama", "num_clients=4", "local_steps=2", "train.batch_size=4", "eval.max_examples=16",
@@ -101,7 +112,7 @@ def test_sigkill_of_a_ray_simulation_then_resume(tmp_path):
     try:
         t0 = time.time()
         while time.time() - t0 < 300:
-            if (cut / "checkpoint.pt").exists() and len(rows_of(cut)) >= 2:
+            if (cut / checkpoint.NAME).exists() and len(rows_of(cut)) >= 2:
                 break
             time.sleep(0.2)
         else:
@@ -128,3 +139,162 @@ def test_sigkill_of_a_ray_simulation_then_resume(tmp_path):
                 assert abs(ra[k] - v) <= 1e-6 * max(1.0, abs(v)), (k, ra[k], v)
     same_adapter(cut, full, tol=1e-6)
     assert not tagged_pids()
+
+
+# ------------------------------------------------------------------------------------------------ issue 16 item 7
+def assert_same(got, want, where="payload"):
+    """Equal values of the same types (dtypes included) all the way down."""
+    assert type(got) is type(want), (where, type(got), type(want))
+    if isinstance(want, torch.Tensor):
+        assert got.dtype == want.dtype and torch.equal(got, want.cpu()), where
+    elif isinstance(want, (np.ndarray, np.generic)):
+        assert got.dtype == want.dtype and np.array_equal(got, want, equal_nan=want.dtype.kind in "fc"), where
+    elif isinstance(want, dict):
+        assert list(got) == list(want), where
+        for k in want:
+            assert_same(got[k], want[k], f"{where}[{k!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]")
+    elif isinstance(want, random.Random):
+        assert got.getstate() == want.getstate(), where
+    elif type(want) in (AdapterState, LoraFactors, MergeLog):
+        assert_same(vars(got), vars(want), f"{where}.{type(want).__name__}")
+    elif isinstance(want, float) and math.isnan(want):
+        assert math.isnan(got), where
+    else:
+        assert got == want, where
+
+
+def every_kind():
+    """A payload with every kind of value the strategies keep between rounds."""
+    extra = {"head.weight": torch.randn(3, 4)}
+    log = MergeLog()
+    log.append({"q": LoraFactors(torch.randn(2, 5), torch.randn(6, 2), 0.5)})
+    state = AdapterState({"q": LoraFactors(torch.randn(2, 5), torch.randn(6, 2), 2.0)}, extra)
+    rng = random.Random(7)
+    rng.gauss(0, 1)  # a cached Gaussian is part of its state
+    return {"round": 3, "rows": [{"round": 0, "eval_loss": float("nan"), "sampled": [1, 2], "rejected": []}],
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "strategy": {"state": state, "global_state": AdapterState(dict(state.lora), extra), "rng": rng,
+                         "rule": {"log": log, "digests": [0.0, 1.25]}, "per_client": {(2, 0.5): state, (4, 1.0): None},
+                         "assignment": {0: {"rank": 2, "profile": "a100"}}, "exhausted": {1, 3}, "ids": frozenset("ab"),
+                         "dtypes": [torch.arange(4, dtype=torch.int64), torch.ones(2, dtype=torch.bfloat16),
+                                    torch.zeros(2, dtype=torch.float64), torch.tensor([True, False]),
+                                    torch.tensor(1.5, dtype=torch.float16), torch.empty(0, 3)],
+                         "numpy": [np.arange(3, dtype=np.uint32), np.float64(0.1), np.int64(-2), np.bool_(True),
+                                   np.zeros((2, 0), dtype=np.complex128), np.float32(np.inf)],
+                         "odd": {"$": "not a tag", "": b"\x00\xff", "t": ((1, "a"), ()), "big": 2**80, "neg0": -0.0}}}
+
+
+def test_trust_7_codec_round_trips_every_kind_exactly(tmp_path):
+    payload = every_kind()
+    checkpoint.save(tmp_path, payload)
+    got = checkpoint.load(tmp_path)
+    assert_same(got, payload)
+    # what was shared stays shared (the strategies rely on it, e.g. an adapter's head shared with the global one)
+    s = got["strategy"]
+    assert s["global_state"].extra is s["state"].extra and s["per_client"][(2, 0.5)] is s["state"]
+    assert s["rule"]["log"].total["q"].dtype == torch.float64
+    with pytest.raises(TypeError, match="cannot checkpoint a builtins.object"):
+        checkpoint.save(tmp_path, {"x": object()})  # no silent pickling: the writer refuses what it cannot hold
+    assert_same(checkpoint.load(tmp_path), payload)  # and the refused save left the checkpoint as it was
+    assert s["rng"].random() == payload["strategy"]["rng"].random()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trust_7_every_strategy_state_reads_back_exactly(tmp_path, monkeypatch, case):
+    """Every strategy and privacy mode (those of test_determinism): the file equals what the server saved."""
+    saved, real_save = [], checkpoint.save
+
+    def save_and_check(run_dir, payload):
+        path = real_save(run_dir, payload)
+        assert_same(checkpoint.read(path), payload)
+        saved.append(payload["round"])
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_and_check)
+    cfg = config.load(DET_FAST + CASES[case] + ["num_rounds=1"])
+    run_server(InProcessGrid(cfg.num_clients), cfg, tmp_path, echo=lambda *_: None)
+    assert saved == [1]
+
+
+class Marker:
+    """Unpickling it would create ``path`` (as a crafted checkpoint could run any command)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def crafted(doc) -> bytes:
+    """A file of the current format, header and checksum right, holding the JSON ``doc``."""
+    body = json.dumps(doc).encode()
+    tensors = safetensors_save({})
+    head = b"%s %d %d\n" % (hashlib.sha256(body + tensors).hexdigest().encode(), len(body), len(tensors))
+    return checkpoint.MAGIC + head + body + tensors
+
+
+def test_trust_7_crafted_checkpoint_runs_nothing(tmp_path):
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(Marker(control)))
+    assert control.exists()  # the payload is live: unpickling it runs the command
+    marker = tmp_path / "ran"
+    body = pickle.dumps({"round": 1, "x": Marker(marker)})
+    old = checkpoint.OLD_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body  # passes the old checksum
+    cases = {"pickle": (checkpoint.NAME, body, "not a fedlora checkpoint"),
+             "old format": (checkpoint.NAME, old, "older fedlora"),
+             "old run dir": (checkpoint.OLD_NAMES[0], old, "older fedlora as a pickle and cannot be resumed safely"),
+             "foreign type": (checkpoint.NAME, crafted({"x": {"$": "posix.system", "args": [f"touch {marker}"]}}),
+                              "unknown type tag 'posix.system'"),
+             "class attrs": (checkpoint.NAME, crafted({"$": "LoraFactors", "attrs": {"delta": 1}}),
+                             "malformed 'LoraFactors' entry")}
+    for what, (name, blob, why) in cases.items():
+        run_dir = tmp_path / what.replace(" ", "_")
+        run_dir.mkdir()
+        (run_dir / name).write_bytes(blob)
+        with pytest.raises(checkpoint.CheckpointError, match="start a new run") as e:
+            checkpoint.load(run_dir, warn=lambda *_: None)
+        assert why in str(e.value) and name in str(e.value), what
+        if name == checkpoint.NAME:  # beside a good previous checkpoint the crafted newest is skipped, with a warning
+            checkpoint.save(run_dir, {"round": 1})
+            os.replace(run_dir / checkpoint.NAME, run_dir / checkpoint.PREV)
+            (run_dir / checkpoint.NAME).write_bytes(blob)
+            said = []
+            assert checkpoint.load(run_dir, warn=said.append) == {"round": 1}
+            assert len(said) == 1 and why in said[0], what
+    assert not marker.exists()
+
+
+def test_trust_7_fallback_keeps_the_good_copy(tmp_path):
+    checkpoint.save(tmp_path, {"round": 1, "w": torch.ones(2)})
+    checkpoint.save(tmp_path, {"round": 2, "w": torch.ones(2)})
+    newest = tmp_path / checkpoint.NAME
+    newest.write_bytes(newest.read_bytes()[:-5])  # truncated
+    said = []
+    assert checkpoint.load(tmp_path, warn=said.append)["round"] == 1 and "checksum" in said[0]
+    checkpoint.save(tmp_path, {"round": 2, "w": torch.zeros(2)})  # the resumed run redoes round 2
+    assert checkpoint.read(tmp_path / checkpoint.PREV)["round"] == 1  # the good copy survived the save
+    newest.write_bytes(b"garbage")  # and is still there to fall back to
+    assert checkpoint.load(tmp_path, warn=lambda *_: None)["round"] == 1
+    checkpoint.save(tmp_path, {"round": 2})
+    checkpoint.save(tmp_path, {"round": 3})  # an intact newest does become the previous
+    assert [checkpoint.read(tmp_path / n)["round"] for n in (checkpoint.NAME, checkpoint.PREV)] == [3, 2]
+
+
+@pytest.mark.parametrize("bug", [TypeError("a bug"), KeyError("a bug")])
+def test_trust_7_programming_error_is_not_corruption(tmp_path, monkeypatch, bug):
+    checkpoint.save(tmp_path, {"round": 1})
+    checkpoint.save(tmp_path, {"round": 2})
+
+    def broken(tree, tensors):
+        raise bug
+
+    monkeypatch.setattr(checkpoint, "_decode", broken)
+    said = []
+    with pytest.raises(type(bug), match="a bug"):
+        checkpoint.load(tmp_path, warn=said.append)
+    assert said == []  # no "unusable, trying the previous checkpoint": the bug surfaces
