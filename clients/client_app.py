@@ -2,7 +2,10 @@
 locally (:func:`fedlora.train.local_train`), send back the parts of the adapter the strategy wants.
 
 Per-node state that must outlive one message lives in ``context.state`` (e.g. FLoRA's merged base updates);
-the model itself is cached per process (:func:`fedlora.models.cached`) and reset every message.
+the model itself is cached per process (:func:`fedlora.models.cached`) and reset every message. What the node
+decides for itself (its data, its privacy floor, fault injection) comes from its node config
+(:mod:`fedlora.clients.node`), never from a message; of the run config it keeps only
+:func:`fedlora.config.for_clients`.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from fedlora import adapters, config, data, merges, models, privacy, train
 from fedlora.messages import CONFIG_KEY, DIGEST_KEY, NEEDS_CONFIG
 
 from .dp_sgd import DP_STATE, accountant_record, budget_exhausted_reply, dp_sgd_round
+from .node import NodeSettings
 
-app = ClientApp()
 
-
-def _partition_id(context: Context) -> int:
-    return int(context.node_config.get("partition-id", 0))
+def settings(context: Context, node_defaults=None) -> NodeSettings:
+    """This node's own settings: its node config, over the defaults its app was made with (a simulation's)."""
+    return NodeSettings.of({**(node_defaults or {}), **context.node_config})
 
 
 #: context.state record holding the run config this node received at the handshake: {"yaml", "digest"}
@@ -35,10 +38,11 @@ RUN_CONFIG = "run-config"
 
 @functools.lru_cache(maxsize=4)
 def _parse(yaml_text: str):
-    """The run config, read-only: a node never edits it (node-local settings are derived, see _dataset)."""
+    """The run config as this node uses it: only the keys :func:`fedlora.config.for_clients` lists (whatever else
+    the message holds), read-only (node-local settings are derived, see _dataset)."""
     from omegaconf import OmegaConf
 
-    cfg = config.from_yaml(yaml_text)
+    cfg = config.for_clients(config.from_yaml(yaml_text))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -58,19 +62,22 @@ def run_config(conf, context: Context):
     return _parse(str(held["yaml"]))
 
 
-def _dataset(cfg, context: Context):
-    """This node's training examples. In simulation: partition ``partition-id`` of the configured data.
-    In deployment a node may bring its own file (``--node-config "data-path=/data/reviews.tsv"``): its whole
-    training split is used, or one partition of it when ``num-partitions`` is also given."""
+def _dataset(cfg, node: NodeSettings):
+    """This node's training examples: from its own ``data-path`` (``--node-config "data-path=/data/reviews.tsv"``;
+    a simulation gives its nodes the run's data path), the whole training split, or partition ``partition-id``
+    of it when ``num-partitions`` is also given. Without a ``data-path``, the default location of the run's data
+    set (SST-2), resolved on this node: a path named by the server is never followed."""
     from omegaconf import OmegaConf
 
-    nc = context.node_config
-    if nc.get("data-path"):
-        local = {"data": {"path": str(nc["data-path"])}}
-        if "num-partitions" not in nc:
+    if node.data_path:
+        local = {"data": {"path": node.data_path}}
+        if node.num_partitions is None:
             return data.load(OmegaConf.merge(cfg, local).data)[0]
-        cfg = OmegaConf.merge(cfg, local, {"num_clients": int(nc["num-partitions"])})
-    return data.partition(cfg, _partition_id(context))
+        cfg = OmegaConf.merge(cfg, local, {"num_clients": node.num_partitions})
+    elif cfg.data.name != "sst2":
+        raise data.DataError(f"this node has no data-path in its node config and data={cfg.data.name} has no "
+                             "default location: start the node with --node-config \"data-path=<file or folder>\".")
+    return data.partition(cfg, node.partition_id)
 
 
 def device_info() -> dict:
@@ -80,14 +87,14 @@ def device_info() -> dict:
     return {"device": "cpu", "device-memory": 0, "device-free": 0}
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
+def query(msg: Message, context: Context, node_defaults=None) -> Message:
     """Handshake: tell the server who we are (partition, examples, device)."""
     cfg = run_config(msg.content["config"], context)
+    node = settings(context, node_defaults)
     if "fl.importance-steps" in msg.content["config"]:  # FedPipe warm-up: importance scores of this node's base
-        return importance_reply(msg, context, cfg)
+        return importance_reply(msg, context, cfg, node)
     info = device_info()
-    metrics = MetricRecord({"partition-id": _partition_id(context), "num-examples": len(_dataset(cfg, context)),
+    metrics = MetricRecord({"partition-id": node.partition_id, "num-examples": len(_dataset(cfg, node)),
                             "device-memory": info["device-memory"], "base-version": node_base_delta(context)[1]})
     profile = str(context.node_config.get("profile", ""))
     if profile == "detect":  # FedPipe: this machine's profile (free memory, matched compute figures), as JSON
@@ -100,15 +107,15 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics, "config": conf}), reply_to=msg)
 
 
-def importance_reply(msg: Message, context: Context, cfg) -> Message:
+def importance_reply(msg: Message, context: Context, cfg, node: NodeSettings) -> Message:
     """FedPipe warm-up: :func:`fedlora.fedpipe.importance.importance_scores` of every LoRA target on this node's
     base (quantised to ``fl.bits``, adapter at B = 0) over ``fl.importance-steps`` batches of ``fl.batch_size``."""
     from fedlora.fedpipe.importance import importance_scores
 
     conf = msg.content["config"]
     bundle = models.cached(cfg, bits=int(conf["fl.bits"]))
-    ds = _dataset(cfg, context)
-    pid = _partition_id(context)
+    ds = _dataset(cfg, node)
+    pid = node.partition_id
     set_base(bundle, {})
     with torch.no_grad():
         for layer in adapters.lora_layers(bundle.model).values():
@@ -200,28 +207,41 @@ def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context:
                 layer.lora_B["default"].weight.requires_grad_(False)
 
 
-@app.train()
-def train_fn(msg: Message, context: Context) -> Message:
+def train_fn(msg: Message, context: Context, node_defaults=None) -> Message:
     """Train and reply. Client-level DP with client-side clipping (the server's
     ``DifferentialPrivacyClientSideFixedClipping`` puts ``clipping_norm`` into the config): Flower's
     ``fixedclipping_mod`` clips the reply's update; applied here rather than registered on the app so the
     in-process test harness runs it too."""
+    inner = functools.partial(_train, node_defaults=node_defaults)
     if KEY_CLIPPING_NORM in msg.content["config"]:
-        return fixedclipping_mod(msg, context, _train)
-    return _train(msg, context)
+        return fixedclipping_mod(msg, context, inner)
+    return inner(msg, context)
 
 
-def _train(msg: Message, context: Context) -> Message:
+def _status_reply(msg: Message, status: str, reason: str, metrics: dict | None = None) -> Message:
+    content = {"status": ConfigRecord({"status": status, "reason": reason}),
+               "metrics": MetricRecord(metrics or {}), "arrays": ArrayRecord()}
+    return Message(RecordDict(content), reply_to=msg)
+
+
+def _train(msg: Message, context: Context, node_defaults=None) -> Message:
     conf = msg.content["config"]
     cfg = run_config(conf, context)
     if cfg is None:  # restarted since the handshake: the server resends this message with the config
-        status = ConfigRecord({"status": NEEDS_CONFIG, "reason": "this node does not hold the run config"})
-        return Message(RecordDict({"status": status, "metrics": MetricRecord({}), "arrays": ArrayRecord()}),
-                       reply_to=msg)
+        return _status_reply(msg, NEEDS_CONFIG, "this node does not hold the run config")
+    node = settings(context, node_defaults)
+    refusal = node.refusal(cfg)
+    if refusal:  # the node's own privacy floor: the server records the reason in the round's `rejected`
+        from logging import WARNING
+
+        from flwr.common.logger import log
+
+        log(WARNING, "client %d refuses round %s: %s", node.partition_id, conf.get("server-round"), refusal)
+        return _status_reply(msg, "refused", refusal, {"partition-id": node.partition_id})
     rnd = int(conf["server-round"])
-    _inject_faults(cfg, _partition_id(context))
+    _inject_faults(cfg, node)
     bundle = models.cached(cfg, bits=int(conf.get("fl.bits", 16)))
-    ds = _dataset(cfg, context)
+    ds = _dataset(cfg, node)
     arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
     try:
         prepare(bundle, arrays, conf, context)
@@ -233,11 +253,11 @@ def _train(msg: Message, context: Context) -> Message:
     steps = int(cfg.local_steps) if not cfg.local_epochs else max(1, math.ceil(len(ds) / bs * float(cfg.local_epochs)))
     steps = int(conf.get("fl.local_steps", steps))
     collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
-    pid = _partition_id(context)
+    pid = node.partition_id
     dp_metrics = {}
     if privacy.mode_of(cfg) == "dp_sgd":
         result, dp_metrics = dp_sgd_round(cfg, context, bundle, ds, collator, steps=steps, batch_size=bs, rnd=rnd,
-                                          pid=pid, conf=conf)
+                                          pid=pid, conf=conf, seed=node.dp_seed(cfg, rnd))
         if result is None:
             return budget_exhausted_reply(msg, pid, len(ds), dp_metrics, accountant_record(context))
     else:
@@ -265,15 +285,37 @@ def _train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def _inject_faults(cfg, pid: int) -> None:
-    """``debug.raise_partitions`` / ``debug.sleep_partitions``: failure rehearsals (see conf/config.yaml)."""
-    dbg = cfg.get("debug") or {}
-    if pid in list(dbg.get("raise_partitions") or []):
-        raise RuntimeError(f"injected failure on client {pid} (debug.raise_partitions)")
-    if pid in list(dbg.get("sleep_partitions") or []):
+def _inject_faults(cfg, node: NodeSettings) -> None:
+    """``debug.raise_partitions`` / ``debug.sleep_partitions``: failure rehearsals (see conf/config.yaml), obeyed
+    only by a node that allows them in its own node config (``allow-faults=true``; a simulation's nodes do)."""
+    fail, sleep_s = node.faults(cfg)
+    if fail:
+        raise RuntimeError(f"injected failure on client {node.partition_id} (debug.raise_partitions)")
+    if sleep_s:
         import time
 
-        time.sleep(float(dbg.get("sleep_s", 0)))
+        time.sleep(sleep_s)
+
+
+def make_app(node_defaults=None) -> ClientApp:
+    """A ClientApp whose nodes have ``node_defaults`` under their own node config: ``fedlora run`` gives its
+    simulated nodes :func:`fedlora.clients.node.simulated` (the run's data path, fault injection allowed)."""
+    bound = ClientApp()
+    defaults = dict(node_defaults or {})
+
+    @bound.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return query(msg, context, defaults)
+
+    @bound.train()
+    def _train_msg(msg: Message, context: Context) -> Message:
+        return train_fn(msg, context, defaults)
+
+    return bound
+
+
+#: the ClientApp of deployed SuperNodes and ``flwr run .``: settings from the node config alone
+app = make_app()
 
 
 def _sync_metrics(context: Context) -> dict:

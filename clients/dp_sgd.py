@@ -53,7 +53,7 @@ def _planned_noise(dp_cfg: privacy.DPConfig, sample_rate: float, total_steps: in
 
 
 def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, batch_size: int, rnd: int, pid: int,
-                 conf=None):
+                 conf=None, seed=None):
     """One round of sample-level DP-SGD on this node: ``(result of train.local_train_dp, metrics)``, or
     ``(None, metrics)`` when ``steps`` more steps would take the node past ``privacy.target_epsilon``.
 
@@ -61,7 +61,8 @@ def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, bat
     train config ``conf`` (:func:`restore_accountant`) and saved to ``context.state``. The noise is
     planned once for ``privacy.planned_rounds`` (default ``num_rounds``) x ``steps`` at this node's sampling
     rate, the worst case of a node sampled every round: with ``fraction_train < 1`` a node trains fewer rounds
-    and ends below the target.
+    and ends below the target. ``seed``: the round's noise and sampling seed, which only the node decides
+    (:meth:`fedlora.clients.node.NodeSettings.dp_seed`); None draws them from the operating system.
     """
     dp_cfg = privacy.dp_config(cfg)
     q = 1.0 / math.ceil(len(ds) / batch_size)  # privacy.sample_rate of the loader local_train_dp builds
@@ -75,7 +76,7 @@ def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, bat
         batch_size=batch_size, lr=float(cfg.train.lr) * float(cfg.strategy.get("lr_multiplier", 1.0)),
         step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
         warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay), task=bundle.task,
-        device=bundle.device, rng_seed=(int(cfg.seed), pid, rnd) if cfg.privacy.get("reproducible") else None,
+        device=bundle.device, rng_seed=seed,
         optimizer=str(cfg.privacy.get("optimizer", "adamw")),
         micro_batch_size=cfg.train.get("micro_batch_size"),
     )

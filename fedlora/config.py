@@ -84,6 +84,28 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+#: What a node needs of the run config, and all it is sent (docs/messages.md): these top-level keys, with
+#: ``strategy`` cut to the keys in :data:`CLIENT_STRATEGY_KEYS` and ``data`` without its ``path`` (a path on the
+#: server: a deployed node reads its own ``data-path``, a simulated one is given it by the simulation). Output
+#: paths, evaluation, simulation and comparison settings never leave the server.
+CLIENT_KEYS = ("seed", "num_clients", "num_rounds", "local_steps", "local_epochs", "kernels", "model", "data",
+               "partitioner", "train", "privacy", "strategy", "debug")
+CLIENT_STRATEGY_KEYS = ("name", "lr_multiplier")
+
+
+def for_clients(cfg: DictConfig) -> DictConfig:
+    """The part of a run config a node receives (:data:`CLIENT_KEYS`). The server sends it and a node applies it
+    again to what it receives, so a key outside the list has no effect on a node whatever a message holds."""
+    whole = OmegaConf.to_container(cfg, resolve=True)
+    out = OmegaConf.create({k: whole[k] for k in CLIENT_KEYS if k in whole})
+    OmegaConf.set_struct(out, False)
+    if "strategy" in out:
+        out.strategy = {k: out.strategy[k] for k in CLIENT_STRATEGY_KEYS if k in out.strategy}
+    if "data" in out and "path" in out.data:
+        del out.data["path"]
+    return out
+
+
 def config_digest(text: str) -> str:
     """A short digest of a resolved config's YAML: what every train message names instead of the config."""
     import hashlib

@@ -28,6 +28,39 @@ def check(cfg) -> None:
     strategies.get(cfg.strategy.name).check_config(cfg)
 
 
+def refuse_group_overrides(overrides: list[str]) -> None:
+    """A resume merges plain keys into the saved config; a config group (``privacy=none``, ``strategy=flora``) would
+    replace a whole section by a string, so it is refused in one sentence."""
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        if "=" in ov and "." not in key and (config.CONF_DIR / key).is_dir():
+            raise config.ConfigError(f"resume cannot switch the config group {key} ({ov}): a resumed run keeps its "
+                                     "saved config, so override single keys (e.g. num_rounds=N) or start a new run.")
+
+
+def check_resume(saved, cfg) -> None:
+    """The overrides a resume may not make, against the run's saved config: privacy settings that the epsilon
+    already spent was accounted with (:func:`fedlora.privacy.check_resume`). The server checks them again against
+    the checkpoint when it loads it."""
+    from fedlora import privacy
+
+    try:
+        privacy.check_resume(saved, cfg)
+    except ValueError as e:
+        raise config.ConfigError(str(e)) from None
+
+
+def _check_checkpoint(rdir: Path) -> None:
+    """A run directory is resumed only from a checkpoint that loads (an older pickle one is refused, see
+    :mod:`fedlora.checkpoint`): refused here, before anything starts, rather than after the handshake."""
+    from fedlora import checkpoint
+
+    try:
+        checkpoint.load(rdir, warn=lambda *_: None)
+    except checkpoint.CheckpointError as e:
+        raise config.ConfigError(str(e)) from None
+
+
 def prepare(overrides: list[str], run_dir: str | Path | None = None):
     """``(cfg, run_dir, resume)`` for a run: composed and checked config, absolute run directory (``run_dir``,
     else ``out_dir``, else a fresh timestamped one; it must not hold a run already), and whether it resumes.
@@ -39,9 +72,13 @@ def prepare(overrides: list[str], run_dir: str | Path | None = None):
             raise config.ConfigError(f"resume={resume} is not a run directory (no config.yaml there).")
         cfg = config.from_yaml((rdir / "config.yaml").read_text())
         rest = [o for o in overrides if not o.startswith("resume=")]
+        refuse_group_overrides(rest)
+        saved = cfg
         if rest:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
         check(cfg)
+        check_resume(saved, cfg)
+        _check_checkpoint(rdir)
         return cfg, rdir, True
     cfg = config.load(overrides)
     check(cfg)

@@ -25,17 +25,39 @@ RUN_TOKEN = "FEDLORA_RUN_TOKEN"
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL this long after
 
 
+#: Third-party warnings a normal run prints that mean nothing to a fedlora user, as (category, module): the
+#: ones ``fedlora run model=tiny_llama num_rounds=1 num_clients=2`` shows under Python's default filters. Every
+#: other warning, fedlora's own first (e.g. that a reported epsilon is only an upper bound), reaches stderr.
+THIRD_PARTY_NOISE = (
+    (DeprecationWarning, r"torch\.jit\._script"),  # torch.jit.script_method, used by transformers' models
+    (FutureWarning, r"transformers\.modeling_utils"),  # is_gradient_checkpointing, called by peft
+)
+
+
+_QUIET = False  # quiet_libraries() was called: simulate() puts the filters back in front after Flower's import
+
+
+def _ignore_noise() -> None:
+    import warnings
+
+    for category, module in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", category=category, module=module)
+
+
 def quiet_libraries(verbose: bool) -> None:
     """Environment and logging for a quiet command line (Ray log de-duplication off, tokenizers' threads off,
-    warnings off, Flower's INFO lines only with ``-v``). Call it before anything imports those libraries."""
+    the :data:`THIRD_PARTY_NOISE` warnings off, Flower's INFO lines only with ``-v``). Call it before anything
+    imports those libraries. fedlora's own warnings are never filtered: they go to stderr as usual (Ray's
+    ClientApp actors do not inherit these filters, so nothing is filtered there either)."""
     import logging
-    import warnings
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    warnings.filterwarnings("ignore")
+    global _QUIET
+    _QUIET = True
+    _ignore_noise()
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
 
@@ -105,14 +127,19 @@ def simulate(cfg, run_dir: Path, verbose: bool = False, resume: bool = False) ->
     RuntimeError when the run stopped before writing its summary (partial results stay in ``run_dir``)."""
     from flwr.simulation import run_simulation
 
+    if _QUIET:  # importing Flower's simulation put "once" for every DeprecationWarning in front: the first
+        _ignore_noise()  # matching filter decides, so ours go back in front of it
+
     from fedlora.clients import client_app
+    from fedlora.clients.node import simulated
     from fedlora.strategies import server_app
 
     run_dir = Path(run_dir)
     backend = backend_config(cfg, verbose)
     with _stop_on_signals(), _run_token():
         try:
-            run_simulation(server_app=server_app.make_app(cfg, run_dir, resume), client_app=client_app.app,
+            run_simulation(server_app=server_app.make_app(cfg, run_dir, resume),
+                           client_app=client_app.make_app(simulated(cfg)),
                            num_supernodes=int(cfg.num_clients), backend_config=backend, verbose_logging=verbose)
         finally:
             shutdown()

@@ -1,9 +1,87 @@
-"""Server-side checks of one client update before it is aggregated. Pure functions; the strategies
-call :func:`check_update` and leave out (and record) whatever it rejects."""
+"""Server-side checks of what a node sends before the server uses it: a handshake (:func:`check_handshake`),
+the metrics of a reply (:func:`check_metrics`, :func:`check_train_metrics`) and its update
+(:func:`check_update`). Pure functions, each answering ``None`` or one sentence; the callers leave out (and
+record) whatever they reject."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+
+def is_number(value) -> bool:
+    """A finite real number (not a bool, a string or a list)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+            and math.isfinite(value))
+
+
+def check_count(key: str, value, minimum: int) -> str | None:
+    """``None`` when ``value`` is a whole number >= ``minimum``, else why not (naming ``key``)."""
+    if not is_number(value) or int(value) != value:
+        return f"{key} {value!r} is not an integer"
+    if value < minimum:
+        return f"{key} {int(value)} is below {minimum}"
+    return None
+
+
+#: optional metrics the server reads when present: whole numbers (key -> smallest value), finite numbers, integers
+OPTIONAL_COUNTS = {"base-version": 0, "device-memory": 0}
+OPTIONAL_NUMBERS = ("base-digest",)
+OPTIONAL_INTEGERS = ("a-fingerprint",)
+
+
+def _check_optional(metrics: dict) -> str | None:
+    """The optional keys a node may send, when present: the right kind of number."""
+    for key, minimum in OPTIONAL_COUNTS.items():
+        if key in metrics and (reason := check_count(key, metrics[key], minimum)):
+            return reason
+    for key in OPTIONAL_NUMBERS:
+        if key in metrics and not is_number(metrics[key]):
+            return f"{key} {metrics[key]!r} is not a finite number"
+    for key in OPTIONAL_INTEGERS:
+        if key in metrics and (not is_number(metrics[key]) or int(metrics[key]) != metrics[key]):
+            return f"{key} {metrics[key]!r} is not an integer"
+    return None
+
+
+def check_handshake(metrics: dict) -> str | None:
+    """``None`` when a handshake's metrics are usable: ``partition-id`` an integer >= 0, ``num-examples`` an
+    integer >= 1, and ``base-version`` / ``device-memory`` integers >= 0 when present; else one sentence."""
+    for key, minimum in (("partition-id", 0), ("num-examples", 1)):
+        if key not in metrics:
+            return f"the handshake has no {key}"
+        if reason := check_count(key, metrics[key], minimum):
+            return reason
+    return _check_optional(metrics)
+
+
+def check_metrics(metrics: dict, partition_id: int) -> str | None:
+    """``None`` unless a reply of any kind names a partition other than the one its node claimed at the
+    handshake, or carries a malformed optional key. ``partition-id`` may be absent (status replies omit it)."""
+    if "partition-id" in metrics:
+        if reason := check_count("partition-id", metrics["partition-id"], 0):
+            return reason
+        if int(metrics["partition-id"]) != int(partition_id):
+            return (f"the reply names partition {int(metrics['partition-id'])}, but its node holds partition "
+                    f"{partition_id}")
+    return _check_optional(metrics)
+
+
+def check_train_metrics(metrics: dict, partition_id: int) -> str | None:
+    """``None`` when a trained reply's metrics are usable: ``train_loss`` a finite number >= 0 (NaN only when
+    every step was an empty DP-SGD Poisson draw: ``empty_batches`` == ``steps``), ``partition-id`` this node's,
+    ``num-examples`` present (its value: :func:`check_update`), the optional keys the right kind of number;
+    else one sentence."""
+    for key in ("train_loss", "partition-id", "num-examples"):
+        if key not in metrics:
+            return f"the reply has no {key}"
+    loss = metrics["train_loss"]
+    no_loss = (isinstance(loss, float) and math.isnan(loss) and is_number(metrics.get("steps"))
+               and metrics.get("empty_batches") == metrics["steps"])
+    if not no_loss and (not is_number(loss) or loss < 0):
+        return f"train_loss {loss!r} is not a finite number >= 0"
+    return check_metrics(metrics, partition_id)
 
 
 def check_update(arrays: dict, expected: dict[str, tuple[int, ...]], num_examples,

@@ -18,9 +18,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.adapters import LORA_A, LORA_B, AdapterState, from_arrays, to_arrays
-from fedlora.config import ConfigError, client_ranks, config_digest, to_yaml
+from fedlora.config import ConfigError, client_ranks, config_digest, for_clients, to_yaml
 from fedlora.messages import DIGEST_KEY
-from fedlora.validate import check_update, norm_outliers, update_norm
+from fedlora.validate import check_metrics, check_train_metrics, check_update, norm_outliers, update_norm
 
 from . import privacy as privacy_modes
 
@@ -108,11 +108,13 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def train_metrics(accepted: list[Update]) -> dict:
-    """``num_clients`` and the example-weighted mean ``train_loss`` of the accepted updates."""
+    """``num_clients`` and the example-weighted mean ``train_loss`` of the accepted updates (over those that
+    measured one: a DP-SGD client whose every Poisson draw was empty reports NaN; NaN when none did)."""
     out = {"num_clients": len(accepted)}
     if accepted:
-        w = np.array([u.weight for u in accepted])
-        out["train_loss"] = float(np.average([u.metrics["train_loss"] for u in accepted], weights=w))
+        measured = [u for u in accepted if np.isfinite(u.metrics["train_loss"])]
+        out["train_loss"] = float(np.average([u.metrics["train_loss"] for u in measured],
+                                             weights=[u.weight for u in measured])) if measured else float("nan")
     return out
 
 
@@ -153,7 +155,9 @@ class LoraStrategy(FedAvg):
         self.rng = random.Random(int(cfg.seed))
         self.norm_factor = float(cfg.get("update_norm_factor", 0) or 0)
         self.privacy = privacy_modes.for_config(cfg)
-        self.cfg_yaml = to_yaml(cfg)  # the run config every node needs: sent once (handshake), then its digest
+        # what every node needs of the run config (fedlora.config.for_clients: no server paths): sent once, in
+        # the handshake, then named by its digest
+        self.cfg_yaml = to_yaml(for_clients(cfg))
         self.config_digest = config_digest(self.cfg_yaml)
         self.check_config(cfg)
 
@@ -294,7 +298,8 @@ class LoraStrategy(FedAvg):
             if node is None:
                 rejected.append({"node": who, "reason": "reply from an unknown node"})
                 continue
-            reason = self.privacy.check_reply(self, node, msg, metrics)
+            # a reply naming another node's partition, or with malformed numbers, is refused before anything reads it
+            reason = check_metrics(metrics, node.partition_id) or self.privacy.check_reply(self, node, msg, metrics)
             if reason:
                 rejected.append({"node": who, "reason": reason})
                 continue
@@ -304,7 +309,8 @@ class LoraStrategy(FedAvg):
                 reason = f"client status: {st.get('status')} {st.get('reason', '')}".strip()
                 rejected.append({"node": who, "reason": reason})
                 continue
-            reason = check_update(arrays, self.expected(node), metrics.get("num-examples"), node.num_examples)
+            reason = (check_train_metrics(metrics, node.partition_id)
+                      or check_update(arrays, self.expected(node), metrics.get("num-examples"), node.num_examples))
             if reason:
                 rejected.append({"node": who, "reason": reason})
                 continue

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+from logging import WARNING
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
 
 from fedlora.adapters import AdapterState, LoraFactors
 from fedlora.config import ConfigError
@@ -22,9 +23,10 @@ from fedlora.fedpipe import planning
 from fedlora.fedpipe.importance import aggregate_importance, select_modules
 from fedlora.fedpipe.memory import ActivationCalibration, analytic_activations, rank_activation_coef
 from fedlora.fedpipe.plan import InfeasibleBudgetError, Plan
-from fedlora.fedpipe.profiles import load_profile
+from fedlora.fedpipe.profiles import node_profile
 
 from fedlora.messages import CONFIG_KEY
+from fedlora.validate import check_count, is_number
 
 from .base import LoraStrategy
 from .rank_rules import Stacking, ZeroPadding
@@ -71,18 +73,24 @@ class FedPipe(LoraStrategy):
 
     # ------------------------------------------------------------------ before training
     def node_profiles(self) -> list[dict]:
-        """One profile per node (partition order): the node's own if it reported one, else the config's."""
+        """One profile per node (partition order): the node's own if it reported one (a ``conf/client`` name or
+        a JSON profile, :func:`~fedlora.fedpipe.profiles.node_profile`), else the config's. A node whose profile
+        is unusable is dropped from the run, its reason logged; fewer than ``min_train_nodes`` left: an error."""
         conf = planning.config_profiles(self.cfg)
         out = []
         for node in sorted(self.nodes.values(), key=lambda n: n.partition_id):
-            rep = node.extra.get("profile") or ""
-            if rep.startswith("{"):
-                prof = dict(json.loads(rep))
-            elif rep:
-                prof = load_profile(rep)
-            else:
-                prof = dict(conf[node.partition_id % len(conf)])
+            rep = str(node.extra.get("profile") or "")
+            try:
+                prof = node_profile(rep) if rep else dict(conf[node.partition_id % len(conf)])
+            except ValueError as e:
+                log(WARNING, "node %s (partition %d) is left out of the run: %s.", node.node_id,
+                    node.partition_id, e)
+                del self.nodes[node.node_id]
+                continue
             out.append(dict(prof, client_id=node.partition_id))
+        if len(self.nodes) < self.min_train_nodes:
+            raise RuntimeError(f"only {len(self.nodes)} clients reported a usable hardware profile "
+                               f"(< min_train_nodes={self.min_train_nodes}).")
         return out
 
     def prepare_run(self, grid, run_dir: Path, echo=print, resume: bool = False) -> None:
@@ -158,12 +166,13 @@ class FedPipe(LoraStrategy):
             msgs.append(Message(RecordDict({"config": conf}), message_type=MessageType.QUERY, dst_node_id=node.node_id))
         scores, weights = [], []
         for rep in grid.send_and_receive(msgs, timeout=float(self.cfg.round_timeout)):
-            if rep.has_error():
+            if rep.has_error() or "metrics" not in rep.content:
                 continue
             m = dict(rep.content["metrics"])
-            sc = {k[len(IMPORTANCE_PREFIX):]: float(v) for k, v in m.items() if k.startswith(IMPORTANCE_PREFIX)}
-            if sc and all(np.isfinite(v) and v >= 0 for v in sc.values()) and set(sc) == set(self.shapes):
-                scores.append(sc)
+            sc = {k[len(IMPORTANCE_PREFIX):]: v for k, v in m.items() if k.startswith(IMPORTANCE_PREFIX)}
+            if (sc and all(is_number(v) and v >= 0 for v in sc.values()) and set(sc) == set(self.shapes)
+                    and check_count("num-examples", m.get("num-examples", 1), 1) is None):
+                scores.append({k: float(v) for k, v in sc.items()})
                 weights.append(float(m.get("num-examples", 1)))
         if not scores:
             raise RuntimeError("FedPipe warm-up: no client returned importance scores.")

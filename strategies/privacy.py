@@ -10,6 +10,8 @@ How each works and what it guarantees: ``docs/privacy.md``. The maths and the cl
 
 from __future__ import annotations
 
+import json
+import math
 from logging import INFO
 
 import numpy as np
@@ -24,6 +26,7 @@ from flwr.serverapp.strategy import (
 
 from fedlora import algebra, privacy
 from fedlora.adapters import to_arrays
+from fedlora.config import ConfigError
 from fedlora.privacy import mode_of
 
 WEIGHT_KEY = "dp-weight"
@@ -85,6 +88,11 @@ class NoPrivacy:
         return {}
 
     def load_state_dict(self, sd: dict) -> None:
+        """Restore what :meth:`state_dict` gave; a checkpoint of another privacy mode is refused (one sentence)."""
+        was = sd.get("mode", "none" if not sd else "dp_sgd")
+        if was != self.mode:
+            raise ConfigError(f"the checkpoint was written under privacy mode {was} but this run has {self.mode}: "
+                              "resume with the run's own privacy settings or start a new run.")
         for k, v in sd.items():
             setattr(self, k, v)
 
@@ -254,35 +262,86 @@ class _FedAvgView(FedAvg):
 class ClientLevelDP(NoPrivacy):
     """Client-level DP with Flower's fixed-clipping wrapper and an accountant, for strategies whose aggregate is
     the element-wise mean of same-shaped updates (fedit, ffa_lora). Each accepted update is given weight 1;
-    a round with fewer valid updates than sampled clients is not released (the wrapper's strict mode)."""
+    a round with fewer valid updates than sampled clients is not released (the wrapper's strict mode). With
+    client-side clipping a reply whose update exceeds the clipping norm is rejected (:meth:`check_reply`).
+    The checkpoint holds the accountant and the plan (noise multiplier, budget, rounds): a resumed run continues
+    both (:meth:`load_state_dict`)."""
 
     mode = "client_dp"
     outlier_check = False  # it would decide on un-noised updates which rounds get released; clipping bounds them
+    #: relative slack of the client-side clipping check (float32 rounding of Flower's clipping: see check_reply)
+    norm_rtol = 1e-6
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.dp_cfg = privacy.dp_config(cfg)
-        self.releases = privacy.planned_rounds(cfg)
-        self.noise_multiplier = privacy.client_level_noise(self.dp_cfg, self.releases)
+        self.plan = privacy.client_level_plan(cfg)  # settings, noise multiplier, num_rounds (checkpointed)
+        self.noise_multiplier = float(self.plan["noise_multiplier"])
         self.clipping = str(cfg.privacy.get("clipping", "server"))
         self.seed = int(cfg.seed) if cfg.privacy.get("reproducible") else None
         self.current = ArrayRecord()
         self.flower = self.view = self.accountant = None
+        self.restored = None  # the checkpointed accountant, when loaded before start()
         self.num_sampled = 0
 
     def start(self, strategy) -> None:
+        """Build the accountant and Flower's wrapper with the run's noise multiplier (the checkpointed one when
+        :meth:`load_state_dict` came first; it may also come after)."""
         n = len(strategy.nodes) or int(self.cfg.num_clients)
         self.num_sampled = min(n, max(int(n * float(self.cfg.fraction_train)), int(strategy.min_train_nodes)))
         self.accountant = OpacusRdpAccountant(PrivacyConfig(
             target_delta=self.dp_cfg.target_delta, population_size=n,
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=self.dp_cfg.target_epsilon))
+        if self.restored is not None:
+            self.accountant.load_state_dict(self.restored)
         wrapper = (DifferentialPrivacyServerSideFixedClipping if self.clipping == "server"
                    else DifferentialPrivacyClientSideFixedClipping)
         self.view = _FedAvgView(strategy)
         self.flower = wrapper(self.view, noise_multiplier=self.noise_multiplier,
                               clipping_norm=self.dp_cfg.max_grad_norm, num_sampled_clients=self.num_sampled,
                               accountant=self.accountant)
+
+    def check_reply(self, strategy, node, msg, metrics):
+        """Client-side clipping: the update (the reply's arrays minus the arrays sent, flat over all arrays, as
+        Flower's ``fixedclipping_mod`` computes it) must have norm <= the clipping norm, else the reply is
+        rejected. Replies whose arrays do not match what was sent are left to the strategy's own checks."""
+        if self.clipping != "client":
+            return None
+        norm, limit = self.update_norm(node, msg)
+        if norm is None or norm <= limit:
+            return None
+        return (f"update norm {norm:.6g} exceeds privacy.clipping_norm={self.dp_cfg.max_grad_norm:g}: with "
+                "privacy.clipping=client every client must clip its round update before sending it")
+
+    def sent_to(self, node) -> dict[str, np.ndarray]:
+        """The arrays the server sent to ``node`` this round (its message in the round's plan, else ``current``)."""
+        plan = self.view.plan if self.view is not None else None
+        for m in (plan.messages if plan is not None else []):
+            if m.metadata.dst_node_id == node.node_id:
+                return {k: a.numpy() for k, a in m.content["arrays"].items()}
+        return {k: a.numpy() for k, a in self.current.items()}
+
+    def update_norm(self, node, msg) -> tuple[float | None, float]:
+        """``(norm, limit)``: the L2 norm (float64) of the reply's update over all arrays, and the most an honest
+        client-side clipping can give: ``C (1 + norm_rtol) + eps32 (||sent|| + 2 C)``. The client adds its clipped
+        update to the sent arrays in float32, which moves each element by at most one float32 ulp of the sum
+        (whose norm is <= ||sent|| + ||update||); ``norm_rtol`` covers Flower's float32 norm and scaling. Norm
+        None: no arrays, other keys or shapes than were sent, or non-finite values (the strategy rejects those)."""
+        C = float(self.dp_cfg.max_grad_norm)
+        try:
+            got = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        except Exception:  # malformed record: the strategy's checks say so
+            return None, C
+        sent = self.sent_to(node)
+        if not got or set(got) != set(sent) or any(got[k].shape != sent[k].shape for k in sent):
+            return None, C
+        sq = sum(float(np.sum((got[k].astype(np.float64) - sent[k].astype(np.float64)) ** 2)) for k in sent)
+        if not np.isfinite(sq):
+            return None, C
+        sent_norm = math.sqrt(sum(float(np.sum(sent[k].astype(np.float64) ** 2)) for k in sent))
+        eps = float(np.finfo(np.float32).eps)
+        return math.sqrt(sq), C * (1.0 + self.norm_rtol) + eps * (sent_norm + 2.0 * C)
 
     def configure(self, strategy, server_round, grid):
         """Raises Flower's ``PrivacyBudgetExhausted`` when the next release would exceed the budget."""
@@ -325,3 +384,43 @@ class ClientLevelDP(NoPrivacy):
         return {"epsilon": {str(p): eps for p in pids}, "epsilon_max": eps, "delta": self.dp_cfg.target_delta,
                 "noise_multiplier": self.noise_multiplier, "clipping_norm": self.dp_cfg.max_grad_norm,
                 "releases": self.accountant.num_releases}
+
+    def state_dict(self) -> dict:
+        """Plain JSON-able values: the mode, the plan (:func:`fedlora.privacy.client_level_plan`: settings, noise
+        multiplier, num_rounds) and the accountant (its releases so far)."""
+        if self.accountant is not None:
+            acc = self.accountant.state_dict()
+        else:  # not started yet: what was loaded, else no release so far
+            acc = self.restored or {"backend": OpacusRdpAccountant.method,
+                                    "accountant": privacy.AccountantState("rdp").to_dict()}
+        return {"mode": self.mode, "plan": {**self.plan, "settings": dict(self.plan["settings"])},
+                "accountant": json.loads(json.dumps(acc))}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Continue a checkpointed run: its accountant (epsilon and releases so far) and its noise multiplier,
+        into the accountant and wrapper :meth:`start` built (or for :meth:`start` to use). A ConfigError (one
+        sentence) when the checkpoint has no client-level accountant or the run's config changes what the epsilon
+        already spent was accounted with (:func:`fedlora.privacy.check_client_level_resume`)."""
+        if not isinstance(sd, dict) or sd.get("mode") != self.mode or not sd.get("plan") or not sd.get("accountant"):
+            raise ConfigError("the checkpoint holds no client-level DP accountant (written without "
+                              "privacy=client_level or by an older fedlora), so the epsilon already spent is "
+                              "unknown: start a new run.")
+        try:
+            privacy.check_client_level_resume(sd["plan"], self.cfg)
+            if sd["accountant"].get("backend") != OpacusRdpAccountant.method:
+                raise ValueError(f"the checkpoint's accountant is {sd['accountant'].get('backend')!r}, not "
+                                 f"{OpacusRdpAccountant.method!r}: start a new run.")
+            state = privacy.AccountantState.from_dict(sd["accountant"]["accountant"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"the checkpoint's client-level DP state is malformed ({type(e).__name__}: {e}): "
+                              "start a new run.") from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.plan = {**sd["plan"], "settings": dict(sd["plan"]["settings"]),
+                     "num_rounds": max(int(sd["plan"]["num_rounds"]), int(self.cfg.num_rounds))}
+        self.noise_multiplier = float(sd["plan"]["noise_multiplier"])
+        self.restored = {"backend": OpacusRdpAccountant.method, "accountant": state.to_dict()}
+        if self.accountant is not None:
+            self.accountant.load_state_dict(self.restored)
+        if self.flower is not None:  # the wrapper noises and accounts with its own copy of the multiplier
+            self.flower.noise_multiplier = self.noise_multiplier

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedlora import adapters, checkpoint, config, data, models, train
 from fedlora.report import Recorder
+from fedlora.validate import check_handshake
 
 from . import get as get_strategy
 from fedlora.messages import CONFIG_KEY, DIGEST_KEY, NEEDS_CONFIG
@@ -39,7 +40,12 @@ def seed_everything(seed: int) -> None:
 
 def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, NodeInfo]:
     """Wait for ``num_clients`` nodes, then ask each for its partition, size, device (a QUERY message). The
-    handshake carries the run config, which each node keeps for the run (train messages name its digest)."""
+    handshake carries the run config, which each node keeps for the run (train messages name its digest).
+
+    A node is left out, with its reason logged, when it fails the handshake, answers with malformed metrics
+    (:func:`fedlora.validate.check_handshake`) or claims a partition an earlier answer already claimed (two
+    nodes would share its DP accountant, FLoRA version and audit files); the run goes on without it if at
+    least ``min_train_nodes`` remain."""
     t0 = time.time()
     while len(ids := sorted(grid.get_node_ids())) < cfg.num_clients:
         if time.time() - t0 > timeout:
@@ -48,24 +54,33 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, NodeInfo]:
     conf = {CONFIG_KEY: strategy.cfg_yaml, DIGEST_KEY: strategy.config_digest}
     msgs = [Message(RecordDict({"config": ConfigRecord(conf)}), message_type=MessageType.QUERY, dst_node_id=nid)
             for nid in ids]
-    nodes = {}
+    ranks = config.client_ranks(cfg)
+    scale = float(cfg.model.lora.alpha) / float(cfg.model.lora.r)  # one scale for all ranks
+    nodes, holder = {}, {}  # node id -> NodeInfo; partition id -> the node id that claimed it first
     for rep in grid.send_and_receive(msgs, timeout=timeout):
+        nid = rep.metadata.src_node_id
         if rep.has_error():
-            log(INFO, "node %s failed the handshake: %s", rep.metadata.src_node_id, rep.error.reason)
+            log(WARNING, "node %s failed the handshake: %s", nid, rep.error.reason)
             continue
-        m = rep.content["metrics"]
-        ranks = config.client_ranks(cfg)
+        m = dict(rep.content["metrics"]) if "metrics" in rep.content else {}
+        if nid not in ids or nid in nodes:
+            reason = "it was not asked, or it answered twice"
+        else:
+            reason = check_handshake(m) if "metrics" in rep.content else "the handshake has no metrics"
+        if reason is None and int(m["partition-id"]) in holder:
+            reason = f"it claims partition {int(m['partition-id'])}, which node {holder[int(m['partition-id'])]} holds"
+        if reason:
+            log(WARNING, "node %s is left out of the run: %s.", nid, reason)
+            continue
         pid = int(m["partition-id"])
+        holder[pid] = nid
         r = ranks[pid % len(ranks)]
-        scale = float(cfg.model.lora.alpha) / float(cfg.model.lora.r)  # one scale for all ranks
-        nodes[rep.metadata.src_node_id] = NodeInfo(
-            node_id=rep.metadata.src_node_id, partition_id=pid, num_examples=int(m["num-examples"]),
-            rank=r, alpha=scale * r, base_version=int(m.get("base-version", 0)),
-            device=str(rep.content["config"].get("device", "cpu")) if "config" in rep.content else "cpu",
-        )
-        nodes[rep.metadata.src_node_id].extra.update({  # what each node runs on (nodes.json in the run dir)
-            "device-memory": int(m.get("device-memory", 0)),
-            "profile": str(rep.content["config"].get("profile", "")) if "config" in rep.content else ""})
+        c = rep.content["config"] if "config" in rep.content else {}
+        nodes[nid] = NodeInfo(node_id=nid, partition_id=pid, num_examples=int(m["num-examples"]), rank=r,
+                              alpha=scale * r, base_version=int(m.get("base-version", 0)),
+                              device=str(c.get("device", "cpu")))
+        nodes[nid].extra.update({  # what each node runs on (nodes.json in the run dir)
+            "device-memory": int(m.get("device-memory", 0)), "profile": str(c.get("profile", ""))})
     if len(nodes) < cfg.min_train_nodes:
         raise RuntimeError(f"only {len(nodes)} clients answered the handshake "
                            f"(< min_train_nodes={cfg.min_train_nodes})")
@@ -141,10 +156,30 @@ def save_adapter(bundle, strategy, path: Path) -> None:
     adapters.save_peft(bundle.model, strategy.export_adapter(), path)
 
 
+def config_warnings(cfg) -> list[str]:
+    """fedlora's warnings about the run's config (e.g. that a reported epsilon is only an upper bound), in the
+    run's log (Flower's, ``flwr log`` in deployment) and its summary, whatever the process's warning filters."""
+    import warnings
+
+    from fedlora import privacy
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        privacy.validate_config(cfg)
+    notes = [str(w.message) for w in caught]
+    for note in notes:
+        log(WARNING, "%s", note)
+    return notes
+
+
 def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False) -> dict:
     """The whole run: handshake, rounds, evaluation, checkpoints, the final adapter and summary."""
     seed_everything(int(cfg.seed))
-    recorder = Recorder(run_dir, config.to_yaml(cfg), int(cfg.num_rounds), echo=echo)
+    notes = config_warnings(cfg)
+    # resume: an unusable checkpoint is refused before anything starts, and the saved config.yaml is rewritten
+    # only once the checkpoint's state has accepted this config (e.g. client-level DP's spent budget)
+    ck = checkpoint.load(run_dir, warn=echo) if resume else None
+    recorder = None if resume else Recorder(run_dir, config.to_yaml(cfg), int(cfg.num_rounds), echo=echo)
     bundle = models.build(cfg)
     _, test = data.load(cfg.data)
     collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
@@ -154,13 +189,12 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
     # the handshake includes each client's first data and model load: give it more than a round
     strategy.nodes = discover(grid, strategy, cfg, timeout=max(600.0, float(cfg.round_timeout)))
     strategy.prepare_run(grid, run_dir, echo=echo, resume=resume)  # FedPipe: warm-up, module selection, plan
-    write_nodes(run_dir / "nodes.json", strategy.nodes)
     strategy.privacy.start(strategy)
     status, stop = "completed", None
     t0, start = time.time(), 1
-    if resume:
-        ck = checkpoint.load(run_dir, warn=echo)
+    if ck is not None:
         strategy.load_state_dict(ck["strategy"])
+        recorder = Recorder(run_dir, config.to_yaml(cfg), int(cfg.num_rounds), echo=echo)
         random.setstate(ck["rng"]["python"])
         np.random.set_state(ck["rng"]["numpy"])
         torch.set_rng_state(ck["rng"]["torch"])
@@ -171,6 +205,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
         recorder.log_round({"round": 0, "strategy": strategy.name, "num_clients": 0, "bytes_up": 0, "bytes_down": 0,
                             "wall_s": 0.0, "unix": time.time(),
                             **evaluate_global(bundle, strategy, test, collator, cfg)})
+    write_nodes(run_dir / "nodes.json", strategy.nodes)
     for rnd in range(start, int(cfg.num_rounds) + 1):
         t_round = time.time()
         stop = strategy.privacy.stop_reason(strategy)
@@ -209,6 +244,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
     summary = recorder.summary({"strategy": strategy.name, "model": cfg.model.name, "num_clients": cfg.num_clients,
                                 "num_rounds": cfg.num_rounds, "seed": cfg.seed,
                                 "adapter": str(run_dir / "adapter"), "status": status, "stop_reason": stop,
+                                "warnings": notes,
                                 **strategy.privacy.summary(strategy)})
     return summary
 

@@ -120,9 +120,12 @@ class LocalFederation:
             args += ["--ca", str(self.certs / CA_CERT)]
         return args + list(extra)
 
-    def start_supernodes(self, timeout: float = 180) -> None:
+    def start_supernodes(self, timeout: float = 180, extra: dict[int, tuple] | None = None) -> None:
+        """Every SuperNode, with its registered key; ``extra``: more `fedlora deploy supernode` arguments per node
+        index (e.g. a privacy floor)."""
         for i in range(self.nodes):
-            self.supernodes.append(self.spawn(f"supernode-{i + 1}", self.supernode_args(i, key=i + 1)))
+            args = self.supernode_args(i, key=i + 1, extra=(extra or {}).get(i, ()))
+            self.supernodes.append(self.spawn(f"supernode-{i + 1}", args))
         for p in self.supernodes:
             self.wait_for(p, r"SuperNode ID: \d+", timeout)
 

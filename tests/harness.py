@@ -7,16 +7,23 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import fedlora.clients.client_app as ca
+from fedlora.clients.node import SIMULATION
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
 class InProcessGrid:
-    def __init__(self, num_nodes: int, faults: dict | None = None):
+    """``node_config``: what every node's node config holds besides its partition (default: a simulation's,
+    :data:`fedlora.clients.node.SIMULATION`); ``node_configs``: per partition id, added to it."""
+
+    def __init__(self, num_nodes: int, faults: dict | None = None, node_config: dict | None = None,
+                 node_configs: dict | None = None):
+        base = dict(SIMULATION if node_config is None else node_config)
         # node ids deliberately not in partition order, as in Flower
         self.contexts = {
             1000 + 7 * (num_nodes - i): Context(run_id=1, node_id=1000 + 7 * (num_nodes - i),
-                                               node_config={"partition-id": i, "num-partitions": num_nodes},
+                                               node_config={**base, **(node_configs or {}).get(i, {}),
+                                                            "partition-id": i, "num-partitions": num_nodes},
                                                state=RecordDict(), run_config={})
             for i in range(num_nodes)
         }

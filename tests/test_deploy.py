@@ -16,10 +16,11 @@ import pytest
 from conftest import ROOT, SST2, fedlora_cmd
 from federation import LocalFederation, free_port
 
-from fedlora.deploy.certs import key_paths
+from fedlora.deploy.certs import default_ca_key_dir, key_paths
 from fedlora.deploy.flower_config import flwr_bin
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the loopback deployment is rehearsed on Linux only")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the loopback deployment is rehearsed on Linux only")
 
 
 def deploy_cmd(*args, env=None, cwd=None, timeout=120):
@@ -43,8 +44,9 @@ def test_certs_have_the_sans_and_chain_to_the_ca(tmp_path):
     assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} == {"10.1.2.3", "127.0.0.1"}  # 127.0.0.1 always
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    for key in ("ca.key", "server.key"):
-        assert (tmp_path / key).stat().st_mode & 0o077 == 0, f"{key} is readable by others"
+    for key in (default_ca_key_dir(tmp_path) / "ca.key", tmp_path / "server.key"):
+        assert key.stat().st_mode & 0o077 == 0, f"{key} is readable by others"
+    assert not (tmp_path / "ca.key").exists()  # the CA key stays out of the folder the SuperLink gets
     again = deploy_cmd("certs", str(tmp_path))
     assert again.returncode == 2 and "--force" in again.stderr  # never silently replaces a federation's CA
     bad = deploy_cmd("certs", str(tmp_path / "x"), "--hosts", "not a host!")
@@ -126,6 +128,25 @@ def test_launch_commands_are_secure_by_default(tmp_path):
     assert no_ca.returncode == 2 and "--ca FILE is required" in no_ca.stderr
 
 
+def test_trust_2_supernode_floor_flags_reach_the_node_config(tmp_path):
+    """`fedlora deploy supernode --dp-*`: the floor is in the node config Flower hands the ClientApp, exactly as
+    clients/node.py reads it; a bad value stops the launch with one sentence."""
+    from flwr.common.config import parse_config_args
+
+    from fedlora.clients.node import NodeSettings
+
+    base = ["--superlink", "127.0.0.1:9093", "--data", str(SST2), "--profile", "cpu", "--insecure", "--dry-run"]
+    node = deploy_cmd("supernode", *base, "--dp-max-epsilon", "3", "--dp-max-delta", "1e-5", "--dp-max-clip", "1",
+                      "--allow-faults")
+    assert node.returncode == 0, node.stderr
+    argv = __import__("shlex").split(node.stdout)
+    settings = NodeSettings.of(parse_config_args([argv[argv.index("--node-config") + 1]]))
+    assert (settings.floor.required, settings.floor.max_epsilon, settings.floor.max_delta, settings.floor.max_clip,
+            settings.allow_faults, settings.reproducible) == (True, 3.0, 1e-5, 1.0, True, False)
+    bad = deploy_cmd("supernode", *base, "--dp-max-delta", "2")
+    assert bad.returncode == 2 and "--dp-max-delta=2.0 must be a number between 0 and 1" in bad.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # A secured federation on loopback
 # ------------------------------------------------------------------------------------------------
@@ -178,8 +199,10 @@ def test_supernode_without_the_ca_cannot_connect(fed):
         assert "SuperNode ID:" not in log
 
 
-def test_deployed_run_completes(fed):
-    fed.start_supernodes()
+def test_deployed_run_completes_while_a_node_with_a_dp_floor_refuses(fed):
+    """Issue 16's acceptance: the server's config asks for privacy=none while node 3's own floor requires DP:
+    that node refuses every round with its reason (recorded in `rejected`), the others train, the run goes on."""
+    fed.start_supernodes(extra={2: ("--dp-required", "--dp-max-epsilon", "3", "--dp-max-delta", "1e-5")})
     for i, p in enumerate(fed.supernodes, start=1):  # each node authenticated as its registered key
         assert f"SuperNode ID: {fed.node_ids[i]}" in fed.log(p)
     out = fed.dir / "run"
@@ -190,7 +213,10 @@ def test_deployed_run_completes(fed):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
-        assert r["num_clients"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["strategy"] == "ffa_lora"
+        assert r["num_clients"] == 2 and r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["strategy"] == "ffa_lora"
+        assert [x["node"] for x in r["rejected"]] == [2], r["rejected"]
+        reason = r["rejected"][0]["reason"]
+        assert reason.startswith("client status: refused") and "requires sample-level DP-SGD" in reason, reason
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     nodes = json.loads((out / "nodes.json").read_text())
     assert sorted(n["partition_id"] for n in nodes) == [0, 1, 2]

@@ -1,5 +1,7 @@
 """Certificates (TLS) and SuperNode key pairs (node authentication), and the file writer that keeps private
-keys private. File names: ``ca.crt``/``ca.key``/``server.pem``/``server.key``, ``supernode-<i>.key``/``.pub``."""
+keys private. File names: ``ca.crt``/``server.pem``/``server.key`` in the certs folder, ``ca.key`` OUTSIDE it
+(``<DIR>-ca/`` beside it by default: the certs folder is what gets copied or mounted onto the SuperLink, the CA
+key is kept offline), ``supernode-<i>.key``/``.pub``."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from fedlora.deploy import DeployError
 
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "server.key"
+CA_KEY_DIR_SUFFIX = "-ca"  # default home of ca.key: DIR-ca/, a sibling of the certs folder DIR
 KEY_PREFIX = "supernode"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 
@@ -54,16 +57,41 @@ def parse_hosts(text: str) -> tuple[list[ipaddress._BaseAddress], list[str]]:
     return ips, names
 
 
-def make_certs(out: Path, hosts: str = ",".join(LOCAL_HOSTS), days: int = 365, force: bool = False) -> dict:
-    """A self-signed CA (ECDSA P-384) and a SuperLink certificate for ``hosts`` signed by it."""
+def default_ca_key_dir(certs_dir: Path) -> Path:
+    """Where ``fedlora deploy certs DIR`` puts ``ca.key`` unless told otherwise: ``DIR-ca/`` beside DIR (named
+    after DIR, so two federations' certs folders in one parent never share, or overwrite, a CA key)."""
+    d = Path(certs_dir).expanduser()
+    if d.name in ("", ".", ".."):  # "." or "x/..": name the folder itself
+        d = d.resolve()
+    if d.parent == d:
+        raise DeployError(f"{certs_dir} is a filesystem root: give the certificates a folder of their own.")
+    return d.parent / f"{d.name}{CA_KEY_DIR_SUFFIX}"
+
+
+def stray_ca_key(certs_dir: Path) -> Path | None:
+    """A ``ca.key`` inside a certs folder (written there by an earlier fedlora, or copied there by hand):
+    whatever mounts or copies that folder also hands out the CA's private key."""
+    path = Path(certs_dir).expanduser() / CA_KEY
+    return path if path.exists() else None
+
+
+def make_certs(out: Path, hosts: str = ",".join(LOCAL_HOSTS), days: int = 365, force: bool = False,
+               ca_key_dir: Path | None = None) -> dict:
+    """A self-signed CA (ECDSA P-384) and a SuperLink certificate for ``hosts`` signed by it: ``ca.crt``,
+    ``server.pem`` and ``server.key`` in ``out`` (exactly what the SuperLink needs), ``ca.key`` in
+    ``ca_key_dir`` (default ``default_ca_key_dir(out)``), which must lie outside ``out``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     out = Path(out)
-    files = {k: out / v for k, v in
-             (("ca", CA_CERT), ("ca_key", CA_KEY), ("cert", SERVER_CERT), ("key", SERVER_KEY))}
+    ca_dir = Path(ca_key_dir).expanduser() if ca_key_dir is not None else default_ca_key_dir(out)
+    out_abs, ca_abs = out.expanduser().resolve(), ca_dir.resolve()
+    if ca_abs == out_abs or out_abs in ca_abs.parents:
+        raise DeployError(f"--ca-key-dir {ca_dir} lies inside {out}: the CA key must stay out of the folder "
+                          "that is copied or mounted onto the SuperLink.")
+    files = {"ca": out / CA_CERT, "ca_key": ca_dir / CA_KEY, "cert": out / SERVER_CERT, "key": out / SERVER_KEY}
     refuse_overwrite(list(files.values()), force)
     ips, names = parse_hosts(hosts)
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate small clock skew
@@ -105,12 +133,14 @@ def make_certs(out: Path, hosts: str = ",".join(LOCAL_HOSTS), days: int = 365, f
     pem = serialization.Encoding.PEM
     pkcs8 = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8,
                  encryption_algorithm=serialization.NoEncryption())
+    ca_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a folder of its own, for the owner only
     write_file(files["ca"], ca.public_bytes(pem))
     write_file(files["ca_key"], ca_key.private_bytes(**pkcs8), private=True)
     write_file(files["cert"], cert.public_bytes(pem))
     write_file(files["key"], key.private_bytes(**pkcs8), private=True)
+    stray = stray_ca_key(out)
     return {"files": {k: str(v) for k, v in files.items()}, "ips": [str(i) for i in ips], "dns": names,
-            "not_after": until.isoformat(timespec="seconds")}
+            "not_after": until.isoformat(timespec="seconds"), "stray_ca_key": str(stray) if stray else None}
 
 
 # ----------------------------------------------------------------------------------------------

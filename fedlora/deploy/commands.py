@@ -34,10 +34,11 @@ def superlink_command(certs: Path | None, host: str = "0.0.0.0", port: int = DEF
         if certs is None:
             raise DeployError("--certs DIR is required (TLS is on by default; create it with `fedlora deploy "
                               "certs DIR --hosts ...`), or pass --insecure for a debugging run.")
-        certs = Path(certs).expanduser().resolve()
+        certs = Path(certs).expanduser().resolve()  # the SuperLink reads these three files and nothing else:
         missing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (certs / n).is_file()]
         if missing:
             raise DeployError(f"{certs} lacks {', '.join(missing)}: create it with `fedlora deploy certs {certs}`.")
+        # no ca.key (kept offline), so DIR may be three single-file mounts (docker/compose.yaml)
         cmd += ["--ssl-ca-certfile", str(certs / CA_CERT), "--ssl-certfile", str(certs / SERVER_CERT),
                 "--ssl-keyfile", str(certs / SERVER_KEY)]
         if node_auth:
@@ -61,19 +62,48 @@ def _toml_str(value: str) -> str:
     return json.dumps(value) if '"' not in value else f"'{value}'"  # basic string, else literal string
 
 
-def node_config(data: str, profile: str, partition_id: int | None = None, num_partitions: int | None = None) -> str:
-    """The ``--node-config`` string the ClientApp reads (``context.node_config``)."""
+def node_config(data: str, profile: str, partition_id: int | None = None, num_partitions: int | None = None,
+                policy: dict | None = None) -> str:
+    """The ``--node-config`` string the ClientApp reads (``context.node_config``); ``policy``: what the node
+    enforces on its own (privacy floor, opt-ins; :func:`node_policy`)."""
     parts = []
     if partition_id is not None:
         parts += [f"partition-id={int(partition_id)}", f"num-partitions={int(num_partitions)}"]
     parts += [f"data-path={_toml_str(data)}", f"profile={_toml_str(profile)}"]
+    for k, v in (policy or {}).items():
+        parts.append(f"{k}={str(v).lower() if isinstance(v, bool) else repr(float(v))}")
     return " ".join(parts)
+
+
+def node_policy(dp_required: bool = False, dp_max_epsilon: float | None = None, dp_max_delta: float | None = None,
+                dp_max_clip: float | None = None, dp_reproducible: bool = False,
+                allow_faults: bool = False) -> dict:
+    """The node-config entries of a node's own privacy floor and opt-ins (fedlora/clients/node.py), checked
+    here so a bad value stops the launch with one sentence."""
+    from fedlora.privacy import NodeFloor
+
+    out = {}
+    if dp_required or any(v is not None for v in (dp_max_epsilon, dp_max_delta, dp_max_clip)):
+        out["dp-required"] = True
+    for key, v in (("dp-max-epsilon", dp_max_epsilon), ("dp-max-delta", dp_max_delta), ("dp-max-clip", dp_max_clip)):
+        if v is not None:
+            out[key] = v
+    try:
+        NodeFloor.from_node_config(out)
+    except ValueError as e:
+        raise DeployError(str(e).replace("node config ", "--")) from None
+    if dp_reproducible:
+        out["dp-reproducible"] = True
+    if allow_faults:
+        out["allow-faults"] = True
+    return out
 
 
 def supernode_command(superlink: str, data: str, profile: str, partition_id: int | None = None,
                       num_partitions: int | None = None, key: Path | None = None, ca: Path | None = None,
                       insecure: bool = False, port: int = 9094, max_retries: int | None = None,
-                      max_wait_time: float | None = None, check_data: bool = True) -> list[str]:
+                      max_wait_time: float | None = None, check_data: bool = True,
+                      policy: dict | None = None) -> list[str]:
     check_address(superlink, "--superlink")
     if profile not in profiles():
         raise DeployError(f"unknown --profile {profile!r}: choose one of {', '.join(profiles())} (conf/client/).")
@@ -88,7 +118,7 @@ def supernode_command(superlink: str, data: str, profile: str, partition_id: int
                           "(a file or a folder with train.tsv/csv/json/jsonl/parquet).")
     data = str(data_path.resolve()) if data_path.exists() else data
     cmd = [flwr_bin("flower-supernode"), "--superlink", superlink, "--port", str(int(port)),
-           "--node-config", node_config(data, profile, partition_id, num_partitions)]
+           "--node-config", node_config(data, profile, partition_id, num_partitions, policy)]
     if insecure:
         if ca is not None:
             raise DeployError("--insecure and --ca contradict each other: drop one.")

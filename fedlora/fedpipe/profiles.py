@@ -15,19 +15,54 @@ import torch
 
 GiB = 2**30
 PROFILE_KEYS = ("name", "memory_gb", "bf16_tflops", "mem_bandwidth_gbs", "uplink_mbps", "downlink_mbps", "device")
+#: the keys of :data:`PROFILE_KEYS` that are finite positive numbers, and the devices a profile may name
+POSITIVE_KEYS = ("memory_gb", "bf16_tflops", "mem_bandwidth_gbs", "uplink_mbps", "downlink_mbps")
+DEVICES = ("cpu", "cuda")
 CONF_CLIENT_DIR = Path(__file__).resolve().parents[2] / "conf" / "client"
 
 
+def known_profiles() -> list[str]:
+    """Every name :func:`load_profile` accepts: the files of ``conf/client`` (``mixed`` is a mix, not a profile)."""
+    return sorted(p.stem for p in CONF_CLIENT_DIR.glob("*.yaml"))
+
+
+def _positive(value) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and value > 0)
+
+
+def check_profile(prof: Mapping) -> str | None:
+    """``None`` when ``prof`` is a usable hardware profile: every key of :data:`PROFILE_KEYS`, a non-empty
+    ``name``, a ``device`` of :data:`DEVICES`, finite positive numbers (and ``mfu`` in (0, 1], ``cores`` a
+    positive integer when given); else one sentence saying what is wrong."""
+    missing = [k for k in PROFILE_KEYS if k not in prof]
+    if missing:
+        return f"profile {prof.get('name')!r} lacks {missing}"
+    name = prof["name"]
+    if not isinstance(name, str) or not name:
+        return f"profile name {name!r} is not a non-empty string"
+    if prof["device"] not in DEVICES:
+        return f"profile {name!r}: device {prof['device']!r} is not one of {list(DEVICES)}"
+    bad = [k for k in POSITIVE_KEYS if not _positive(prof[k])]
+    if bad:
+        return f"profile {name!r}: {bad[0]}={prof[bad[0]]!r} is not a finite positive number"
+    if "mfu" in prof and not (_positive(prof["mfu"]) and prof["mfu"] <= 1):
+        return f"profile {name!r}: mfu={prof['mfu']!r} is not in (0, 1]"
+    if "cores" in prof and not (_positive(prof["cores"]) and int(prof["cores"]) == prof["cores"]):
+        return f"profile {name!r}: cores={prof['cores']!r} is not a positive integer"
+    return None
+
+
 def load_profile(profile: str | Mapping) -> dict:
-    """A profile dict from a name in ``conf/client`` (``"rtx3060_12gb"``) or a mapping (checked)."""
+    """A profile dict from a name in ``conf/client`` (``"rtx3060_12gb"``; no other file is ever read) or a
+    mapping, checked by :func:`check_profile` (``KeyError``: unknown name; ``ValueError``: a bad profile)."""
     if isinstance(profile, str):
-        path = CONF_CLIENT_DIR / f"{profile}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in CONF_CLIENT_DIR.glob("*.yaml"))
+        known = known_profiles()
+        if profile not in known:
             raise KeyError(f"unknown client profile {profile!r}; known: {known}")
         import yaml
 
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load((CONF_CLIENT_DIR / f"{profile}.yaml").read_text())
         if "defaults" in data:  # default.yaml points at another profile
             for entry in data["defaults"]:
                 if isinstance(entry, str) and entry != "_self_":
@@ -38,10 +73,32 @@ def load_profile(profile: str | Mapping) -> dict:
     prof = dict(profile)
     if "mix" in prof:
         return prof
-    missing = [k for k in PROFILE_KEYS if k not in prof]
-    if missing:
-        raise ValueError(f"profile {prof.get('name')!r} lacks {missing}")
+    reason = check_profile(prof)
+    if reason:
+        raise ValueError(reason)
     return prof
+
+
+def node_profile(reported: str) -> dict:
+    """The profile a node reported at the handshake: a name of :func:`list_profiles` (or ``default``), or a JSON
+    profile (``profile=detect``). ``ValueError``, one sentence, for anything else."""
+    if reported.lstrip().startswith("{"):
+        import json
+
+        try:
+            prof = json.loads(reported)
+        except ValueError:
+            raise ValueError("its JSON profile does not parse") from None
+        if not isinstance(prof, dict):
+            raise ValueError("its JSON profile is not an object")
+        reason = check_profile(prof)
+        if reason:
+            raise ValueError(f"its JSON {reason}")
+        return prof
+    names = [*list_profiles(), "default"]
+    if reported not in names:
+        raise ValueError(f"its profile {reported[:80]!r} is not one of {sorted(names)}")
+    return load_profile(reported)
 
 
 def list_profiles() -> list[str]:

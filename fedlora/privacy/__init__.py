@@ -4,7 +4,8 @@
   the budget check, and which copy of an accountant a client continues from;
 - :mod:`.opacus`: sample-level DP-SGD with Opacus for one client round (:func:`make_private`, :class:`DPSession`);
 - :mod:`.checks`: :class:`DPConfig`, the run config's ``privacy`` group and the privacy settings that are
-  refused (which strategy supports which mode is declared on the strategy classes).
+  refused (which strategy supports which mode is declared on the strategy classes);
+- :mod:`.floor`: a node's own privacy floor (:class:`NodeFloor`) and which rounds it refuses.
 
 Everything is re-exported here: ``from fedlora import privacy; privacy.X``.
 """
@@ -24,13 +25,20 @@ from .accounting import (
 from .checks import (
     PRIVACY_MODES,
     DPConfig,
+    check_client_level_resume,
     check_compatible,
+    check_resume,
     client_level_noise,
+    client_level_plan,
     dp_config,
     mode_of,
     planned_rounds,
+    releases_epsilon,
+    releases_within,
     validate_config,
 )
+from .floor import NodeFloor
+from .floor import refusal as floor_refusal
 from .opacus import (
     DPSession,
     batch_size_of,
@@ -50,8 +58,11 @@ __all__ = [
     "DPConfig",
     "DPSession",
     "causal_lm_loss",
+    "check_client_level_resume",
     "check_compatible",
+    "check_resume",
     "client_level_noise",
+    "client_level_plan",
     "dp_config",
     "epsilon",
     "fresh_generators",
@@ -61,6 +72,8 @@ __all__ = [
     "noise_only_step",
     "plan_noise",
     "planned_rounds",
+    "releases_epsilon",
+    "releases_within",
     "sample_rate",
     "validate_config",
     "would_exceed",
@@ -69,4 +82,6 @@ __all__ = [
     "spent_more",
     "ACCOUNTANT_CONFIG_KEY",
     "ACCOUNTANT_RECORD",
+    "NodeFloor",
+    "floor_refusal",
 ]

@@ -10,7 +10,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from .accounting import ACCOUNTANTS, plan_noise
+from .accounting import ACCOUNTANTS, AccountantState, epsilon, plan_noise
 
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp", "client_dp_adaptive")
 
@@ -121,6 +121,85 @@ def client_level_noise(cfg: DPConfig, releases: int) -> float:
     return plan_noise(cfg, 1.0, releases)
 
 
+#: client-level DP settings a resumed run may not change (the epsilon already spent was accounted with them)
+RESUME_FIXED = ("target_epsilon", "target_delta", "noise_multiplier", "planned_rounds")
+
+
+def _client_level_settings(cfg) -> dict:
+    """The ``privacy`` settings of :data:`RESUME_FIXED` as given (None: not set), as plain values."""
+    dp = dp_config(cfg)
+    r = cfg.privacy.get("planned_rounds")
+    return {"target_epsilon": dp.target_epsilon, "target_delta": dp.target_delta,
+            "noise_multiplier": dp.noise_multiplier, "planned_rounds": None if r in (None, "null") else int(r)}
+
+
+def client_level_plan(cfg) -> dict:
+    """What a client-level DP run's accounting rests on, as JSON-able values (checkpointed with its accountant):
+    ``settings`` (:data:`RESUME_FIXED` as configured), ``noise_multiplier`` (the sigma they give, planned once
+    for ``planned_rounds`` releases) and ``num_rounds`` (the most rounds the run was agreed for)."""
+    return {"settings": _client_level_settings(cfg),
+            "noise_multiplier": client_level_noise(dp_config(cfg), planned_rounds(cfg)),
+            "num_rounds": int(cfg.num_rounds)}
+
+
+def releases_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Epsilon of ``releases`` no-amplification Gaussian releases at ``noise_multiplier`` (client-level DP)."""
+    if releases <= 0:
+        return 0.0
+    return epsilon(AccountantState("rdp", ((float(noise_multiplier), 1.0, int(releases)),)), delta)
+
+
+def releases_within(noise_multiplier: float, delta: float, target_epsilon: float, upto: int) -> int:
+    """The most releases (at most ``upto``) whose epsilon stays within ``target_epsilon`` (binary search)."""
+    lo, hi = 0, int(upto)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if releases_epsilon(noise_multiplier, mid, delta) <= target_epsilon:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def check_client_level_resume(saved: dict, cfg) -> None:
+    """``ValueError`` (one sentence) unless ``cfg`` may resume a client-level DP run planned as ``saved`` (a
+    :func:`client_level_plan`). The resumed run keeps the saved noise multiplier, so the settings of
+    :data:`RESUME_FIXED` may not change, and a ``num_rounds`` above the saved one is allowed only if that many
+    releases at the saved noise stay within ``target_epsilon`` (a run with fixed noise has no budget to check)."""
+    now, was = _client_level_settings(cfg), saved["settings"]
+    sigma = float(saved["noise_multiplier"])
+    for key in RESUME_FIXED:
+        if now[key] != was[key]:
+            raise ValueError(
+                f"resume cannot change privacy.{key} from {was[key]} to {now[key]}: the epsilon already spent was "
+                f"accounted with the run's noise multiplier {sigma:.6g}, target and delta, so resume with "
+                f"privacy.{key}={'null' if was[key] is None else was[key]} or start a new run.")
+    n, agreed, target = int(cfg.num_rounds), int(saved["num_rounds"]), was["target_epsilon"]
+    if target is None or n <= agreed:
+        return
+    delta = float(was["target_delta"])
+    eps = releases_epsilon(sigma, n, delta)
+    if eps > target:
+        fit = releases_within(sigma, delta, target, n)
+        raise ValueError(
+            f"resume with num_rounds={n} asks for more rounds than the privacy budget can pay for: at the run's "
+            f"noise multiplier {sigma:.6g}, {n} releases would spend epsilon {eps:.4g} > privacy.target_epsilon="
+            f"{target:g} (at most {fit} fit), so resume with num_rounds<={max(agreed, fit)} or start a new run "
+            "planned for more rounds.")
+
+
+def check_resume(saved_cfg, cfg) -> None:
+    """Resume-time privacy rules (``ValueError``, one sentence): the privacy mode stays what the checkpointed
+    rounds ran under; client-level DP: :func:`check_client_level_resume` against the saved config's plan."""
+    was, now = mode_of(saved_cfg), mode_of(cfg)
+    if was != now:
+        raise ValueError(f"resume cannot change the privacy mode from {was} to {now}: the checkpointed rounds were "
+                         f"trained and accounted under {was}, so resume with the run's own privacy settings or start "
+                         "a new run.")
+    if now == "client_dp":
+        check_client_level_resume(client_level_plan(saved_cfg), cfg)
+
+
 def validate_config(cfg) -> None:
     """Config-time checks of the ``privacy`` group against the rest of the run config; ``ValueError`` with
     one sentence (``fedlora.config.validate`` turns it into a ConfigError, exit 2)."""
@@ -154,6 +233,12 @@ def validate_config(cfg) -> None:
             raise ValueError(
                 f"dp_sgd needs kernels=peft: the fused LoRA kernels (kernels={cfg.kernels}) bypass the nn.Linear "
                 "forward that Opacus hooks to compute per-example gradients."
+            )
+        if not dp.poisson:  # said here too: the clients' own warning stays in their (Ray actor) logs without -v
+            warnings.warn(
+                "dp_sgd with privacy.poisson=false: the reported epsilon assumes Poisson sampling, so it is only "
+                "an approximation.",
+                stacklevel=2,
             )
         return
     # client_dp: Flower's fixed-clipping wrappers with accounting
