@@ -179,18 +179,21 @@ def apply_merges(arrays: dict[str, np.ndarray], context: Context) -> dict[str, t
 @torch.no_grad()
 def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context: Context) -> None:
     """Set the model to the round's starting point: base (+ this node's merged updates), then the adapter:
-    factors given in ``arrays`` are loaded, missing A is drawn from ``fl.a_seed``, missing B is zero."""
+    factors given in ``arrays`` are loaded, missing A is drawn from ``fl.a_seed`` (at rank ``fl.a_rank``, the
+    largest in the run when the strategy nests fresh factors, and cut to this client's rank: the first r rows of
+    one seeded matrix, :func:`fedlora.adapters.seeded_A`), missing B is zero."""
     delta = apply_merges(arrays, context)
     layers = adapters.lora_layers(bundle.model)
     set_base(bundle, delta)
     r, alpha = int(conf["fl.rank"]), float(conf["fl.alpha"])
+    a_rank = int(conf.get("fl.a_rank", r))
     adapters.resize_peft(bundle.model, r, alpha=alpha)
     state = adapters.AdapterState()
     for name, layer in layers.items():
         A = arrays.get(f"{name}.lora_A")
         B = arrays.get(f"{name}.lora_B")
         if A is None:
-            A = adapters.seeded_A(int(conf["fl.a_seed"]), name, r, layer.in_features)
+            A = adapters.seeded_A(int(conf["fl.a_seed"]), name, r, layer.in_features, a_rank=a_rank)
         else:
             A = torch.from_numpy(A)
         B = torch.from_numpy(B) if B is not None else torch.zeros(layer.out_features, r)

@@ -221,14 +221,21 @@ def load_file(path) -> AdapterState:
     return from_arrays(arrays, scales)
 
 
-def seeded_A(seed: int, name: str, r: int, in_features: int) -> torch.Tensor:
+def seeded_A(seed: int, name: str, r: int, in_features: int, a_rank: int | None = None) -> torch.Tensor:
     """A LoRA ``A`` (r x in) drawn from ``seed`` and the module name alone, Kaiming-uniform as PEFT's default
-    (bound 1/sqrt(in)): every party that knows the seed gets the same A without sending it."""
+    (bound 1/sqrt(in)): every party that knows the seed gets the same A without sending it.
+
+    Nested: the matrix is drawn at rank ``R = max(r, a_rank)`` and cut to its first r rows, so parties of
+    different ranks that share a seed hold prefixes of ONE matrix (a rank-4 A is the first 4 rows of the rank-16
+    A), and padded or truncated averages of their factors compare like with like. Row i never depends on R
+    (the generator fills the R x in draw row by row), so ``a_rank`` <= r gives exactly the A drawn at rank r."""
     import zlib
 
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     bound = 1.0 / float(in_features) ** 0.5
-    return (torch.rand(r, in_features, generator=g) * 2 - 1) * bound
+    R = max(int(r), int(a_rank or 0))
+    A = (torch.rand(R, in_features, generator=g) * 2 - 1) * bound
+    return A if R == r else A[:r].clone()
 
 
 def save_peft(model, state: AdapterState, path, adapter_name: str = "default") -> None:

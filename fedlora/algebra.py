@@ -6,8 +6,9 @@ Conventions (see ``shared/ALGORITHMS.md``): a client's update of weight W (out m
 modules and extra keys) and ``weights`` (example counts or any non-negative numbers; normalised here).
 
 Nothing here forms an m x n matrix unless its name or a ``dense`` flag says so: low-rank paths work on the
-factors and on small r x r Gram matrices. Equations are written out in each docstring; equation numbers of the
-papers are not quoted (the formulas are).
+factors and on small r x r Gram matrices. LoRA-FAIR's solvers are in :mod:`fedlora.fair_solvers`; how far a
+served product is from dW* (the strategies' diagnostics) in :mod:`fedlora.diagnostics`. Equations are written
+out in each docstring; equation numbers of the papers are not quoted (the formulas are).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from collections.abc import Sequence
 
 import torch
 
+from . import fair_solvers
 from .adapters import AdapterState, LoraFactors
 
 __all__ = [
     "normalize", "ideal_update", "effective_update", "fedit", "flora_stack", "dense_or_stacked_bytes",
     "ffa_average", "lora_fair", "lora_fair_dense", "flexlora", "flexlora_global", "svd_of_sum", "hetlora",
-    "truncate",
+    "truncate", "numerical_rank",
 ]
 
 
@@ -228,115 +230,81 @@ def _ideal_sq_norm(fs, p) -> float:
     return float(((B_s.T @ B_s) * (A_s @ A_s.T)).sum())
 
 
-def _lbfgs(loss_fn, x0: torch.Tensor, steps: int) -> torch.Tensor:
-    """Minimise loss_fn from x0 with L-BFGS (strong-Wolfe line search, at most ``steps`` iterations)."""
-    x = x0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=steps, max_eval=2 * steps, history_size=20,
-                            tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(x)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return x.detach()
+#: iterations of the iterative LoRA-FAIR solvers when not given: SGD steps (third-party re-implementations of
+#: the paper use 1,000 steps at lr 1e-2) and L-BFGS iterations
+FAIR_STEPS = {"sgd": 1000, "cosine": 200}
+FAIR_SOLVERS = ("sgd", "cosine", "closed_form")
+FAIR_PENALTIES = ("norm", "squared")
 
 
-def _cosine_dB(Bbar, G, C, w_norm: float, lam: float, steps: int) -> torch.Tensor:
-    """The cosine refinement of one module, solved in a 2r-dimensional column space (r x r work per step).
-
-    f(D) = -<X, G> / (sqrt(<X^T X, C>) ||dW*||) + lam ||D||_F with X = B_bar + D (Gram identities: see
-    :func:`lora_fair`). Stationarity, -a G + b X C + mu D = 0 (a, b, mu scalars), gives
-    D = (a G - b B_bar C)(b C + mu I)^{-1}: the minimiser's columns lie in span[G, B_bar]. So D = c Q E with
-    Q an orthonormal basis of that span (QR of [G B_bar], m x 2r) and c = ||B_bar||_F (E is O(1)):
-        <X, G> = <B_bar, G> + c <E, Q^T G>,   X^T X = B_bar^T B_bar + S + S^T + c^2 E^T E,  S = c (Q^T B_bar)^T E,
-        ||D||_F = c ||E||_F.
-    """
-    c = torch.linalg.vector_norm(Bbar)
-    Q, _ = torch.linalg.qr(torch.cat([G, Bbar], dim=1))
-    QG, QB = Q.T @ G, Q.T @ Bbar
-    BG, BB = (Bbar * G).sum(), Bbar.T @ Bbar
-
-    def loss(E):
-        Z = c * E
-        S = QB.T @ Z
-        q = ((BB + S + S.T + Z.T @ Z) * C).sum().clamp_min(0).sqrt()
-        return -(BG + (Z * QG).sum()) / (q * w_norm) + lam * torch.linalg.vector_norm(Z)
-
-    E = _lbfgs(loss, G.new_zeros(Q.shape[1], Bbar.shape[1]), steps)
-    return Q @ (c * E)
-
-
-def _closed_form_dB(G, Bbar, C, scale, lam, dtype):
-    """(G/s - B_bar C)(C + lam I)^{-1}, an r x r solve in ``dtype``."""
-    Gd, Bd, Cd = G.to(dtype), Bbar.to(dtype), C.to(dtype)
-    rhs = Gd / scale - Bd @ Cd  # (dW*/s - B_bar A_bar) A_bar^T, m x r
-    M = Cd + lam * torch.eye(C.shape[0], dtype=dtype, device=C.device)
-    return torch.linalg.solve(M, rhs.T).T  # M symmetric: rhs M^{-1} = (M^{-1} rhs^T)^T
-
-
-def _fair_common(states, weights):
+def _fair_common(states, weights, solver: str = "closed_form", penalty: str = "norm"):
+    if solver not in FAIR_SOLVERS:
+        raise ValueError(f"unknown LoRA-FAIR solver {solver!r} (expected one of {', '.join(FAIR_SOLVERS)})")
+    if penalty not in FAIR_PENALTIES:
+        raise ValueError(f"unknown LoRA-FAIR penalty {penalty!r} (expected 'norm' or 'squared')")
     p = _check(states, weights)
     _equal_rank_and_scale(states, "LoRA-FAIR")
     return p, fedit(states, p)
 
 
 def lora_fair(states: Sequence[AdapterState], weights: Sequence[float], lam: float = 0.01,
-              solver: str = "cosine", steps: int = 100,
+              solver: str = "sgd", steps: int | None = None, lr: float = 0.01, penalty: str = "norm",
               solve_dtype: torch.dtype = torch.float64) -> AdapterState:
     """LoRA-FAIR (Bian et al., ICCV 2025): FedIT averages plus a server correction dB of B_bar.
 
     Clients restart from (A_bar, B_bar + dB); A_bar, scale and extra are FedIT's. Scale: all clients share s
     (checked); the served product is s (B_bar + dB) A_bar, so the target in B's units is dW*/s, and dB and lam
-    are in B's units whatever alpha is.
-
-    ``solver="cosine"`` (the paper's server-side refinement problem):
-        dB = argmin_dB  -cos(vec((B_bar + dB) A_bar), vec(dW*)) + lam ||dB||_F        (the cosine is scale-free)
-    without any m x n matrix: with X = B_bar + dB, C = A_bar A_bar^T (r x r) and G = dW* A_bar^T (m x r),
+    are in B's units whatever alpha is. The paper's server-side refinement problem is
+        dB = argmin_dB  1 - cos(vec((B_bar + dB) A_bar), vec(dW*)) + lam ||dB||_F        (the cosine is scale-free)
+    and it is solved without any m x n matrix: with X = B_bar + dB, C = A_bar A_bar^T (r x r), G = dW* A_bar^T
+    (m x r),
         <X A_bar, dW*>  = sum_k p_k s_k tr(A_bar^T X^T B_k A_k) = sum_k p_k s_k tr((X^T B_k)(A_k A_bar^T)) = <X, G>
         ||X A_bar||_F^2 = tr(A_bar^T X^T X A_bar) = <X^T X, C>
         ||dW*||_F^2     = sum_{k,l} p_k p_l s_k s_l tr((B_k^T B_l)(A_l A_k^T)) = <B_s^T B_s, A_s A_s^T>
-    G costs r r_k (m+n) per client, ||dW*|| (sum r_k)^2 (m+n) once per module. The minimiser lies in
-    span[G, B_bar] (:func:`_cosine_dB`), so each module is solved by autograd + L-BFGS (at most ``steps``
-    iterations, strong-Wolfe line search, deterministic, from dB = 0) over 2r x r coordinates in ``solve_dtype``.
-    Modules with dW* = 0 or B_bar = 0 (cosine undefined) are left uncorrected.
+    G costs r r_k (m+n) per client, ||dW*|| (sum r_k)^2 (m+n) once per module.
+
+    ``solver="sgd"`` (default; the paper's procedure): ``steps`` (default 1000) plain SGD steps of size ``lr``
+    from dB = 0 (:func:`fedlora.fair_solvers.sgd_dB`); ``penalty="squared"`` uses lam ||dB||_F^2 instead of
+    lam ||dB||_F. ``solver="cosine"``: the exact minimiser of the same objective, by autograd + L-BFGS (at most
+    ``steps`` iterations, default 200, strong-Wolfe line search) in span[G, B_bar]
+    (:func:`fedlora.fair_solvers.cosine_dB`). With the non-squared norm it is dB = 0 whenever ||grad of cos at 0|| <= lam: then LoRA-FAIR equals FedIT.
+    Both: modules with dW* = 0 or B_bar = 0 (cosine undefined) are left uncorrected; solved in ``solve_dtype``.
 
     ``solver="closed_form"`` (squared-error variant, ALGORITHMS.md):
         dB = argmin ||dW*/s - (B_bar + dB) A_bar||_F^2 + lam ||dB||_F^2 = (G/s - B_bar C)(C + lam I)^{-1},
     an r x r solve in ``solve_dtype``; G is accumulated in the input dtype.
     """
-    if solver not in ("cosine", "closed_form"):
-        raise ValueError(f"unknown LoRA-FAIR solver {solver!r} (expected 'cosine' or 'closed_form')")
-    p, base = _fair_common(states, weights)
+    p, base = _fair_common(states, weights, solver, penalty)
+    steps = FAIR_STEPS.get(solver, 0) if steps is None else int(steps)
     for name, g in base.lora.items():
         fs = [st.lora[name] for st in states]
         G = _projected_ideal(fs, p, g.A)
+        C = g.A @ g.A.T
         if solver == "closed_form":
-            dB = _closed_form_dB(G, g.B, g.A @ g.A.T, g.scale, lam, solve_dtype)
+            dB = fair_solvers.closed_form_dB(G, g.B, C, g.scale, lam, solve_dtype)
         else:
             w_norm = math.sqrt(_ideal_sq_norm(fs, p))
             if w_norm == 0 or not bool(g.B.any()):
                 continue  # cosine undefined (dW* = 0 or B_bar = 0): no correction for this module
-            dB = _cosine_dB(g.B.to(solve_dtype), G.to(solve_dtype), (g.A @ g.A.T).to(solve_dtype), w_norm, lam,
-                            steps)
+            args = (g.B.to(solve_dtype), G.to(solve_dtype), C.to(solve_dtype), w_norm, lam, steps)
+            dB = fair_solvers.sgd_dB(*args, lr, penalty) if solver == "sgd" else fair_solvers.cosine_dB(*args)
         g.B = g.B + dB.to(g.B.dtype)
     return base
 
 
 def lora_fair_dense(states: Sequence[AdapterState], weights: Sequence[float], lam: float = 0.01,
-                    solver: str = "closed_form", steps: int = 100,
-                    dtype: torch.dtype = torch.float64) -> AdapterState:
+                    solver: str = "closed_form", steps: int | None = None, lr: float = 0.01,
+                    penalty: str = "norm", dtype: torch.dtype = torch.float64) -> AdapterState:
     """Dense reference for :func:`lora_fair` (tests and benchmark): forms dW* (m x n) per module in ``dtype``.
 
     closed_form: dB = (dW*/s - B_bar A_bar) A_bar^T (A_bar A_bar^T + lam I)^{-1} with the dense residual.
     cosine: L-BFGS (same settings) over the full m x r matrix dB = ||B_bar||_F E, on
     -cos(vec((B_bar + dB) A_bar), vec(dW*)) + lam ||dB||_F computed from the dense matrices by autograd.
+    sgd: torch.optim.SGD (step ``lr``) on the full m x r dB from 0, the same loss (1 - cos, ``penalty``) by
+    autograd: the paper's procedure, written as its re-implementations write it.
     """
-    if solver not in ("cosine", "closed_form"):
-        raise ValueError(f"unknown LoRA-FAIR solver {solver!r} (expected 'cosine' or 'closed_form')")
-    p, base = _fair_common(states, weights)
+    p, base = _fair_common(states, weights, solver, penalty)
+    steps = FAIR_STEPS.get(solver, 0) if steps is None else int(steps)
     for name, g in base.lora.items():
         W = _dense_ideal([st.lora[name] for st in states], p, dtype)  # one module's m x n at a time
         A, Bbar = g.A.to(dtype), g.B.to(dtype)
@@ -348,13 +316,8 @@ def lora_fair_dense(states: Sequence[AdapterState], weights: Sequence[float], la
             w_norm, c = torch.linalg.vector_norm(W), torch.linalg.vector_norm(Bbar)
             if w_norm == 0 or c == 0:
                 continue
-
-            def loss(E, W=W, A=A, Bbar=Bbar, w_norm=w_norm, c=c):
-                P = ((Bbar + c * E) @ A).reshape(-1)
-                return (-(P @ W.reshape(-1)) / (torch.linalg.vector_norm(P) * w_norm)
-                        + lam * c * torch.linalg.vector_norm(E))
-
-            dB = c * _lbfgs(loss, torch.zeros_like(Bbar), steps)
+            dB = (fair_solvers.dense_sgd(W, A, Bbar, lam, steps, lr, penalty) if solver == "sgd"
+                  else fair_solvers.dense_cosine(W, A, Bbar, w_norm, c, lam, steps))
         g.B = g.B + dB.to(g.B.dtype)
     return base
 
@@ -480,3 +443,10 @@ def truncate(global_state: AdapterState, rank: int, scale: float) -> AdapterStat
                              f"(aggregate with hetlora(..., ranks=[..., {rank}]))")
         lora[name] = LoraFactors(f.A[:rank].clone(), f.B[:, :rank] * (f.scale / scale), float(scale))
     return AdapterState(lora, {k: v.clone() for k, v in global_state.extra.items()})
+
+
+def numerical_rank(S: torch.Tensor, rtol: float = 1e-10) -> int:
+    """The number of singular values above ``rtol`` times the largest (0 for a zero matrix)."""
+    if S.numel() == 0 or not bool(S[0] > 0):
+        return 0
+    return int((S > S[0] * rtol).sum())

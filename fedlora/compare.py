@@ -1,16 +1,21 @@
-"""``fedlora compare``: several strategies on identical partitions, seeds, model and budget, then one table
-(``comparison.csv``, ``comparison.md``) and two plots (``accuracy_vs_round.png``, ``accuracy_vs_bytes.png``).
+"""``fedlora compare``: several strategies on identical partitions, seeds, model and budget, over one or more
+seeds, then tables (``comparison.md``, ``comparison.csv``, ``comparison_seeds.csv``) and two plots
+(``accuracy_vs_round.png``, ``accuracy_vs_bytes.png``).
 
-  fedlora compare strategies=[fedit,flora,ffa_lora,lora_fair] [run overrides] [target=0.8]
+  fedlora compare strategies=[fedit,flora,ffa_lora,lora_fair] seeds=[0,1,2] [run overrides] [target=0.8]
   fedlora compare preset=heterogeneous
 
-:func:`compare` is a plain loop over the runs; every run goes through the same pre-flight as ``fedlora run``
-before the first one starts. Tables and plots are :mod:`fedlora.report`'s.
+:func:`compare` is a plain loop over the runs (for each seed: every strategy, then the centralised ceiling);
+every run goes through the same pre-flight as ``fedlora run`` before the first one starts. Within a seed every
+strategy gets the same config but for ``strategy=``, so the same partitions, initial adapter and client sampling
+(all drawn from ``seed``). Tables, verdicts and plots are :mod:`fedlora.report`'s and :mod:`fedlora.verdicts`'.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -18,23 +23,40 @@ from . import config, preflight, report
 from .config import ConfigError
 from .simulation import quiet_libraries, simulate
 
-HELP = """usage: fedlora compare [strategies=[a,b,...]] [target=ACC] [-v] [run overrides...]
+HELP = """usage: fedlora compare [strategies=[a,b,...]] [seeds=[0,1,2]] [baseline=NAME] [target=ACC] [-v]
+                       [run overrides...]
 
-Run several strategies one after the other on identical partitions, seeds, model and budget, then write
-  OUT/<strategy>/            each run's directory (as `fedlora run` writes it)
-  OUT/comparison.md, .csv    one row per strategy: final and best accuracy, rounds to the target accuracy,
-                             bytes up and down, wall time; a strategy refused for this setting is a
-                             "not run: <reason>" row
-  OUT/accuracy_vs_round.png, accuracy_vs_bytes.png
+Run several strategies one after the other on identical partitions, initial weights, model and budget, once per
+seed, then write
+  OUT/<strategy>/            each run's directory (as `fedlora run` writes it), with one seed;
+  OUT/seed_<s>/<strategy>/   with several seeds
+  OUT/.../centralised/       the same model and adapter trained on the pooled client data (a ceiling), when
+                             compare.centralised is true or strategies= lists centralised: one optimizer for the
+                             whole budget, its lr chosen from centralised.lr_grid by validation accuracy on the
+                             first seed and reused for the later seeds
+  OUT/comparison.md, .csv    one row per strategy: final test accuracy, test accuracy at the best validation
+                             round (best test accuracy when runs have no validation split), rounds to the target,
+                             bytes up and down, wall time: mean ± sample sd (n-1) over seeds (plain values with
+                             one seed); final accuracy minus the baseline's, paired by seed: mean and min..max,
+                             and a verdict (better / worse / within seed noise: 2-4 seeds by the sign of every
+                             seed's difference, >= 5 seeds by a paired t-test at 5%); the difference to the
+                             centralised row; a strategy refused for this setting is a "not run: <reason>" row
+  OUT/comparison_seeds.csv   one row per (seed, strategy)
+  OUT/accuracy_vs_round.png, accuracy_vs_bytes.png    one line per strategy, a band of ± one sd over seeds
 
   strategies=[a,b,...]   strategies to compare (default: compare.strategies in the config:
                          fedit, flora, ffa_lora, lora_fair; preset=heterogeneous picks its own)
+  seeds=[0,1,2]          seeds to run every strategy with; seeds=N means [0..N-1] (default: compare.seeds, or
+                         when that is null the config's seed alone); replaces seed=
+  baseline=NAME          the strategy the others are paired against (default: compare.baseline, fedit, or the
+                         first strategy when that one is not compared)
   target=ACC             accuracy for the "rounds to target" column (default: compare.target_accuracy)
   out_dir=OUT            where to write (default: runs/<timestamp>-compare); must not hold these runs already
+  compare.centralised=false    leave out the centralised row
   -v, --verbose          Flower's and Ray's logs too
   run overrides          anything `fedlora run` takes, applied to every run (model=, data=, num_rounds=, ...)
 
-example: fedlora compare strategies=[fedit,ffa_lora] model=tiny_llama num_rounds=3 num_clients=4
+example: fedlora compare strategies=[fedit,ffa_lora] seeds=3 model=tiny_llama num_rounds=3 num_clients=4
 """
 
 
@@ -50,51 +72,147 @@ def _parse_list(text: str) -> list[str]:
     return [s.strip() for s in text.strip("[]").split(",") if s.strip()]
 
 
-def describe(base) -> str:
+def parse_seeds(value, default_seed: int) -> list[int]:
+    """``seeds=`` (or ``compare.seeds``): a list of integers, or a count N meaning [0..N-1]; None: the config's
+    seed alone."""
+    if value is None:
+        return [int(default_seed)]
+    items = _parse_list(value) if isinstance(value, str) and value.strip().startswith("[") else value
+    try:
+        if isinstance(items, (str, int)):
+            n = int(items)
+            if n < 1:
+                raise ValueError
+            return list(range(n))
+        seeds = [int(s) for s in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"seeds={value} is not a list of integers or a count: write e.g. seeds=[0,1,2] "
+                          "or seeds=3.") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={value} is empty or repeats a seed: list each seed once, e.g. seeds=[0,1,2].")
+    return seeds
+
+
+def pick_baseline(requested: str | None, names: list[str], configured: str | None) -> str | None:
+    """The strategy every other one is paired against: ``requested`` (``baseline=``), which must be compared;
+    else ``configured`` (``compare.baseline``) when compared, else the first strategy."""
+    strategies = [n for n in names if n != report.CENTRALISED]
+    if requested == report.CENTRALISED:
+        raise ConfigError("baseline=centralised is a ceiling, not a baseline: choose one of the compared "
+                          f"strategies ({', '.join(strategies)}).")
+    if requested is not None and requested not in strategies:
+        raise ConfigError(f"baseline={requested} is not among the compared strategies: choose one of "
+                          f"{', '.join(strategies)} or add it to strategies=[...].")
+    if requested is not None:
+        return requested
+    return configured if configured in strategies else (strategies[0] if strategies else None)
+
+
+def describe(base, seeds: list[int] | None = None) -> str:
     """One sentence on the setting every strategy shares (the head of ``comparison.md``)."""
+    seeds = seeds or [int(base.seed)]
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
     return (f"{base.model.name} on {base.data.name}, {base.num_clients} clients, partitioner "
-            f"{base.partitioner.name}, {base.num_rounds} rounds, seed {base.seed}.")
+            f"{base.partitioner.name}, {base.num_rounds} rounds, {seed_text}.")
+
+
+def run_dir_of(out: Path, seed: int, name: str, multi: bool) -> Path:
+    """``out/<name>`` with one seed, ``out/seed_<seed>/<name>`` with several."""
+    return Path(out) / f"seed_{seed}" / name if multi else Path(out) / name
+
+
+def run_config(base_overrides: list[str], name: str, seed: int, run_dir: Path):
+    """The config of one run of a comparison: the shared overrides, then the strategy, seed and directory (the
+    centralised run keeps the shared config's strategy, which it does not use)."""
+    extra = [] if name == report.CENTRALISED else [f"strategy={name}"]
+    return config.load(list(base_overrides) + extra + [f"seed={seed}", f"out_dir={run_dir}"])
+
+
+def _centralised_module():
+    """:mod:`fedlora.centralised`, looked up when used (a test may stand a fake in)."""
+    return importlib.import_module("fedlora.centralised")
+
+
+def centralised_runner():
+    """:func:`fedlora.centralised.run` (``run(cfg, run_dir, echo=print, lr_grid=None) -> summary``)."""
+    return _centralised_module().run
+
+
+def _check_centralised(cfg) -> None:
+    """The centralised run's own pre-flight (``check(cfg)``: its learning-rate grid), where it has one."""
+    check = getattr(_centralised_module(), "check", None)
+    if check is not None:
+        check(cfg)
+
+
+def _plan(base_overrides, names, seeds, out, with_ceiling) -> list[tuple]:
+    """Every run's (seed, name, run_dir, config, refusal), after each seed's shared setting, each run directory
+    and each strategy's config passed the pre-flight (a strategy refused for this setting gets its refusal)."""
+    multi, plan = len(seeds) > 1, []
+    for seed in seeds:
+        preflight.check_setting(config.load(list(base_overrides) + [f"seed={seed}"]))
+        for n in names + ([report.CENTRALISED] if with_ceiling else []):
+            d = run_dir_of(out, seed, n, multi)
+            report.check_fresh(d)
+            try:
+                cfg = run_config(base_overrides, n, seed, d)
+                if n == report.CENTRALISED:
+                    _check_centralised(cfg)
+                else:
+                    preflight.check(cfg)
+                plan.append((seed, n, d, cfg, None))
+            except ConfigError as e:
+                plan.append((seed, n, d, None, e))
+    return plan
 
 
 def compare(base_overrides: list[str], names: list[str], target: float, out: Path, verbose: bool = False,
-            echo=print) -> list[dict]:
-    """Run each strategy of ``names`` on the setting ``base_overrides`` describe, one after the other, into
-    ``out/<name>``; returns one row per strategy (:data:`fedlora.report.COLUMNS`), in the order of ``names``.
+            echo=print, seeds: list[int] | None = None, centralised: bool | None = None) -> list[dict]:
+    """For each seed of ``seeds`` (default: the config's seed), run each strategy of ``names`` on the setting
+    ``base_overrides`` describe, one after the other, into :func:`run_dir_of`, then (``centralised``, default:
+    ``compare.centralised`` or ``centralised`` in ``names``) the centralised ceiling. Returns one row per
+    (seed, run) (:data:`fedlora.report.COLUMNS`, ``run_dir`` relative to ``out``), seed by seed.
 
-    Before anything starts: the shared setting is checked (an unknown strategy, unusable data or a run directory
-    that already holds a run raise :class:`~fedlora.config.ConfigError`), then each strategy's config goes
-    through :func:`fedlora.preflight.check`; a strategy refused for this setting (e.g. a single-rank method in a
-    mixed-rank preset) becomes a ``not run: <reason>`` row. A run that fails raises RuntimeError."""
+    Before anything starts: the shared setting is checked for every seed (an unknown strategy, unusable data or
+    a run directory that already holds a run raise :class:`~fedlora.config.ConfigError`), then each run's config
+    goes through :func:`fedlora.preflight.check`; a strategy refused for this setting (e.g. a single-rank method
+    in a mixed-rank preset) becomes a ``not run: <reason>`` row. A run that fails raises RuntimeError."""
     base_overrides, out = list(base_overrides), Path(out).resolve()
     base = config.load(base_overrides)
+    seeds = list(seeds) if seeds is not None else parse_seeds(base.compare.get("seeds"), base.seed)
+    with_ceiling = bool(base.compare.get("centralised")) if centralised is None else centralised
+    with_ceiling = with_ceiling or report.CENTRALISED in names
+    names = [n for n in names if n != report.CENTRALISED]
     for n in names:
         if n not in config.group_options("strategy"):
             raise ConfigError(f"unknown strategy '{n}' in strategies=[...]: "
-                              f"choose from {', '.join(config.group_options('strategy'))}.")
-    preflight.check_setting(base)
-    for n in names:
-        report.check_fresh(out / n)
-    plan = []  # (name, config, refusal)
-    for n in names:
-        try:
-            cfg = config.load(base_overrides + [f"strategy={n}", f"out_dir={out / n}"])
-            preflight.check(cfg)
-            plan.append((n, cfg, None))
-        except ConfigError as e:
-            plan.append((n, None, e))
+                              f"choose from {', '.join(config.group_options('strategy'))} (or centralised).")
+    plan = _plan(base_overrides, names, seeds, out, with_ceiling)
     out.mkdir(parents=True, exist_ok=True)
-    echo(f"fedlora compare: {', '.join(names)} on {base.model.name}/{base.data.name}, {base.num_clients} clients, "
-         f"{base.num_rounds} rounds -> {out}", flush=True)
-    rows = []
-    for n, cfg, refusal in plan:
-        if refusal is not None:
-            rows.append(report.not_run_row(n, refusal))
-            echo(f"-- {n}: not run ({refusal})", flush=True)
-            continue
-        echo(f"-- {n}", flush=True)
-        simulate(cfg, out / n, verbose)
-        rows.append(report.summarise(n, out / n, target))
+    echo(f"fedlora compare: {', '.join(names)}{' + centralised' if with_ceiling else ''} on {base.model.name}/"
+         f"{base.data.name}, {base.num_clients} clients, {base.num_rounds} rounds, seeds {seeds} -> {out}", flush=True)
+    rows, lr = [], None
+    for seed, n, d, cfg, refusal in plan:
+        rows.append(_one(seed, n, d, cfg, refusal, out, target, verbose, echo, lr))
+        if n == report.CENTRALISED and lr is None and not rows[-1]["note"].startswith("not run"):
+            lr = json.loads((d / "summary.json").read_text()).get("lr")
     return rows
+
+
+def _one(seed, name, run_dir, cfg, refusal, out, target, verbose, echo, lr=None) -> dict:
+    """Run one planned run (or record its refusal) and return its row. ``lr``: the centralised run's learning
+    rate when an earlier seed already chose it from the grid (the grid is searched on the first seed only)."""
+    label = f"seed {seed}, {name}"
+    if refusal is not None:
+        echo(f"-- {label}: not run ({refusal})", flush=True)
+        return report.not_run_row(name, refusal) | {"seed": seed}
+    echo(f"-- {label}", flush=True)
+    if name == report.CENTRALISED:
+        centralised_runner()(cfg, run_dir, echo=echo, lr_grid=None if lr is None else [lr])
+    else:
+        simulate(cfg, run_dir, verbose)
+    row = report.summarise(name, run_dir, target)
+    return row | {"seed": seed, "run_dir": str(run_dir.relative_to(out))}
 
 
 def cmd_compare(argv: list[str]) -> int:
@@ -105,18 +223,19 @@ def cmd_compare(argv: list[str]) -> int:
     verbose = any(a in ("-v", "--verbose") for a in argv)
     argv = [a for a in argv if a not in ("-v", "--verbose")]
     quiet_libraries(verbose)
-    names = _pop(argv, "strategies")
-    target = _pop(argv, "target")
+    names, target = _pop(argv, "strategies"), _pop(argv, "target")
+    seeds, baseline = _pop(argv, "seeds"), _pop(argv, "baseline")
     base = config.load(argv)
     names = _parse_list(names) if names else list(base.compare.strategies)
     target = float(target) if target else float(base.compare.target_accuracy)
+    seeds = parse_seeds(seeds if seeds is not None else base.compare.get("seeds"), base.seed)
+    baseline = pick_baseline(baseline, names, base.compare.get("baseline"))
     out = Path(base.out_dir) if base.out_dir else Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-compare"
     out = out.resolve()
-    rows = compare(argv, names, target, out, verbose)
-    runs = {r["strategy"]: out / r["strategy"] for r in rows if not r["note"]}  # the runs that finished
-    table = report.write_comparison(out, rows, target, describe(base), runs)
-    print("\n" + table + f"\n\nwritten: {out}/comparison.md, comparison.csv, accuracy_vs_round.png, "
-          "accuracy_vs_bytes.png")
+    rows = compare(argv, names, target, out, verbose, seeds=seeds)
+    table = report.write_comparison(out, rows, target, describe(base, seeds), baseline)
+    print("\n" + table + f"\n\nwritten: {out}/comparison.md, comparison.csv, comparison_seeds.csv, "
+          "accuracy_vs_round.png, accuracy_vs_bytes.png")
     return 0
 
 

@@ -4,6 +4,8 @@ flwr-datasets partitioners, and turn examples into model inputs.
 Every dataset becomes a pair of ``datasets.Dataset`` (train, test) with either
 - ``text`` and ``label`` columns (classification), or
 - ``prompt`` and ``response`` columns (instruction data for causal LMs).
+A seeded validation split is carved from the training rows (:func:`split`): the server evaluates on it every
+round (tuning, early stop, "best"); clients are partitioned from the remaining rows only and never see it.
 Problems with the data are :class:`DataError` (one sentence, exit 2 in the CLI).
 """
 
@@ -185,6 +187,81 @@ def _load(data_cfg):
 
 
 # ----------------------------------------------------------------------------------------------
+# The validation split: carved from the training rows, seeded, never given to a client
+# ----------------------------------------------------------------------------------------------
+VALIDATION_FRACTION, VALIDATION_MAX = 0.05, 2000
+VALIDATION_SALT = 0x5A11D  # its draw is independent of every other draw seeded by ``seed``
+
+
+def validation_count(spec, n: int) -> int:
+    """Rows of the validation split for ``data.validation_size=spec`` and ``n`` training rows: null gives
+    min(5% of n, 2,000); a fraction in (0, 1) gives that share of n (rounded); an integer >= 1 gives that many
+    rows; 0 turns it off. Anything else, or a split that leaves no training rows, is a :class:`DataError`."""
+    if spec is None or spec == "null":
+        return min(int(round(VALIDATION_FRACTION * n)), VALIDATION_MAX)
+    ok = isinstance(spec, (int, float)) and not isinstance(spec, bool) and spec >= 0
+    if ok and 0 < spec < 1:
+        k = int(round(float(spec) * n))
+    elif ok and float(spec) == int(spec):
+        k = int(spec)
+    else:
+        raise DataError(f"data.validation_size={spec!r} must be a fraction in (0, 1), a row count, 0 (off) or null "
+                        f"(min(5% of the training rows, {VALIDATION_MAX})).")
+    if k >= n:
+        raise DataError(f"data.validation_size={spec} takes {k} of the {n} training rows and leaves none to train "
+                        "on: use a smaller validation_size.")
+    return k
+
+
+def validation_indices(cfg):
+    """Indices, into the training split of :func:`load`, of the validation rows (sorted): drawn with ``seed``."""
+    from omegaconf import OmegaConf
+
+    return _indices_cached(OmegaConf.to_yaml(cfg.data, resolve=True), int(cfg.seed))[1]
+
+
+@functools.lru_cache(maxsize=4)
+def _indices_cached(data_yaml: str, seed: int):
+    """(training indices, validation indices) into the loaded training split, both sorted numpy arrays."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    n = len(_load_cached(data_yaml)[0])
+    k = validation_count(OmegaConf.create(data_yaml).get("validation_size"), n)
+    val = np.sort(np.random.default_rng([seed, VALIDATION_SALT]).permutation(n)[:k])
+    keep = np.ones(n, dtype=bool)
+    keep[val] = False
+    return np.flatnonzero(keep), val
+
+
+@functools.lru_cache(maxsize=4)
+def _split_cached(data_yaml: str, seed: int):
+    """(training rows, validation, test) for :func:`split`, built once per (data config, seed)."""
+    train, test = _load_cached(data_yaml)
+    rows, val = _indices_cached(data_yaml, seed)
+    if len(val) == 0:
+        return train, train.select([]), test
+    return train.select(rows.tolist()), train.select(val.tolist()), test
+
+
+def split(cfg):
+    """(training rows, validation, test) as ``datasets.Dataset``, cached per process like :func:`load`.
+
+    Validation: ``data.validation_size`` rows drawn with ``seed`` from the training split (:func:`validation_count`;
+    default min(5%, 2,000)), for tuning, early stopping and picking the best round. Training rows: the rest, all
+    that :func:`partition` deals to clients. Test: the held-out split of :func:`load` (SST-2: the GLUE dev set),
+    reported only."""
+    from omegaconf import OmegaConf
+
+    return _split_cached(OmegaConf.to_yaml(cfg.data, resolve=True), int(cfg.seed))
+
+
+def validation(cfg):
+    """The validation split of :func:`split`."""
+    return split(cfg)[1]
+
+
+# ----------------------------------------------------------------------------------------------
 # Partitioning (flwr-datasets)
 # ----------------------------------------------------------------------------------------------
 def make_partitioner(part_cfg, num_partitions: int, seed: int, label_column: str = "label"):
@@ -250,26 +327,28 @@ class LabelSkewPartitioner:
 def _partitions_cached(data_yaml: str, part_yaml: str, num_partitions: int, seed: int):
     from omegaconf import OmegaConf
 
-    train, _ = _load_cached(data_yaml)
+    train, _, _ = _split_cached(data_yaml, seed)  # the validation rows never reach a client
     part = make_partitioner(OmegaConf.create(part_yaml), num_partitions, seed)
     part.dataset = train
     return part
 
 
 def partition(cfg, partition_id: int):
-    """Client ``partition_id``'s training examples (same for every strategy given the same seed)."""
+    """Client ``partition_id``'s training examples (same for every strategy given the same seed), dealt from the
+    training rows of :func:`split`: the validation split is left out."""
     from omegaconf import OmegaConf
 
     data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
-    _load_cached(data_yaml)
+    _split_cached(data_yaml, int(cfg.seed))
     part_yaml = OmegaConf.to_yaml(cfg.partitioner, resolve=True)
     part = _partitions_cached(data_yaml, part_yaml, int(cfg.num_clients), int(cfg.seed))
     return part.load_partition(partition_id)
 
 
 def check_partitions(cfg) -> list[int]:
-    """Load data and partitions up front; return partition sizes. Raises DataError with one sentence."""
-    train, test = load(cfg.data)
+    """Load data, the validation split and partitions up front; return partition sizes. Raises DataError with one
+    sentence."""
+    train, _, _ = split(cfg)
     if len(train) < cfg.num_clients:
         raise ConfigError(f"num_clients={cfg.num_clients} is more than the {len(train)} training examples: "
                           "use fewer clients.")

@@ -65,6 +65,22 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def best_by_validation(rows: list[dict]) -> dict:
+    """The round a user would pick without looking at the test split: the highest ``val_accuracy`` (round 0, the
+    starting model, included; ties: the earliest round), or, without accuracy (instruction data), the lowest
+    ``val_loss``. Returns ``best_val_accuracy``, ``best_round`` and ``test_at_best_val`` (that round's test
+    ``eval_accuracy``); all None when no row has a validation figure."""
+    if any("val_accuracy" in r for r in rows):
+        cands = [r for r in rows if "val_accuracy" in r]
+        best = min(cands, key=lambda r: (-r["val_accuracy"], r["round"]))
+    elif any("val_loss" in r for r in rows):
+        best = min((r for r in rows if "val_loss" in r), key=lambda r: (r["val_loss"], r["round"]))
+    else:
+        return {"best_val_accuracy": None, "best_round": None, "test_at_best_val": None}
+    return {"best_val_accuracy": best.get("val_accuracy"), "best_round": best["round"],
+            "test_at_best_val": best.get("eval_accuracy")}
+
+
 class Recorder:
     """Owns a run directory: ``config.yaml``, ``metrics.jsonl``, ``audit/``, ``adapter/``, ``summary.json``."""
 
@@ -95,12 +111,15 @@ class Recorder:
         return d
 
     def summary(self, extra: dict) -> dict:
+        """``summary.json``: final and best test figures, the round chosen on validation (:func:`best_by_validation`),
+        total bytes and wall time, then ``extra``."""
         evals = [r for r in self.rows if "eval_accuracy" in r]
         s = {
             "rounds": len([r for r in self.rows if r.get("round", 0) > 0]),
             "final_eval_loss": self.rows[-1].get("eval_loss") if self.rows else None,
             "final_eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
             "best_eval_accuracy": max((r["eval_accuracy"] for r in evals), default=None),
+            **best_by_validation(self.rows),
             "bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),
             "bytes_down": sum(r.get("bytes_down", 0) for r in self.rows),
             "wall_s": time.time() - self.t0,
@@ -116,10 +135,24 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Comparisons (``fedlora compare``): one row per strategy, a table (markdown, csv) and two plots
+# Comparisons (``fedlora compare``): one row per (seed, strategy), aggregated over seeds into one row per
+# strategy (mean ± sample sd, paired differences against a baseline, a verdict), tables (markdown, csv), plots
 # ----------------------------------------------------------------------------------------------
-COLUMNS = ["strategy", "final_accuracy", "best_accuracy", "rounds_to_target", "bytes_up", "bytes_down", "wall_s",
-           "note"]
+#: the pooled-data row of a comparison (:mod:`fedlora.centralised`): a ceiling, never a verdict baseline
+CENTRALISED = "centralised"
+CEILING_NOTE = "ceiling: one model trained on the pooled client data"
+#: one row per (seed, strategy): ``comparison_seeds.csv`` (``best_from``: the summary field "best" came from)
+COLUMNS = ["seed", "strategy", "final_accuracy", "best_accuracy", "best_from", "rounds_to_target", "bytes_up",
+           "bytes_down", "wall_s", "run_dir", "note"]
+#: the figures averaged over seeds
+FIGURES = ["final_accuracy", "best_accuracy", "rounds_to_target", "bytes_up", "bytes_down", "wall_s"]
+#: one row per strategy: ``comparison.csv``. A figure is the mean over seeds, ``<figure>_sd`` its sample standard
+#: deviation (n−1; empty with one seed); ``rounds_to_target`` averages the seeds that reached the target
+#: (``reached_target``: how many of them did); ``diff_*``: final accuracy minus the baseline's, paired by seed
+#: (mean, min, max); ``diff_to_centralised``: final accuracy minus the centralised run's, mean over seeds.
+SUMMARY_COLUMNS = (["strategy", "seeds"] + [c for f in FIGURES for c in (f, f + "_sd")]
+                   + ["best_from", "reached_target", "baseline", "diff_final", "diff_min", "diff_max", "verdict",
+                      "verdict_how", "diff_to_centralised", "note"])
 
 
 def rounds_to(rows: list[dict], target: float):
@@ -131,13 +164,15 @@ def rounds_to(rows: list[dict], target: float):
 
 
 def summarise(name: str, run_dir: Path, target: float) -> dict:
-    """A comparison row for a finished run, from its ``metrics.jsonl`` and ``summary.json``."""
+    """A comparison row for a finished run, from its ``metrics.jsonl`` and ``summary.json``. "best" is the test
+    accuracy at the round of best validation accuracy (``test_at_best_val``) when the summary has it, else the
+    best test accuracy over rounds (``best_eval_accuracy``)."""
     rows = read_metrics(run_dir)
     summ = json.loads((Path(run_dir) / "summary.json").read_text())
-    return {"strategy": name, "final_accuracy": summ.get("final_eval_accuracy"),
-            "best_accuracy": summ.get("best_eval_accuracy"), "rounds_to_target": rounds_to(rows, target),
-            "bytes_up": summ["bytes_up"], "bytes_down": summ["bytes_down"], "wall_s": round(summ["wall_s"], 1),
-            "note": ""}
+    best_from = "test_at_best_val" if summ.get("test_at_best_val") is not None else "best_eval_accuracy"
+    return {"strategy": name, "final_accuracy": summ.get("final_eval_accuracy"), "best_accuracy": summ.get(best_from),
+            "best_from": best_from, "rounds_to_target": rounds_to(rows, target), "bytes_up": summ["bytes_up"],
+            "bytes_down": summ["bytes_down"], "wall_s": round(summ["wall_s"], 1), "note": ""}
 
 
 def not_run_row(name: str, reason) -> dict:
@@ -145,30 +180,190 @@ def not_run_row(name: str, reason) -> dict:
     return {c: None for c in COLUMNS} | {"strategy": name, "note": f"not run: {reason}"}
 
 
-def markdown_table(rows: list[dict], target: float) -> str:
-    def f(v, spec):
-        return "-" if v is None else format(v, spec)
+def _ran(row: dict) -> bool:
+    return not (row.get("note") or "").startswith("not run")
 
-    lines = [f"| strategy | final acc | best acc | rounds to {target:g} | bytes up | bytes down | wall s | note |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['strategy']} | {f(r['final_accuracy'], '.4f')} | {f(r['best_accuracy'], '.4f')} | "
-                     f"{f(r['rounds_to_target'], 'd')} | {human_bytes(r['bytes_up'] or 0)} | "
-                     f"{human_bytes(r['bytes_down'] or 0)} | {f(r['wall_s'], '.0f')} | {r['note']} |")
+
+def mean_sd(values) -> tuple:
+    """Mean and sample standard deviation (n−1) of the values that are not None; sd is None for one value,
+    both are None for none."""
+    import statistics
+
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def paired_diffs(seed_rows: list[dict], name: str, other: str, key: str = "final_accuracy") -> list[float]:
+    """``name``'s ``key`` minus ``other``'s, for each seed where both have it, in seed order."""
+    def by_seed(n):
+        return {r["seed"]: r[key] for r in seed_rows if r["strategy"] == n and r.get(key) is not None}
+
+    a, b = by_seed(name), by_seed(other)
+    return [a[s] - b[s] for s in sorted(a) if s in b]
+
+
+def _aggregate_one(name: str, rows: list[dict]) -> dict:
+    """One strategy's rows over seeds -> its ``comparison.csv`` row (figures only)."""
+    ran = [r for r in rows if _ran(r)]
+    if not ran:
+        return {c: None for c in SUMMARY_COLUMNS} | {"strategy": name, "seeds": 0, "note": rows[0]["note"]}
+    out = {c: None for c in SUMMARY_COLUMNS} | {"strategy": name, "seeds": len(ran)}
+    for f in FIGURES:
+        out[f], out[f + "_sd"] = mean_sd(r.get(f) for r in ran)
+    reached = sum(r.get("rounds_to_target") is not None for r in ran)
+    out["reached_target"] = f"{reached}/{len(ran)}"
+    out["best_from"] = "/".join(sorted({r.get("best_from") or "best_eval_accuracy" for r in ran}))
+    notes = [CEILING_NOTE] if name == CENTRALISED else []
+    notes += sorted({r["note"] for r in ran if r.get("note") and r["note"] != CEILING_NOTE})
+    refused = [r for r in rows if not _ran(r)]
+    if refused:
+        notes.append(f"{refused[0]['note']} (seed {', '.join(str(r['seed']) for r in refused)})")
+    out["note"] = "; ".join(notes)
+    return out
+
+
+def aggregate(seed_rows: list[dict], baseline: str | None = None, alpha: float = 0.05) -> list[dict]:
+    """One ``comparison.csv`` row per strategy (:data:`SUMMARY_COLUMNS`), in the order strategies first appear
+    in ``seed_rows``: the figures over seeds, the paired difference of final accuracy against ``baseline`` with a
+    verdict (:func:`fedlora.verdicts.verdict`), and the difference to the centralised row when there is one."""
+    from .verdicts import verdict
+
+    names = list(dict.fromkeys(r["strategy"] for r in seed_rows))
+    rows = [_aggregate_one(n, [r for r in seed_rows if r["strategy"] == n]) for n in names]
+    has_ceiling = any(r["strategy"] == CENTRALISED and r["final_accuracy"] is not None for r in rows)
+    for row in rows:
+        n = row["strategy"]
+        if n == CENTRALISED:
+            continue
+        if has_ceiling:
+            row["diff_to_centralised"] = mean_sd(paired_diffs(seed_rows, n, CENTRALISED))[0]
+        if baseline is None:
+            continue
+        row["baseline"] = baseline
+        if n == baseline:
+            row["verdict"] = "baseline"
+            continue
+        diffs = paired_diffs(seed_rows, n, baseline)
+        if diffs:
+            row["diff_final"], row["diff_min"], row["diff_max"] = mean_sd(diffs)[0], min(diffs), max(diffs)
+            row["verdict"], row["verdict_how"] = verdict(diffs, alpha)
+    return rows
+
+
+def _pm(mean, sd, spec: str) -> str:
+    """``mean ± sd`` (just the mean when sd is None; "-" when there is no mean)."""
+    if mean is None:
+        return "-"
+    return format(mean, spec) if sd is None else f"{format(mean, spec)} ± {format(sd, spec)}"
+
+
+def _pm_bytes(mean, sd) -> str:
+    if mean is None:
+        return "-"
+    return human_bytes(mean) + (f" ± {human_bytes(sd)}" if sd else "")
+
+
+def _all_reached(reached: str) -> bool:
+    k, n = reached.split("/")
+    return k == n
+
+
+def _cells(r: dict, multi: bool, with_ceiling: bool, with_baseline: bool) -> list[str]:
+    """One markdown row's cells."""
+    rounds = _pm(r["rounds_to_target"], r["rounds_to_target_sd"], ".1f" if multi else ".0f")
+    if r["rounds_to_target"] is not None and not _all_reached(r["reached_target"]):
+        rounds += f" ({r['reached_target']} seeds)"
+    cells = [r["strategy"], _pm(r["final_accuracy"], r["final_accuracy_sd"], ".4f"),
+             _pm(r["best_accuracy"], r["best_accuracy_sd"], ".4f"), rounds,
+             _pm_bytes(r["bytes_up"], r["bytes_up_sd"]), _pm_bytes(r["bytes_down"], r["bytes_down_sd"]),
+             _pm(r["wall_s"], r["wall_s_sd"], ".0f")]
+    if with_baseline:
+        diff = "-" if r["diff_final"] is None else format(r["diff_final"], "+.4f")
+        if r["diff_final"] is not None and multi:
+            diff += f" ({r['diff_min']:+.4f}..{r['diff_max']:+.4f})"
+        cells.append(diff)
+        if multi:
+            word = r["verdict"] or "-"
+            cells.append(f"{word} ({r['verdict_how']})" if r["verdict_how"] else word)
+    if with_ceiling:
+        cells.append("-" if r["diff_to_centralised"] is None else format(r["diff_to_centralised"], "+.4f"))
+    return cells + [r["note"] or ""]
+
+
+def markdown_table(rows: list[dict], target: float, baseline: str | None = None) -> str:
+    """The table of :func:`aggregate`'s rows: "mean ± sd" with several seeds, the plain values with one; the
+    difference to ``baseline`` (and with several seeds its range and verdict), and to the centralised row."""
+    multi = max((r["seeds"] or 0 for r in rows), default=0) > 1
+    with_ceiling = any(r["strategy"] == CENTRALISED and r["final_accuracy"] is not None for r in rows)
+    with_baseline = baseline is not None and len(rows) > 1
+    at_best_val = any("test_at_best_val" in (r["best_from"] or "") for r in rows)
+    head = ["strategy", "final test acc", "test acc at best val round" if at_best_val else "best test acc",
+            f"rounds to {target:g}", "bytes up", "bytes down", "wall s"]
+    if with_baseline:
+        head.append(f"Δ final vs {baseline}" + (" (min..max)" if multi else ""))
+        head += ["verdict"] if multi else []
+    head += ["Δ final vs centralised"] if with_ceiling else []
+    head.append("note")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_cells(r, multi, with_ceiling, with_baseline)) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def legend(rows: list[dict], baseline: str | None, alpha: float = 0.05) -> str:
+    """The sentences under the table that say how to read it."""
+    from .verdicts import MIN_SEEDS_FOR_TEST
+
+    n = max((r["seeds"] or 0 for r in rows), default=0)
+    if n <= 1:
+        text = "One seed: plain values; differences between strategies are not judged against seed noise."
+    else:
+        text = (f"Mean ± sample standard deviation over {n} seeds. Δ: final test accuracy minus {baseline}'s, "
+                f"paired by seed: mean (min..max). Verdict: " +
+                (f"paired t-test at {alpha:g} (≥ {MIN_SEEDS_FOR_TEST} seeds)." if n >= MIN_SEEDS_FOR_TEST else
+                 "better or worse when every seed's difference has that sign, otherwise within seed noise."))
+    if any(r["strategy"] == CENTRALISED for r in rows):
+        text += " centralised: the same model and adapter trained on the pooled client data (a ceiling)."
+    return text
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
     import csv
 
     with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w = csv.DictWriter(fh, fieldnames=columns or COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 
 
-def plots(out: Path, runs: dict[str, Path]) -> None:
-    """``accuracy_vs_round.png`` and ``accuracy_vs_bytes.png`` in ``out``: one line per run directory."""
+def _curve(run_dir: Path, xkey: str) -> dict:
+    """round -> (x, eval accuracy) of one run; x is the round or the cumulative MB (up + down) after it."""
+    tot, out = 0, {}
+    for r in read_metrics(run_dir):
+        tot += r.get("bytes_up", 0) + r.get("bytes_down", 0)
+        if r.get("eval_accuracy") is not None:
+            out[r["round"]] = (r["round"] if xkey == "round" else tot / 1e6, r["eval_accuracy"])
+    return out
+
+
+def band(run_dirs: list[Path], xkey: str) -> tuple[list, list, list]:
+    """xs, mean accuracy and its sample sd (0 with one run) over the runs, at the rounds every run evaluated."""
+    curves = [_curve(d, xkey) for d in run_dirs]
+    rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    xs, ys, sds = [], [], []
+    for rnd in rounds:
+        xs.append(mean_sd(c[rnd][0] for c in curves)[0])
+        m, sd = mean_sd(c[rnd][1] for c in curves)
+        ys.append(m)
+        sds.append(sd or 0.0)
+    return xs, ys, sds
+
+
+def plots(out: Path, runs: dict[str, list[Path]]) -> None:
+    """``accuracy_vs_round.png`` and ``accuracy_vs_bytes.png`` in ``out``: one line per strategy (the mean over
+    its run directories, one per seed) with a band of ± one sample sd. The centralised run moves no bytes: on the
+    bytes plot it is a dashed horizontal line at its final accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,20 +372,21 @@ def plots(out: Path, runs: dict[str, Path]) -> None:
     for xkey, fname, xlabel in (("round", "accuracy_vs_round.png", "round"),
                                 ("bytes", "accuracy_vs_bytes.png", "cumulative bytes (up + down, MB)")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, d in runs.items():
-            rows = [r for r in read_metrics(d) if "eval_accuracy" in r]
-            if not rows:
+        for name, dirs in runs.items():
+            xs, ys, sds = band(dirs, xkey)
+            if not xs:
                 continue
-            if xkey == "round":
-                xs = [r["round"] for r in rows]
-            else:
-                tot, xs = 0, []
-                for r in rows:
-                    tot += r.get("bytes_up", 0) + r.get("bytes_down", 0)
-                    xs.append(tot / 1e6)
-            ax.plot(xs, [r["eval_accuracy"] for r in rows], marker="o", ms=3, label=name)
+            if name == CENTRALISED and xkey == "bytes":
+                ax.axhline(ys[-1], ls="--", color="grey", label=f"{name} (ceiling)")
+                continue
+            style = {"ls": "--", "color": "grey", "label": f"{name} (ceiling)"} if name == CENTRALISED else {}
+            (line,) = ax.plot(xs, ys, marker="o", ms=3, **({"label": name} | style))
+            if len(dirs) > 1:
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("dev accuracy")
+        ax.set_ylabel("test accuracy" + (" (mean ± sd over seeds)" if any(len(d) > 1 for d in runs.values())
+                                         else ""))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -198,13 +394,21 @@ def plots(out: Path, runs: dict[str, Path]) -> None:
         plt.close(fig)
 
 
-def write_comparison(out: Path, rows: list[dict], target: float, setting: str, runs: dict[str, Path]) -> str:
-    """``comparison.csv``, ``comparison.md`` (``setting``: one sentence describing what was compared) and, when
-    some run finished, the plots; returns the markdown table."""
+def write_comparison(out: Path, seed_rows: list[dict], target: float, setting: str,
+                     baseline: str | None = None) -> str:
+    """From one row per (seed, strategy) (:data:`COLUMNS`; ``run_dir`` relative to ``out``): ``comparison_seeds.csv``,
+    ``comparison.csv`` (:func:`aggregate`), ``comparison.md`` (``setting``: one sentence on what was compared) and,
+    when some run finished, the plots; returns the markdown table."""
     out = Path(out)
-    write_csv(out / "comparison.csv", rows)
-    table = markdown_table(rows, target)
-    (out / "comparison.md").write_text(f"# fedlora compare\n\n{setting}\n\n{table}\n")
+    write_csv(out / "comparison_seeds.csv", seed_rows, COLUMNS)
+    rows = aggregate(seed_rows, baseline)
+    write_csv(out / "comparison.csv", rows, SUMMARY_COLUMNS)
+    table = markdown_table(rows, target, baseline)
+    (out / "comparison.md").write_text(f"# fedlora compare\n\n{setting}\n\n{table}\n\n{legend(rows, baseline)}\n")
+    runs: dict[str, list[Path]] = {}
+    for r in seed_rows:
+        if _ran(r) and r.get("run_dir"):
+            runs.setdefault(r["strategy"], []).append(out / r["run_dir"])
     if runs:
         plots(out, runs)
     return table

@@ -89,21 +89,27 @@ def model_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor
 def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: float, step_offset: int,
                 total_steps: int, scheduler: str = "cosine", warmup: int = 0, weight_decay: float = 0.0,
                 max_grad_norm: float | None = 1.0, seed: int = 0, round_idx: int = 0, task: str = "seq-cls",
-                device=None, optimizer_fn=None, micro_batch_size: int | None = None) -> dict[str, float]:
+                device=None, optimizer_fn=None, micro_batch_size: int | None = None, optimizer=None,
+                batches=None) -> dict[str, float]:
     """Train the model's trainable parameters for ``steps`` AdamW steps; returns mean loss and timing.
 
     The learning rate follows one schedule over the whole run: step ``step_offset + i`` of ``total_steps``.
     ``optimizer_fn(params, lr, wd)`` lets privacy wrap the optimizer (DP-SGD); default AdamW.
     ``micro_batch_size``: forward/backward each batch in length-ordered pieces (:func:`micro_batches`), one step.
+    ``optimizer``: an optimizer to continue (its state kept across calls, as :mod:`fedlora.centralised` needs)
+    instead of a new one; ``batches``: the index batches to take (default: :func:`batch_indices` for this round).
+    Clients pass neither: a fresh optimizer and a fresh draw every round.
     """
     device = device or next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     make_opt = optimizer_fn or (lambda ps, lr_, wd: torch.optim.AdamW(ps, lr=lr_, weight_decay=wd))
-    opt = make_opt(params, lr, weight_decay)
+    opt = optimizer if optimizer is not None else make_opt(params, lr, weight_decay)
+    if batches is None:
+        batches = batch_indices(len(dataset), batch_size, steps, seed, round_idx)
     model.train()
     losses, t0 = [], time.perf_counter()
     with seeded_dropout((seed, round_idx, 7), device):  # per (client, round)
-        for i, idx in enumerate(batch_indices(len(dataset), batch_size, steps, seed, round_idx)):
+        for i, idx in enumerate(batches):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step_offset + i, total_steps, lr, scheduler, warmup)
             opt.zero_grad(set_to_none=True)
@@ -251,3 +257,17 @@ def evaluate(model, dataset, collator, *, task: str, batch_size: int = 64, max_e
     if task == "causal-lm":
         out["eval_perplexity"] = math.exp(min(loss, 50.0))
     return out
+
+
+def evaluate_splits(model, test, validation, collator, *, task: str, batch_size: int = 64,
+                    max_examples: int | None = None, device=None) -> dict[str, float]:
+    """:func:`evaluate` on the test split (``eval_loss``, ``eval_accuracy`` or ``eval_perplexity``: the figure
+    reported, never used to choose anything) and on the validation split, its keys renamed ``val_loss``,
+    ``val_accuracy``, ``val_perplexity`` (what tuning, early stopping and "best" use). An empty or missing
+    validation split is skipped. Both are capped at ``max_examples``."""
+    kw = dict(task=task, batch_size=batch_size, max_examples=max_examples, device=device)
+    res = evaluate(model, test, collator, **kw)
+    if validation is not None and len(validation):
+        val = evaluate(model, validation, collator, **kw)
+        res.update({"val_" + k[len("eval_"):]: v for k, v in val.items()})
+    return res

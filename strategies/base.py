@@ -126,6 +126,8 @@ class LoraStrategy(FedAvg):
     client_sends: tuple[str, ...] = (LORA_A, LORA_B, "extra")
     #: whether clients may hold different ranks
     supports_mixed_ranks = False
+    #: whether clients that start a fresh LoRA in a round share one seeded A, nested by rank (see ``nested_init``)
+    shares_fresh_A = False
     #: privacy modes this method supports (``client_dp`` needs an element-wise mean of same-shaped updates)
     privacy_modes: tuple[str, ...] = ("none", "dp_sgd")
     #: why client-level DP is refused for this method (one clause; see :meth:`check_config`)
@@ -245,13 +247,47 @@ class LoraStrategy(FedAvg):
         k = max(int(len(ids) * float(self.cfg.fraction_train)), self.min_train_nodes)
         return sorted(self.rng.sample(ids, min(k, len(ids))), key=lambda n: self.nodes[n].partition_id)
 
+    # ------------------------------------------------------------------ fresh A factors
+    @property
+    def nested_init(self) -> bool:
+        """Whether clients that start a fresh LoRA in the same round share ONE seeded A (``shares_fresh_A`` and
+        ``strategy.nested_init``, default true): each takes its first r_k rows, so mixed ranks start nested."""
+        return bool(self.shares_fresh_A) and bool(self.cfg.strategy.get("nested_init", True))
+
+    def a_rank(self) -> int:
+        """The rank shared fresh A factors are drawn at: the largest rank in the run (config before the
+        handshake)."""
+        if self.nodes:
+            return max(n.rank for n in self.nodes.values())
+        return max(client_ranks(self.cfg))
+
+    def fresh_a(self, node: NodeInfo, server_round: int) -> tuple[int, int]:
+        """``(fl.a_seed, fl.a_rank)`` of a client that draws a fresh A this round. Nested: one seed for the round
+        and the run's largest rank; otherwise the client's own seed (partition) and rank."""
+        seed = int(self.cfg.seed) * 100_003 + server_round * 1009
+        if self.nested_init:
+            return seed, self.a_rank()
+        return seed + node.partition_id, node.rank
+
+    def fresh_state(self, server_round: int = 1) -> AdapterState:
+        """The adapter nested clients start from in ``server_round``: the shared seeded A at :meth:`a_rank`,
+        B = 0, scale 1 (the global scale of the mixed-rank rules), extra as the current state's."""
+        from fedlora.adapters import LoraFactors, seeded_A
+
+        seed, R = int(self.cfg.seed) * 100_003 + server_round * 1009, self.a_rank()
+        lora = {name: LoraFactors(seeded_A(seed, name, R, n), torch.zeros(m, R), 1.0)
+                for name, (m, n) in self.shapes.items()}
+        return AdapterState(lora, self.state.extra)
+
     def node_config(self, node: NodeInfo, server_round: int, extra: dict) -> ConfigRecord:
+        a_seed, a_rank = self.fresh_a(node, server_round)
         conf = {
             "server-round": server_round,
             "fl.strategy": self.name,
             "fl.rank": node.rank,
             "fl.alpha": float(node.alpha),
-            "fl.a_seed": int(self.cfg.seed) * 100_003 + server_round * 1009 + node.partition_id,
+            "fl.a_seed": a_seed,
+            "fl.a_rank": a_rank,
             "fl.freeze_a": False,
             "fl.send": ",".join(self.client_sends),
             DIGEST_KEY: self.config_digest,

@@ -1,8 +1,10 @@
 """FedIT (Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning", ICASSP 2024):
 FedAvg applied to the LoRA factors, A and B averaged separately (weighted by examples), head averaged.
-The baseline: s·B̄Ā is not the average of the clients' updates (cross terms); see ALGORITHMS.md."""
+The baseline: s·B̄Ā is not the average of the clients' updates (cross terms); see ALGORITHMS.md. Each round's
+metrics give that error, ``cross_term_error`` = ‖s·B̄Ā − ΔW*‖ / ‖ΔW*‖
+(:func:`fedlora.diagnostics.cross_term_error`)."""
 
-from fedlora import algebra
+from fedlora import algebra, diagnostics
 
 from .base import LoraStrategy
 
@@ -15,4 +17,9 @@ class FedIT(LoraStrategy):
         new = algebra.fedit(states, weights)
         delta = algebra.effective_update(new, self.state)
         self.state = new
+        self.round_diag = {"cross_term_error": diagnostics.cross_term_error(new, states, weights)}
         return delta
+
+    def round_metrics(self, updates):
+        """``cross_term_error`` of the round the strategy aggregated itself (none under client-level DP)."""
+        return self.__dict__.pop("round_diag", {})

@@ -50,8 +50,9 @@ class FedPipe(LoraStrategy):
         if self.mode == "stacking":  # FLoRA's rule: a versioned merge log, served adapter at B = 0
             self.rule = Stacking()
             self.state = Stacking.served(initial)
-        else:  # HetLoRA's rule
+        else:  # HetLoRA's rule, with its nested start (``strategy.nested_init``)
             self.rule = ZeroPadding(norm_weighted=bool(cfg.strategy.get("norm_weighted", False)))
+        self.shares_fresh_A = self.mode != "stacking"
         self.selected: list[str] = sorted(shapes)
         self.assignment: dict[int, dict] = {}  # partition id -> {rank, batch, bits, steps, profile}
         self.plan: Plan | None = None
@@ -94,6 +95,13 @@ class FedPipe(LoraStrategy):
         return out
 
     def prepare_run(self, grid, run_dir: Path, echo=print, resume: bool = False) -> None:
+        """The plan (:meth:`plan_run`); then, zero-padding with a nested start, the initial global adapter is the
+        shared seeded A at the largest planned rank, B = 0 (as HetLoRA's)."""
+        self.plan_run(grid, run_dir, echo, resume)
+        if self.nested_init:
+            self.state = self.fresh_state(1)
+
+    def plan_run(self, grid, run_dir: Path, echo=print, resume: bool = False) -> None:
         """Profiles, feasibility, warm-up, module selection, plan, plan.json (see the module docstring)."""
         path = Path(run_dir) / "plan.json"
         if resume and path.exists():
@@ -219,7 +227,7 @@ class FedPipe(LoraStrategy):
         return self.rule.base_delta() if self.mode == "stacking" else {}
 
     def round_metrics(self, updates):
-        out = self.rule.round_metrics(updates) if self.mode == "stacking" else {}
+        out = self.rule.round_metrics(updates)
         if self.plan is not None:
             out["modelled_round_s"] = self.plan.round_time_s
         return out

@@ -1,10 +1,11 @@
 """FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024): A is drawn
 once from the run seed (identical on every client, and checked), frozen; only B (and the head) is trained
-and exchanged, so aggregation is exact (s·B̄·A = Σ p_k s B_k A) and the traffic is half of FedIT's."""
+and exchanged, so aggregation is exact (s·B̄·A = Σ p_k s B_k A) and the traffic is half of FedIT's. The round's
+``cross_term_error`` (:func:`fedlora.diagnostics.cross_term_error`) shows it: float rounding only."""
 
 import torch
 
-from fedlora import algebra
+from fedlora import algebra, diagnostics
 from fedlora.adapters import LORA_B, AdapterState, LoraFactors, a_fingerprint, from_arrays, seeded_A, to_arrays
 
 from .base import LoraStrategy
@@ -47,4 +48,10 @@ class FFALoRA(LoraStrategy):
         new = algebra.ffa_average(states, weights)
         delta = algebra.effective_update(new, self.state)
         self.state = new
+        # A is shared and frozen, so s·B̄·A = ΔW*: this is float rounding only (an invariant the tests check)
+        self.round_diag = {"cross_term_error": diagnostics.cross_term_error(new, states, weights)}
         return delta
+
+    def round_metrics(self, updates):
+        """``cross_term_error`` of the round the strategy aggregated itself (none under client-level DP)."""
+        return self.__dict__.pop("round_diag", {})

@@ -1,8 +1,13 @@
 """FlexLoRA (Bai et al., NeurIPS 2024): the global update W_g = Σ p_k s_k B_k A_k is factorised by SVD
 (from the stacked factors, never densely) and each client receives its own top-r_k factors
-(:func:`fedlora.algebra.flexlora`). Heterogeneous-rank baseline."""
+(:func:`fedlora.algebra.flexlora`). Heterogeneous-rank baseline.
 
-from fedlora import algebra
+Nested start (``strategy.nested_init``, default true): in the first round every client draws the first r_k rows
+of ONE seeded A of the run's largest rank. Round metrics: ``cross_term_error`` of the global adapter (its full
+SVD: float rounding only) and ``truncation_error`` = {rank: ‖W_g − best rank-r part‖ / ‖W_g‖}, what each
+client rank loses (:func:`fedlora.diagnostics.truncation_error`)."""
+
+from fedlora import algebra, diagnostics
 from fedlora.adapters import to_arrays
 
 from .base import LoraStrategy
@@ -11,6 +16,7 @@ from .base import LoraStrategy
 class FlexLoRA(LoraStrategy):
     name = "flexlora"
     supports_mixed_ranks = True
+    shares_fresh_A = True
     client_dp_refusal = ("flexlora forms and decomposes sum_k p_k B_k A_k from every client's un-noised factors, "
                          "which client-level DP does not cover")
     persistent = LoraStrategy.persistent + ("per_client", "global_state")
@@ -19,6 +25,11 @@ class FlexLoRA(LoraStrategy):
         super().__init__(cfg, initial, shapes)
         self.per_client: dict[tuple[int, float], object] = {}
         self.global_state = None
+
+    def prepare_run(self, grid, run_dir, echo=print, resume: bool = False) -> None:
+        """Nested start: the initial adapter is the shared seeded A at the largest rank, B = 0."""
+        if self.nested_init:
+            self.state = self.fresh_state(1)
 
     def payload(self, node, server_round):
         st = self.per_client.get((node.rank, node.scale))
@@ -34,7 +45,13 @@ class FlexLoRA(LoraStrategy):
         delta = algebra.effective_update(new_global, self.global_state)
         self.global_state = new_global
         self.state.extra = new_global.extra
+        trunc = diagnostics.truncation_error(states, weights, [r for r, _ in keys])
+        self.round_diag = {"cross_term_error": diagnostics.cross_term_error(new_global, states, weights),
+                           "truncation_error": {str(r): e for r, e in trunc.items()}}
         return delta
+
+    def round_metrics(self, updates):
+        return self.__dict__.pop("round_diag", {})
 
     def eval_adapter(self):
         return self.global_state if self.global_state is not None else self.state

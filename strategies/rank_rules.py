@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlora import algebra, merges
+from fedlora import algebra, diagnostics, merges
 from fedlora.adapters import AdapterState, LoraFactors, to_arrays
 
 
@@ -53,14 +53,31 @@ class Stacking:
         return stacked.lora
 
     def round_metrics(self, updates) -> dict:
-        """How far each client's merged base is from the server's at the version it trained on."""
+        """How far each client's merged base is from the server's at the version it trained on, and the rank
+        :meth:`export` would give the merged total (:meth:`export_rank`)."""
         errs = []
         for u in updates:
             v = int(u.metrics.get("base-version", 0))
             if "base-digest" in u.metrics and v < len(self.digests):
                 ref = self.digests[v]
                 errs.append(abs(u.metrics["base-digest"] - ref) / max(1.0, abs(ref)))
-        return {"base_version": self.log.version, "base_sync_error": max(errs) if errs else 0.0}
+        return {"base_version": self.log.version, "base_sync_error": max(errs) if errs else 0.0,
+                "export_rank": self.export_rank()}
+
+    #: modules with more elements than this report the rank bound instead of an SVD of the merged total
+    SVD_LIMIT = 4_194_304
+
+    def export_rank(self) -> int:
+        """The largest rank over modules of the exported adapter (:meth:`export`: numerical rank of each module's
+        merged total). A module over :attr:`SVD_LIMIT` elements counts its bound min(sum of merged ranks, m, n)."""
+        best = 0
+        for name, total in self.log.total.items():
+            m, n = total.shape
+            if m * n <= self.SVD_LIMIT:
+                best = max(best, algebra.numerical_rank(torch.linalg.svdvals(total)))
+            else:
+                best = max(best, min(m, n, sum(e[name].rank for e in self.log.entries if name in e)))
+        return best
 
     def base_delta(self) -> dict[str, torch.Tensor]:
         return self.log.total
@@ -74,7 +91,7 @@ class Stacking:
                 lora[name] = state.lora[name]
                 continue
             U, S, Vh = torch.linalg.svd(total, full_matrices=False)
-            r = max(1, int((S > S[0] * 1e-10).sum())) if S[0] > 0 else 1
+            r = max(1, algebra.numerical_rank(S))
             lora[name] = LoraFactors(Vh[:r].float().contiguous(), (U[:, :r] * S[:r]).float().contiguous(), 1.0)
         return AdapterState(lora, state.extra)
 
@@ -107,7 +124,13 @@ class ZeroPadding:
         delta = algebra.effective_update(new, self.global_state)
         self.global_state = new
         state.extra = new.extra
+        self.round_diag = {"cross_term_error": diagnostics.cross_term_error(new, states, weights)}
         return delta
+
+    def round_metrics(self, updates) -> dict:
+        """``cross_term_error`` of the padded average just aggregated (:func:`fedlora.diagnostics.cross_term_error`:
+        ‖B_g A_g − ΔW*‖ / ‖ΔW*‖ over modules), empty when the round was not aggregated."""
+        return self.__dict__.pop("round_diag", {})
 
     def current(self, state: AdapterState) -> AdapterState:
         """The global adapter (before the first round: the initial one)."""

@@ -126,11 +126,14 @@ def prepare_eval_model(bundle: models.Bundle, strategy) -> None:
     adapters.load_into_peft(bundle.model, state)
 
 
-def evaluate_global(bundle, strategy, test, collator, cfg) -> dict:
+def evaluate_global(bundle, strategy, test, collator, cfg, validation=None) -> dict:
+    """The global model on the test split (``eval_*``: reported only) and, given one, the validation split
+    (``val_*``: tuning, early stop, "best"), both capped at ``eval.max_examples``
+    (:func:`fedlora.train.evaluate_splits`); ``eval_s``: the seconds of both."""
     t0 = time.time()
     prepare_eval_model(bundle, strategy)
-    res = train.evaluate(bundle.model, test, collator, task=bundle.task, batch_size=int(cfg.eval.batch_size),
-                         max_examples=cfg.eval.max_examples)
+    res = train.evaluate_splits(bundle.model, test, validation, collator, task=bundle.task,
+                                batch_size=int(cfg.eval.batch_size), max_examples=cfg.eval.max_examples)
     res["eval_s"] = time.time() - t0
     return res
 
@@ -181,7 +184,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
     ck = checkpoint.load(run_dir, warn=echo) if resume else None
     recorder = None if resume else Recorder(run_dir, config.to_yaml(cfg), int(cfg.num_rounds), echo=echo)
     bundle = models.build(cfg)
-    _, test = data.load(cfg.data)
+    _, validation, test = data.split(cfg)  # validation: server-only, never dealt to a client
     collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     initial = adapters.from_peft(bundle.model)
     shapes = {n: (l.out_features, l.in_features) for n, l in adapters.lora_layers(bundle.model).items()}
@@ -204,7 +207,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
     else:
         recorder.log_round({"round": 0, "strategy": strategy.name, "num_clients": 0, "bytes_up": 0, "bytes_down": 0,
                             "wall_s": 0.0, "unix": time.time(),
-                            **evaluate_global(bundle, strategy, test, collator, cfg)})
+                            **evaluate_global(bundle, strategy, test, collator, cfg, validation)})
     write_nodes(run_dir / "nodes.json", strategy.nodes)
     for rnd in range(start, int(cfg.num_rounds) + 1):
         t_round = time.time()
@@ -231,7 +234,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
         round_metrics = dict(result.metrics)
         metrics = {"round": rnd, "strategy": strategy.name, "num_clients": round_metrics.pop("num_clients"),
                    "train_loss": round_metrics.pop("train_loss", None),
-                   **evaluate_global(bundle, strategy, test, collator, cfg),
+                   **evaluate_global(bundle, strategy, test, collator, cfg, validation),
                    "bytes_up": result.bytes_up, "bytes_down": plan.bytes_down,
                    "round_s": time.time() - t_round, "wall_s": time.time() - t0,
                    "sampled": plan.sampled, "rejected": result.rejected, "skipped": result.skipped,

@@ -46,7 +46,7 @@ def test_sst2_local_folder_and_partitions_are_seeded():
     assert len(train) == 67349 and len(test) == 872
     assert set(train.column_names) == {"text", "label"}
     sizes = data.check_partitions(cfg)
-    assert sum(sizes) == len(train)
+    assert sum(sizes) == len(train) - len(data.validation(cfg)) == 67349 - 2000  # the validation split stays out
     a = data.partition(cfg, 2)["text"][:5]
     data._partitions_cached.cache_clear()
     assert data.partition(cfg, 2)["text"][:5] == a  # same seed, same partition

@@ -71,6 +71,7 @@ def test_resume_after_round_k_matches_uninterrupted(tmp_path, strategy, extra):
     if strategy == "flora":  # restarted clients first catch up on every merge: more is really sent
         for ra, rb in zip(a, b):
             assert ra.pop("bytes_down") >= rb.pop("bytes_down")
+            assert ra.pop("downlink_ratio", 0) >= rb.pop("downlink_ratio", 0)
     assert a == b
     same_adapter(cut, full)
 

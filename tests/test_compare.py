@@ -1,0 +1,229 @@
+"""``fedlora compare`` over seeds (issue 17 item 1): the verdict rule on constructed differences, the aggregation
+(mean ± sample sd) and tables from constructed run directories, identical partitions and initial adapters across
+strategies for a seed, and one tiny end-to-end comparison (two seeds, two strategies, a stand-in centralised run)
+on the in-process grid instead of Ray."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora import adapters, compare as cmp, config, data, models, report
+from fedlora.config import ConfigError
+from fedlora.verdicts import verdict
+
+FAST = ["model=tiny_llama", "num_clients=2", "num_rounds=1", "local_steps=1", "train.batch_size=4",
+        "eval.max_examples=8", "data.max_train_examples=120", "train.max_length=32"]
+
+
+# ---------------------------------------------------------------- the verdict rule
+@pytest.mark.parametrize("diffs, word, how", [
+    ([0.01, 0.02, 0.03], "better", "all 3 seeds > 0"),
+    ([-0.01, -0.02, -0.005], "worse", "all 3 seeds < 0"),
+    ([0.02, -0.01, 0.01], "within seed noise", "range crosses 0"),  # a mean of +0.007 inside the seed range
+    ([0.0, 0.01, 0.02], "within seed noise", "range touches 0"),
+    ([0.8 - 0.8, 0.03], "within seed noise", "range touches 0"),
+    ([0.05], "no verdict", "one seed"),
+])
+def test_verdict_by_range(diffs, word, how):
+    assert verdict(diffs) == (word, how)
+
+
+def test_verdict_uses_the_paired_t_test_from_five_seeds():
+    word, how = verdict([0.02, 0.03, 0.025, 0.01, 0.04])
+    assert word == "better" and how.startswith("paired t-test, p=")
+    assert float(how.split("p=")[1]) < 0.05
+    # every seed above 0, yet too spread for 5%: the test, not the range, decides
+    word, how = verdict([0.001, 0.2, 0.001, 0.001, 0.3])
+    assert word == "within seed noise" and how.startswith("paired t-test, p=")
+    assert verdict([-0.02, -0.03, -0.025, -0.01, -0.04])[0] == "worse"
+
+
+def test_verdict_constant_difference_with_five_seeds():
+    assert verdict([0.01] * 5) == ("better", "the same difference in all 5 seeds")
+    assert verdict([-0.01] * 6) == ("worse", "the same difference in all 6 seeds")
+    assert verdict([0.0] * 5) == ("within seed noise", "identical in every seed")
+
+
+# ---------------------------------------------------------------- aggregation and tables (constructed runs)
+def fake_run(d: Path, accs: list[float], best_val: float | None = None, up: int = 1000, wall: float = 10.0) -> Path:
+    """A run directory as a finished run leaves it: round 0 then one row per round, and its summary."""
+    d.mkdir(parents=True)
+    rows = [{"round": i, "eval_accuracy": a, "bytes_up": up if i else 0, "bytes_down": 2 * up if i else 0}
+            for i, a in enumerate(accs)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summ = {"final_eval_accuracy": accs[-1], "best_eval_accuracy": max(accs), "bytes_up": up * (len(accs) - 1),
+            "bytes_down": 2 * up * (len(accs) - 1), "wall_s": wall}
+    if best_val is not None:
+        summ["test_at_best_val"], summ["best_val_accuracy"] = best_val, best_val + 0.01
+    (d / "summary.json").write_text(json.dumps(summ))
+    return d
+
+
+FINALS = {"fedit": [0.80, 0.82, 0.84], "flora": [0.85, 0.86, 0.90], "ffa_lora": [0.79, 0.83, 0.84],
+          "centralised": [0.90, 0.90, 0.90]}
+
+
+def constructed(tmp_path, seeds=(0, 1, 2), best_val=True) -> list[dict]:
+    """One row per (seed, strategy) of runs written by hand, the way :func:`fedlora.compare.compare` returns."""
+    rows = []
+    for i, seed in enumerate(seeds):
+        for name, finals in FINALS.items():
+            rel = f"seed_{seed}/{name}" if len(seeds) > 1 else name
+            f = finals[i]
+            fake_run(tmp_path / rel, [0.5, f - 0.1, f], best_val=f - 0.005 if best_val else None, wall=10.0 + i)
+            rows.append(report.summarise(name, tmp_path / rel, 0.83) | {"seed": seed, "run_dir": rel})
+    return rows
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_aggregate_mean_and_sample_sd(tmp_path):
+    assert report.mean_sd([0.80, 0.82, 0.84]) == pytest.approx((0.82, 0.02))  # n-1: sqrt(0.0008 / 2)
+    assert report.mean_sd([0.7]) == (0.7, None) and report.mean_sd([None]) == (None, None)
+    rows = {r["strategy"]: r for r in report.aggregate(constructed(tmp_path), "fedit")}
+    fedit, flora, ffa, cen = rows["fedit"], rows["flora"], rows["ffa_lora"], rows["centralised"]
+    assert fedit["seeds"] == 3 and fedit["final_accuracy"] == pytest.approx(0.82)
+    assert fedit["final_accuracy_sd"] == pytest.approx(0.02)
+    assert fedit["best_accuracy"] == pytest.approx(0.815) and fedit["best_from"] == "test_at_best_val"
+    assert fedit["wall_s"] == pytest.approx(11.0) and fedit["wall_s_sd"] == pytest.approx(1.0)
+    assert fedit["bytes_up"] == 2000 and fedit["bytes_up_sd"] == 0
+    assert fedit["reached_target"] == "1/3" and fedit["rounds_to_target"] == 2  # only seed 2 reaches 0.83
+    assert fedit["verdict"] == "baseline" and fedit["diff_to_centralised"] == pytest.approx(-0.08)
+    assert (flora["diff_final"], flora["diff_min"], flora["diff_max"]) == pytest.approx((0.05, 0.04, 0.06))
+    assert (flora["verdict"], flora["verdict_how"]) == ("better", "all 3 seeds > 0")
+    assert (ffa["verdict"], ffa["verdict_how"]) == ("within seed noise", "range crosses 0")  # diffs -0.01, 0.01, 0
+    assert "ceiling" in cen["note"] and cen["verdict"] is None and cen["diff_final"] is None
+
+
+def test_tables_and_plots_from_run_directories(tmp_path):
+    seed_rows = constructed(tmp_path)
+    table = report.write_comparison(tmp_path, seed_rows, 0.83, "tiny setting.", "fedit")
+    md = (tmp_path / "comparison.md").read_text()
+    assert table in md and "Mean ± sample standard deviation over 3 seeds" in md
+    head = table.splitlines()[0]
+    for col in ("final test acc", "test acc at best val round", "Δ final vs fedit (min..max)", "verdict",
+                "Δ final vs centralised"):
+        assert col in head
+    line = {r.split("|")[1].strip(): r for r in table.splitlines()[2:]}
+    assert "0.8200 ± 0.0200" in line["fedit"] and "1/3 seeds" in line["fedit"]
+    assert "+0.0500 (+0.0400..+0.0600)" in line["flora"] and "better (all 3 seeds > 0)" in line["flora"]
+    assert "ceiling" in line["centralised"]
+    summary = {r["strategy"]: r for r in read_csv(tmp_path / "comparison.csv")}
+    assert list(summary) == ["fedit", "flora", "ffa_lora", "centralised"]
+    assert float(summary["fedit"]["final_accuracy_sd"]) == pytest.approx(0.02)
+    assert summary["ffa_lora"]["verdict"] == "within seed noise"
+    per_seed = read_csv(tmp_path / "comparison_seeds.csv")
+    assert len(per_seed) == 12 and per_seed[0]["seed"] == "0" and per_seed[0]["run_dir"] == "seed_0/fedit"
+    xs, ys, sds = report.band([tmp_path / f"seed_{s}/fedit" for s in range(3)], "round")
+    assert xs == [0, 1, 2] and ys[2] == pytest.approx(0.82) and sds[2] == pytest.approx(0.02)
+    assert (tmp_path / "accuracy_vs_round.png").stat().st_size > 0
+    assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 0
+
+
+def test_one_seed_keeps_plain_values(tmp_path):
+    seed_rows = constructed(tmp_path, seeds=(0,), best_val=False)
+    table = report.write_comparison(tmp_path, seed_rows, 0.83, "tiny setting.", "fedit")
+    assert "±" not in table and "verdict" not in table.splitlines()[0]
+    assert "best test acc" in table and "| 0.8000 |" in table and "Δ final vs fedit |" in table
+    assert report.aggregate(seed_rows, "fedit")[1]["final_accuracy_sd"] is None
+
+
+def test_not_run_rows_and_options():
+    rows = [report.not_run_row("lora_fair", "it needs one rank") | {"seed": s} for s in (0, 1)]
+    (row,) = report.aggregate(rows, "fedit")
+    assert row["seeds"] == 0 and row["note"] == "not run: it needs one rank" and row["final_accuracy"] is None
+    assert cmp.parse_seeds("[0,1,2]", 7) == [0, 1, 2] and cmp.parse_seeds("3", 7) == [0, 1, 2]
+    assert cmp.parse_seeds(None, 7) == [7] and cmp.parse_seeds([4, 5], 0) == [4, 5]
+    for bad in ("[0,0]", "x", "0"):
+        with pytest.raises(ConfigError, match="seeds="):
+            cmp.parse_seeds(bad, 0)
+    assert cmp.pick_baseline(None, ["flora", "hetlora"], "fedit") == "flora"
+    assert cmp.pick_baseline("hetlora", ["flora", "hetlora"], "fedit") == "hetlora"
+    with pytest.raises(ConfigError, match="baseline=fedsgd is not among the compared strategies"):
+        cmp.pick_baseline("fedsgd", ["fedit", "flora"], "fedit")
+    with pytest.raises(ConfigError, match="ceiling"):
+        cmp.pick_baseline("centralised", ["fedit", "centralised"], "fedit")
+    assert cmp.run_dir_of(Path("/o"), 1, "fedit", True) == Path("/o/seed_1/fedit")
+    assert cmp.run_dir_of(Path("/o"), 1, "fedit", False) == Path("/o/fedit")
+
+
+# ---------------------------------------------------------------- acceptance: same seed, same start
+def _start(name: str, seed: int, tmp_path: Path):
+    cfg = cmp.run_config(FAST, name, seed, tmp_path / f"seed_{seed}" / name)
+    parts = [data.partition(cfg, pid) for pid in range(int(cfg.num_clients))]
+    parts = [p.to_dict() for p in parts]  # the rows (text, label) in order: the same rows, the same order
+    initial = adapters.from_peft(models.build(cfg).model)
+    return parts, initial
+
+
+def _same_adapter(a, b) -> bool:
+    return a.lora.keys() == b.lora.keys() and all(
+        torch.equal(a.lora[k].A, b.lora[k].A) and torch.equal(a.lora[k].B, b.lora[k].B) for k in a.lora)
+
+
+def test_identical_partitions_and_initial_weights_across_strategies_for_a_seed(tmp_path):
+    """As compare composes them: fedit and flora with seed 0 share every partition and the server's initial
+    adapter; seed 1 gives other partitions and another initial A."""
+    parts_fedit, init_fedit = _start("fedit", 0, tmp_path)
+    parts_flora, init_flora = _start("flora", 0, tmp_path)
+    assert parts_fedit == parts_flora and all(p["text"] for p in parts_fedit)
+    assert _same_adapter(init_fedit, init_flora)
+    parts_other, init_other = _start("fedit", 1, tmp_path)
+    assert parts_other != parts_fedit
+    assert not _same_adapter(init_fedit, init_other)
+
+
+# ---------------------------------------------------------------- end to end (in-process grid, not Ray)
+def _in_process_simulate(cfg, run_dir, verbose=False, resume=False):
+    """:func:`fedlora.simulation.simulate` without Ray: the real ServerApp loop and ClientApp functions."""
+    from harness import InProcessGrid
+
+    from fedlora.strategies.server_app import run_server
+
+    return run_server(InProcessGrid(int(cfg.num_clients)), cfg, Path(run_dir), echo=lambda *a, **k: None)
+
+
+GRIDS = []  # the lr_grid each call of the stand-in centralised run was given
+
+
+def _fake_centralised(cfg, run_dir, echo=print, lr_grid=None) -> dict:
+    """Stands in for fedlora.centralised.run: a run directory in the federated format; it "chooses" 3e-3 from the
+    grid (or the one lr it is given)."""
+    GRIDS.append(lr_grid)
+    fake_run(Path(run_dir), [0.5, 0.9 + 0.01 * int(cfg.seed)])
+    summary = {**json.loads((Path(run_dir) / "summary.json").read_text()), "lr": (lr_grid or [3e-3])[0]}
+    (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_compare_two_seeds_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(cmp, "simulate", _in_process_simulate)
+    monkeypatch.setitem(sys.modules, "fedlora.centralised", types.SimpleNamespace(run=_fake_centralised))
+    out = tmp_path / "cmp"
+    GRIDS.clear()
+    rows = cmp.compare(FAST, ["fedit", "ffa_lora"], 0.8, out, echo=lambda *a, **k: None, seeds=[0, 1])
+    assert GRIDS == [None, [3e-3]]  # the lr grid is searched on the first seed; the next seed reuses its choice
+    assert [(r["seed"], r["strategy"]) for r in rows] == [
+        (0, "fedit"), (0, "ffa_lora"), (0, "centralised"), (1, "fedit"), (1, "ffa_lora"), (1, "centralised")]
+    for r in rows:
+        assert (out / r["run_dir"] / "summary.json").exists() and r["run_dir"].startswith(f"seed_{r['seed']}/")
+        assert r["final_accuracy"] is not None
+    cfgs = {r["run_dir"]: config.from_yaml((out / r["run_dir"] / "config.yaml").read_text())
+            for r in rows if r["strategy"] != "centralised"}
+    assert {(c.strategy.name, int(c.seed)) for c in cfgs.values()} == {(s, k) for s in ("fedit", "ffa_lora")
+                                                                      for k in (0, 1)}
+    table = report.write_comparison(out, rows, 0.8, cmp.describe(config.load(FAST), [0, 1]), "fedit")
+    assert "seeds 0, 1" in (out / "comparison.md").read_text() and "ffa_lora" in table
+    assert [r["strategy"] for r in read_csv(out / "comparison.csv")] == ["fedit", "ffa_lora", "centralised"]
+    with pytest.raises(ConfigError, match="already holds a run"):  # refused before anything starts
+        cmp.compare(FAST, ["fedit"], 0.8, out, echo=lambda *a, **k: None, seeds=[0, 1])
