@@ -221,15 +221,22 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
 
 @torch.no_grad()
 def evaluate(model, dataset, collator, *, task: str, batch_size: int = 64, max_examples: int | None = None,
-             device=None) -> dict[str, float]:
+             device=None, by_length: bool = True) -> dict[str, float]:
     """Loss and accuracy (classification; for causal LMs on labelled data, by the label words' logits) or
-    loss and perplexity (instruction data)."""
+    loss and perplexity (instruction data), over the first ``max_examples`` rows. The rows go in batches of
+    similar text length (``by_length``; False: in dataset order), so each batch is padded only to what its own
+    rows need where the collator pads per batch (classification; the causal-LM collator pads to max_length).
+    Every figure is a sum over rows, so the order changes nothing but float rounding."""
     device = device or next(model.parameters()).device
     model.eval()
     n = len(dataset) if not max_examples else min(len(dataset), int(max_examples))
+    rows_all = [dataset[i] for i in range(n)]
+    order = list(range(n))
+    if by_length:
+        order.sort(key=lambda i: sum(len(v) for v in rows_all[i].values() if isinstance(v, str)))
     tot_loss, tot_tokens, correct, count = 0.0, 0, 0, 0
     for start in range(0, n, batch_size):
-        rows = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        rows = [rows_all[i] for i in order[start:start + batch_size]]
         batch = {k: v.to(device) for k, v in collator(rows).items()}
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
         with autocast(device):
@@ -260,12 +267,12 @@ def evaluate(model, dataset, collator, *, task: str, batch_size: int = 64, max_e
 
 
 def evaluate_splits(model, test, validation, collator, *, task: str, batch_size: int = 64,
-                    max_examples: int | None = None, device=None) -> dict[str, float]:
+                    max_examples: int | None = None, device=None, by_length: bool = True) -> dict[str, float]:
     """:func:`evaluate` on the test split (``eval_loss``, ``eval_accuracy`` or ``eval_perplexity``: the figure
     reported, never used to choose anything) and on the validation split, its keys renamed ``val_loss``,
     ``val_accuracy``, ``val_perplexity`` (what tuning, early stopping and "best" use). An empty or missing
     validation split is skipped. Both are capped at ``max_examples``."""
-    kw = dict(task=task, batch_size=batch_size, max_examples=max_examples, device=device)
+    kw = dict(task=task, batch_size=batch_size, max_examples=max_examples, device=device, by_length=by_length)
     res = evaluate(model, test, collator, **kw)
     if validation is not None and len(validation):
         val = evaluate(model, validation, collator, **kw)
