@@ -145,20 +145,25 @@ def test_train_A_freezes_exactly_the_A_factors_and_a_B_only_step_keeps_A():
 
 
 def test_evaluation_in_length_order_gives_the_same_figures_with_less_padding():
-    """evaluate() batches rows by text length: the same accuracy, and the same loss up to float rounding of
-    the per-row sums (float64 compare at 1e-6 relative: a float32 sum of <= 64 rows per batch), with fewer
-    padded tokens than dataset order."""
+    """evaluate() batches rows by text length: the same accuracy, and the same loss up to float rounding, with
+    fewer padded tokens than dataset order. The model runs in float64, so a row's logits do not depend on its
+    batch beyond float64 rounding; evaluate() casts them to float32 (a row's cross-entropy may move by a few
+    u32 relative) and sums each batch's non-negative cross-entropies in float32 (gamma_16 relative, whatever
+    the order). So the two means differ by at most 2 gamma_{16+4}(u32) relative, on any machine."""
+    from tolerances import float64_model, gamma
+
     from fedlora import config, data, models
 
     cfg = config.load(["model=minilm", "data.max_train_examples=200", "train.max_length=32"])  # pads per batch
     bundle = models.build(cfg)
+    float64_model(bundle.model)
     _, validation, test = data.split(cfg)
     coll = data.Collator(bundle.tokenizer, bundle.task, 32, cfg.data.get("label_words"))
     kw = dict(task=bundle.task, batch_size=16, max_examples=120)
     a = train.evaluate(bundle.model, test, coll, by_length=True, **kw)
     b = train.evaluate(bundle.model, test, coll, by_length=False, **kw)
     assert a["eval_accuracy"] == b["eval_accuracy"]
-    assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-6)
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=2 * gamma(16 + 4))
     rows = [test[i] for i in range(120)]
 
     def padded(order):
