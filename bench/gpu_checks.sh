@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU-only checks, as one short script for a CUDA machine (Triton kernels compiled for real, bf16, speed and
-# memory). Needs python3 with CUDA torch, triton, peft, transformers and pytest (no fedlora venv: the kernels and
-# their tests import only those). From the repo root:  OUT=/some/dir bash bench/gpu_checks.sh   (about 3 minutes)
+# memory; the simulation's GPU accounting). The kernel checks need python3 with CUDA torch, triton, peft,
+# transformers and pytest (they import only those); the simulation check needs the fedlora venv (flwr, ray, hydra):
+# FEDLORA_PY, default .venv/bin/python, else it is skipped and $OUT/gpu_sim.json says why.
+# From the repo root:  OUT=/some/dir bash bench/gpu_checks.sh   (about 4 minutes)
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-bench/results}"
@@ -13,4 +15,13 @@ timeout 600 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_triton.p
 # speed and saved-activation memory: Triton backend vs PEFT, d=4096, r=16, bf16 -> bench/results/kernels_cuda.json
 timeout 600 python3 bench/kernels.py --device cuda 2>&1 | tee "$OUT/gpu_kernels.log" || rc=1
 [ -f bench/results/kernels_cuda.json ] && [ "$OUT" != bench/results ] && cp bench/results/kernels_cuda.json "$OUT/"
+# simulation GPU accounting (issue 20, item 8): 2 ClientApp actors at simulation.client_gpus=0.5 on the device, each
+# with its CUDA_VISIBLE_DEVICES, device and peak memory (torch and nvidia-smi) -> $OUT/gpu_sim.json (ok: true/false)
+PY="${FEDLORA_PY:-.venv/bin/python}"
+if "$PY" -c "import flwr, ray, hydra, fedlora.clients.client_app" >/dev/null 2>&1; then
+  timeout 600 "$PY" bench/gpu_sim.py --client-gpus 0.5 --out "$OUT/gpu_sim.json" 2>&1 | tee "$OUT/gpu_sim.log" || rc=1
+else
+  echo "{\"skipped\": \"no python with flwr, ray, hydra and fedlora at FEDLORA_PY=$PY\", \"ok\": null}" > "$OUT/gpu_sim.json"
+  echo "gpu_sim: skipped (set FEDLORA_PY to the fedlora venv's python)"
+fi
 exit $rc

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,6 +69,21 @@ class AdapterState:
             {n: LoraFactors(fn(f.A), fn(f.B), f.scale) for n, f in self.lora.items()},
             {n: fn(t) for n, t in self.extra.items()},
         )
+
+
+@dataclass
+class ExportedAdapter(AdapterState):
+    """An adapter made for export (FLoRA's merged total, re-factorised at a tolerance): :func:`save_peft` writes
+    ``metadata`` (str -> str) into the saved adapter's safetensors header, and for the modules in ``merged``
+    ({module: dW}: those whose dense update is no larger than its factors) the merged base weights W + dW into
+    :data:`MERGED_WEIGHTS` beside the adapter."""
+
+    metadata: dict[str, str] = field(default_factory=dict)
+    merged: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+#: file name, inside a saved adapter folder, of the merged base weights of :attr:`ExportedAdapter.merged` modules
+MERGED_WEIGHTS = "merged_weights.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +271,33 @@ def save_peft(model, state: AdapterState, path, adapter_name: str = "default") -
     conf.rank_pattern = {re.escape(n): int(r) for n, r in ranks.items() if r != r0}
     conf.alpha_pattern = {re.escape(n): float(alpha_of[n]) for n in ranks if alpha_of[n] != a0}
     model.save_pretrained(str(path), selected_adapters=[adapter_name])
+    if isinstance(state, ExportedAdapter):
+        _save_export_extras(model, state, Path(path) if adapter_name == "default" else Path(path) / adapter_name)
+
+
+def _save_export_extras(model, state: ExportedAdapter, folder: Path) -> None:
+    """:attr:`ExportedAdapter.metadata` into ``adapter_model.safetensors``' header; W + dW of the
+    :attr:`ExportedAdapter.merged` modules (float32, keys ``<module>.weight`` as in the base model's state dict,
+    loadable with ``load_state_dict(..., strict=False)``) into :data:`MERGED_WEIGHTS`."""
+    from peft.utils.integrations import dequantize_module_weight
+    from safetensors import safe_open
+    from safetensors.torch import save_file as _save
+
+    weights = folder / "adapter_model.safetensors"
+    if state.metadata and weights.is_file():
+        with safe_open(str(weights), framework="pt") as fh:
+            meta, tensors = dict(fh.metadata() or {}), {k: fh.get_tensor(k) for k in fh.keys()}
+        _save(tensors, str(weights), metadata={**meta, **{str(k): str(v) for k, v in state.metadata.items()}})
+    if state.merged:
+        layers = lora_layers(model)
+        out = {f"{name}.weight": (dequantize_module_weight(layers[name].get_base_layer()).detach().double().cpu()
+                                  + d.detach().double().cpu()).float().contiguous()
+               for name, d in state.merged.items()}
+        _save(out, str(folder / MERGED_WEIGHTS), metadata={
+            "format": "pt", **{str(k): str(v) for k, v in state.metadata.items()},
+            "content": "merged base weights W + dW of the modules whose dense update is no larger than its LoRA "
+                       "factors (r(m+n) >= m*n); use them in place of the base weights and of the adapter's "
+                       "factors for these modules"})
 
 
 def a_fingerprint(state: AdapterState) -> int:

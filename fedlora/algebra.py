@@ -24,7 +24,7 @@ from .adapters import AdapterState, LoraFactors
 __all__ = [
     "normalize", "ideal_update", "effective_update", "fedit", "flora_stack", "dense_or_stacked_bytes",
     "ffa_average", "lora_fair", "lora_fair_dense", "flexlora", "flexlora_global", "svd_of_sum", "hetlora",
-    "truncate", "numerical_rank",
+    "truncate", "numerical_rank", "tolerance_rank", "tolerance_factors", "dense_is_smaller",
 ]
 
 
@@ -450,3 +450,39 @@ def numerical_rank(S: torch.Tensor, rtol: float = 1e-10) -> int:
     if S.numel() == 0 or not bool(S[0] > 0):
         return 0
     return int((S > S[0] * rtol).sum())
+
+
+def tolerance_rank(S: torch.Tensor, tol: float) -> int:
+    """The smallest k whose discarded tail meets a relative Frobenius tolerance: ||S[k:]|| <= tol * ||S|| (S the
+    singular values, descending; the tail's norm is the error of the best rank-k approximation). 0 for a zero matrix.
+    Tail sums are accumulated from the smallest value up, in float64."""
+    sq = S.detach().double().square()
+    total = float(sq.sum()) if sq.numel() else 0.0
+    if total == 0.0:
+        return 0
+    tails = torch.cat([sq.flip(0).cumsum(0).flip(0), sq.new_zeros(1)])  # tails[k] = sum_{i >= k} S_i^2
+    return int((tails <= (float(tol) ** 2) * total).nonzero()[0])
+
+
+def tolerance_factors(delta: torch.Tensor, tol: float) -> tuple[LoraFactors, int]:
+    """A dense update dW (m x n) as float32 LoRA factors of the smallest rank k (at least 1) with
+    ||B A - dW||_F <= tol * ||dW||_F: the SVD truncated at :func:`tolerance_rank`, A = Vh_k (orthonormal rows),
+    B = U_k S_k, scale 1. When float32 rounding of the factors pushes the error past tol (a tail just under it), k
+    grows until it does not; a tol below what float32 factors can hold (their rounding alone exceeds it, about
+    1e-7 relative) keeps the smallest k of the exact factorisation. Returns (factors, k)."""
+    d = delta.double()
+    U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+    k, bound, first = max(1, tolerance_rank(S, tol)), float(tol) * float(torch.linalg.norm(d)), None
+    while True:
+        f = LoraFactors(Vh[:k].float().contiguous(), (U[:, :k] * S[:k]).float().contiguous(), 1.0)
+        first, err = first or (f, k), float(torch.linalg.norm(f.delta() - d))
+        if err <= bound:
+            return f, k
+        if k >= S.numel() or err * err - float(S[k:].square().sum()) > bound * bound:  # rounding: no k helps
+            return first
+        k += 1
+
+
+def dense_is_smaller(rank: int, m: int, n: int) -> bool:
+    """True when rank-r factors of an m x n update hold at least as many numbers as the update: r(m + n) >= m n."""
+    return int(rank) * (int(m) + int(n)) >= int(m) * int(n)

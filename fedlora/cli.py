@@ -1,7 +1,8 @@
 """``fedlora``: the command line. It parses argv and dispatches; the work is elsewhere (pre-flight:
 :mod:`fedlora.preflight`, the simulation: :mod:`fedlora.simulation`, comparisons: :mod:`fedlora.compare`,
-deployment: :mod:`fedlora.deploy`). Bad input exits 2 with one sentence; a failed run exits 1; Ctrl-C stops
-every process started (130)."""
+deployment: :mod:`fedlora.deploy`). Bad input exits 2 with one sentence; a failed run exits 1; a run that finished
+without training enough (no round aggregated, or fewer than ``min_aggregated_share``) exits 3 with the reason;
+Ctrl-C stops every process started (130)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ USAGE = """usage: fedlora COMMAND [...]
   fedlora deploy ...                     certificates, keys, SuperLink/SuperNode (see `fedlora deploy -h`)
 
 `fedlora run -h` and `fedlora compare -h` describe each command.
-Bad input exits 2 with one sentence; a failed run exits 1; Ctrl-C stops every process started (130).
+Bad input exits 2 with one sentence; a failed run exits 1; a run that finished without training enough
+(status no-round-aggregated or degraded in summary.json) exits 3; Ctrl-C stops every process started (130).
 """
 HELP_FLAGS = ("-h", "--help")
 VERBOSE_FLAGS = ("-v", "--verbose")
@@ -32,13 +34,18 @@ common keys: num_clients, num_rounds, local_steps, seed, client_ranks=[4,8,...],
   train.batch_size, train.lr, eval.max_examples, simulation.num_cpus, audit=true, kernels=...
   (any key of conf/config.yaml or of a group, e.g. model.lora.r=16)
 
-  out_dir=DIR        the run directory (default: runs/<timestamp>-<strategy>); it must not hold a run already
+  out_dir=DIR        the run directory (default: runs/<timestamp>-<strategy>, -2, -3... when taken); it must not
+                     hold a run already, nor be in use by another run (.<name>.lock beside it)
+  min_aggregated_share=0.5  the share of rounds that must aggregate (a round with fewer than min_train_nodes
+                     valid updates is skipped); below it the run ends "degraded", with none "no-round-aggregated"
   resume=RUN_DIR     continue an interrupted run from its last checkpoint with its saved config
                      (num_rounds=N may extend it)
   -v, --verbose      Flower's and Ray's logs too
 
 The run directory gets config.yaml, metrics.jsonl (one line per round), checkpoint.fedlora, summary.json and
-adapter/ (a PEFT adapter); audit/ with audit=true.
+adapter/ (a PEFT adapter); audit/ with audit=true. summary.json's status: completed or budget-exhausted
+(exit 0), degraded or no-round-aggregated (exit 3, with status_reason: the rounds aggregated and the last
+round's rejected clients).
 
 example: fedlora run model=tiny_llama strategy=flora num_clients=4 num_rounds=3
 """
@@ -69,6 +76,12 @@ def cmd_run(argv: list[str]) -> int:
     print(f"fedlora: {'resuming ' if resume else ''}{cfg.strategy.name} on {cfg.model.name}/{cfg.data.name}, "
           f"{cfg.num_clients} clients, {cfg.num_rounds} rounds -> {run_dir}", flush=True)
     summary = simulation.simulate(cfg, run_dir, verbose, resume=resume)
+    from fedlora.rundir import EXIT_UNDERTRAINED, FAILED_STATUSES
+
+    if summary.get("status") in FAILED_STATUSES:
+        print(f"error: the run ended {summary['status']}: {summary['status_reason']}; results in {run_dir}",
+              file=sys.stderr)
+        return EXIT_UNDERTRAINED
     acc = summary.get("final_eval_accuracy")
     print(f"done: final eval_loss {summary['final_eval_loss']:.4f}"
           + (f", eval_accuracy {acc:.4f}" if acc is not None else "") + f"; adapter in {summary['adapter']}")

@@ -53,6 +53,8 @@ seed, then write
   target=ACC             accuracy for the "rounds to target" column (default: compare.target_accuracy)
   out_dir=OUT            where to write (default: runs/<timestamp>-compare); must not hold these runs already
   compare.centralised=false    leave out the centralised row
+  compare.reuse=true     tabulate a run directory that already holds the same run, finished, instead of refusing
+                         it: an interrupted comparison, or one given more seeds, runs only what it lacks
   -v, --verbose          Flower's and Ray's logs too
   run overrides          anything `fedlora run` takes, applied to every run (model=, data=, num_rounds=, ...)
 
@@ -145,29 +147,78 @@ def _check_centralised(cfg) -> None:
         check(cfg)
 
 
-def _plan(base_overrides, names, seeds, out, with_ceiling) -> list[tuple]:
-    """Every run's (seed, name, run_dir, config, refusal), after each seed's shared setting, each run directory
-    and each strategy's config passed the pre-flight (a strategy refused for this setting gets its refusal)."""
+#: Config sections that do not change what a run computes: where it is written, how a comparison is laid out,
+#: and the centralised run's learning-rate grid (a reused centralised run's lr is the one in its summary).
+LAYOUT_KEYS = ("out_dir", "compare", "centralised")
+
+
+def _flat(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if prefix == "" and k in LAYOUT_KEYS:
+                continue
+            yield from (walk(v, key + ".") if isinstance(v, dict) else [(key, v)])
+
+    return dict(walk(OmegaConf.to_container(cfg, resolve=True)))
+
+
+def reusable(run_dir: Path, cfg) -> list[str] | None:
+    """With ``compare.reuse``: whether ``run_dir`` already holds this planned run, finished. None when it holds
+    no summary (the run is to be done); else the config keys the saved run lacks (written by an older fedlora,
+    they take their defaults in the planned config), possibly none. A summary whose status is not a successful
+    one (``completed``, ``budget-exhausted``), or whose saved config differs from ``cfg`` on any key both have (besides
+    :data:`LAYOUT_KEYS`), raises :class:`~fedlora.config.ConfigError`: that directory holds another run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").exists():
+        return None
+    status = json.loads((run_dir / "summary.json").read_text()).get("status", "completed")
+    if status not in report.STATUSES or status in report.FAILED_STATUSES or not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"compare.reuse: {run_dir} holds a run that did not complete (status {status}) or has "
+                          "no config.yaml: move it away to run it again.")
+    saved, planned = _flat(config.from_yaml((run_dir / "config.yaml").read_text())), _flat(cfg)
+    differ = sorted(k for k in saved.keys() & planned.keys() if saved[k] != planned[k])
+    if differ:
+        k = differ[0]
+        raise ConfigError(f"compare.reuse: {run_dir} holds a run of another setting ({k}={saved[k]} there, "
+                          f"{planned[k]} planned{f', and {len(differ) - 1} more keys' if len(differ) > 1 else ''}): "
+                          "choose another out_dir or move that run away.")
+    return sorted(planned.keys() - saved.keys())
+
+
+def _plan(base_overrides, names, seeds, out, with_ceiling, reuse=False) -> list[tuple]:
+    """Every run's (seed, name, run_dir, config, refusal, reused), after each seed's shared setting, each run
+    directory and each strategy's config passed the pre-flight (a strategy refused for this setting gets its
+    refusal). ``reused``: with ``reuse``, the keys :func:`reusable` reports for a finished run already there
+    (None: the run is to be done)."""
     multi, plan = len(seeds) > 1, []
     for seed in seeds:
         preflight.check_setting(config.load(list(base_overrides) + [f"seed={seed}"]))
         for n in names + ([report.CENTRALISED] if with_ceiling else []):
             d = run_dir_of(out, seed, n, multi)
-            report.check_fresh(d)
             try:
                 cfg = run_config(base_overrides, n, seed, d)
-                if n == report.CENTRALISED:
-                    _check_centralised(cfg)
-                else:
-                    preflight.check(cfg)
-                plan.append((seed, n, d, cfg, None))
             except ConfigError as e:
-                plan.append((seed, n, d, None, e))
+                report.check_fresh(d)
+                plan.append((seed, n, d, None, e, None))
+                continue
+            reused = reusable(d, cfg) if reuse else None
+            if reused is None:
+                report.check_fresh(d)
+                try:
+                    _check_centralised(cfg) if n == report.CENTRALISED else preflight.check(cfg)
+                except ConfigError as e:
+                    plan.append((seed, n, d, None, e, None))
+                    continue
+            plan.append((seed, n, d, cfg, None, reused))
     return plan
 
 
 def compare(base_overrides: list[str], names: list[str], target: float, out: Path, verbose: bool = False,
-            echo=print, seeds: list[int] | None = None, centralised: bool | None = None) -> list[dict]:
+            echo=print, seeds: list[int] | None = None, centralised: bool | None = None,
+            reuse: bool | None = None) -> list[dict]:
     """For each seed of ``seeds`` (default: the config's seed), run each strategy of ``names`` on the setting
     ``base_overrides`` describe, one after the other, into :func:`run_dir_of`, then (``centralised``, default:
     ``compare.centralised`` or ``centralised`` in ``names``) the centralised ceiling. Returns one row per
@@ -176,7 +227,11 @@ def compare(base_overrides: list[str], names: list[str], target: float, out: Pat
     Before anything starts: the shared setting is checked for every seed (an unknown strategy, unusable data or
     a run directory that already holds a run raise :class:`~fedlora.config.ConfigError`), then each run's config
     goes through :func:`fedlora.preflight.check`; a strategy refused for this setting (e.g. a single-rank method
-    in a mixed-rank preset) becomes a ``not run: <reason>`` row. A run that fails raises RuntimeError."""
+    in a mixed-rank preset) becomes a ``not run: <reason>`` row. A run that fails raises RuntimeError.
+
+    ``reuse`` (default ``compare.reuse``): a run directory that already holds this very run, finished (same
+    config but for :data:`LAYOUT_KEYS`, see :func:`reusable`), is tabulated as it is instead of refused, so an
+    interrupted comparison, or one extended by more seeds, does only the runs it lacks."""
     base_overrides, out = list(base_overrides), Path(out).resolve()
     base = config.load(base_overrides)
     seeds = list(seeds) if seeds is not None else parse_seeds(base.compare.get("seeds"), base.seed)
@@ -187,29 +242,35 @@ def compare(base_overrides: list[str], names: list[str], target: float, out: Pat
         if n not in config.group_options("strategy"):
             raise ConfigError(f"unknown strategy '{n}' in strategies=[...]: "
                               f"choose from {', '.join(config.group_options('strategy'))} (or centralised).")
-    plan = _plan(base_overrides, names, seeds, out, with_ceiling)
+    reuse = bool(base.compare.get("reuse")) if reuse is None else reuse
+    plan = _plan(base_overrides, names, seeds, out, with_ceiling, reuse)
     out.mkdir(parents=True, exist_ok=True)
     echo(f"fedlora compare: {', '.join(names)}{' + centralised' if with_ceiling else ''} on {base.model.name}/"
          f"{base.data.name}, {base.num_clients} clients, {base.num_rounds} rounds, seeds {seeds} -> {out}", flush=True)
     rows, lr = [], None
-    for seed, n, d, cfg, refusal in plan:
-        rows.append(_one(seed, n, d, cfg, refusal, out, target, verbose, echo, lr))
+    for seed, n, d, cfg, refusal, reused in plan:
+        rows.append(_one(seed, n, d, cfg, refusal, out, target, verbose, echo, lr, reused))
         if n == report.CENTRALISED and lr is None and not rows[-1]["note"].startswith("not run"):
             lr = json.loads((d / "summary.json").read_text()).get("lr")
     return rows
 
 
-def _one(seed, name, run_dir, cfg, refusal, out, target, verbose, echo, lr=None) -> dict:
-    """Run one planned run (or record its refusal) and return its row. ``lr``: the centralised run's learning
-    rate when an earlier seed already chose it from the grid (the grid is searched on the first seed only)."""
+def _one(seed, name, run_dir, cfg, refusal, out, target, verbose, echo, lr=None, reused=None) -> dict:
+    """Run one planned run (or record its refusal, or take the finished run ``reused`` names) and return its
+    row. ``lr``: the centralised run's learning rate when an earlier seed already chose it from the grid (the
+    grid is searched on the first seed only)."""
     label = f"seed {seed}, {name}"
     if refusal is not None:
         echo(f"-- {label}: not run ({refusal})", flush=True)
         return report.not_run_row(name, refusal) | {"seed": seed}
-    echo(f"-- {label}", flush=True)
-    if name == report.CENTRALISED:
+    if reused is not None:
+        lacks = f"; its config lacks {', '.join(reused)} (defaults assumed)" if reused else ""
+        echo(f"-- {label}: reused, finished in {run_dir}{lacks}", flush=True)
+    elif name == report.CENTRALISED:
+        echo(f"-- {label}", flush=True)
         centralised_runner()(cfg, run_dir, echo=echo, lr_grid=None if lr is None else [lr])
     else:
+        echo(f"-- {label}", flush=True)
         simulate(cfg, run_dir, verbose)
     row = report.summarise(name, run_dir, target)
     return row | {"seed": seed, "run_dir": str(run_dir.relative_to(out))}
@@ -236,6 +297,11 @@ def cmd_compare(argv: list[str]) -> int:
     table = report.write_comparison(out, rows, target, describe(base, seeds), baseline)
     print("\n" + table + f"\n\nwritten: {out}/comparison.md, comparison.csv, comparison_seeds.csv, "
           "accuracy_vs_round.png, accuracy_vs_bytes.png")
+    failed = [r for r in rows if report.failed(r)]
+    if failed:  # tabulated and marked, but the comparison did not do what was asked of it
+        print("error: " + "; ".join(f"seed {r['seed']}, {r['strategy']}: {r['note']}" for r in failed),
+              file=sys.stderr)
+        return report.EXIT_UNDERTRAINED
     return 0
 
 

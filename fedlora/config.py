@@ -11,11 +11,20 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
+#: Hydra's config tree: the checkout's ``conf/``, or the copy a wheel installs as ``fedlora/conf``.
+CONF_DIR = next((d for d in (Path(__file__).resolve().parent / "conf", REPO_ROOT / "conf") if d.is_dir()),
+                REPO_ROOT / "conf")
 
 
 class ConfigError(ValueError):
     """A configuration problem, explained in one sentence."""
+
+
+#: keys that were documented once and are gone, with what to do instead (a clearer refusal than "not a key")
+REMOVED_KEYS = {
+    "eval.client_side": "clients do not evaluate (client-side evaluation was never implemented); the server "
+                        "evaluates the global model on the test and validation splits every round, so remove it",
+}
 
 
 def group_options(group: str) -> list[str]:
@@ -41,6 +50,8 @@ def compose(overrides: str | list[str] | None = None) -> DictConfig:
     overrides = split_overrides(overrides)
     for ov in overrides:
         key = ov.split("=", 1)[0].lstrip("+~")
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"{key} is no longer a setting: {REMOVED_KEYS[key]}.")
         if "=" in ov and "." not in key and (CONF_DIR / key).is_dir():
             value = ov.split("=", 1)[1]
             if value not in group_options(key):
@@ -53,6 +64,10 @@ def compose(overrides: str | list[str] | None = None) -> DictConfig:
             cfg = hydra_compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if first.startswith("Could not override '"):
+            key = first.split("'")[1]
+            raise ConfigError(f"invalid override: {key} is not a key of the config: check its spelling "
+                              "(`fedlora run -h` lists the common keys; conf/ holds them all).") from None
         raise ConfigError(f"invalid override: {first}") from None
     finally:
         GlobalHydra.instance().clear()
@@ -61,10 +76,13 @@ def compose(overrides: str | list[str] | None = None) -> DictConfig:
 
 def load(overrides: str | list[str] | None = None) -> DictConfig:
     """Compose, apply presets and defaults, and validate. The one entry point for a run's config."""
+    overrides = split_overrides(overrides)
     cfg = compose(overrides)
     OmegaConf.set_struct(cfg, False)
     if cfg.get("out_dir") in (None, "", "null"):
         cfg.out_dir = None
+    # the types of the defaults (with the same config groups): a number given as text is refused by its key
+    check_types(cfg, compose([ov for ov in overrides if _is_group_override(ov)]))
     validate(cfg)
     ranks = client_ranks(cfg)
     if len(set(ranks)) == 1 and ranks[0] != cfg.model.lora.r:  # one rank for all: it is the model's LoRA rank
@@ -119,65 +137,186 @@ def _require(cond: bool, msg: str) -> None:
 
 
 def client_ranks(cfg: DictConfig) -> list[int]:
-    """One LoRA rank per client (partition id)."""
-    r = cfg.client_ranks
+    """One LoRA rank per client (partition id). ``client_ranks``: null (``model.lora.r`` for everyone), one rank, a
+    list of at most ``num_clients`` ranks (a shorter list repeats: [4,8] over 4 clients gives 4,8,4,8), or
+    ``profile`` (FedPipe only: its plan gives each client a rank from its hardware profile; until the plan, every
+    client counts at ``model.lora.r``)."""
+    r, n = cfg.client_ranks, int(cfg.num_clients)
     if r is None or r == "null":
-        return [int(cfg.model.lora.r)] * int(cfg.num_clients)
-    if isinstance(r, int):
-        return [r] * int(cfg.num_clients)
-    if isinstance(r, str):
-        raise ConfigError(f"client_ranks='{r}' is not a list or integer: use e.g. client_ranks=[4,8,16].")
+        return [int(cfg.model.lora.r)] * n
+    if r == "profile":
+        if cfg.strategy.name != "fedpipe":
+            raise ConfigError(f"client_ranks=profile plans each client's rank from its hardware profile, which only "
+                              f"strategy=fedpipe does: give strategy {cfg.strategy.name} one rank or a list such as "
+                              "client_ranks=[4,8,16].")
+        return [int(cfg.model.lora.r)] * n
+    if isinstance(r, int) and not isinstance(r, bool):
+        return [r] * n
+    if not (OmegaConf.is_list(r) or isinstance(r, (list, tuple))):  # text, a float, a flag, a mapping
+        raise ConfigError(f"client_ranks={r} is not a rank, a list or profile: use e.g. client_ranks=[4,8,16].")
+    if len(r) == 0 or any(not isinstance(x, int) or isinstance(x, bool) for x in r):
+        raise ConfigError(f"client_ranks={list(r)} must be a non-empty list of integer ranks, e.g. client_ranks=[4,8,16].")
     ranks = [int(x) for x in r]
-    if len(ranks) != int(cfg.num_clients):
-        # A shorter list repeats: [4,8] over 4 clients -> 4,8,4,8 (users write the pattern once).
-        ranks = [ranks[i % len(ranks)] for i in range(int(cfg.num_clients))]
-    return ranks
+    if len(ranks) > n:
+        raise ConfigError(f"client_ranks has {len(ranks)} ranks but num_clients={n}: give at most one rank per client "
+                          "(a shorter list repeats over the clients).")
+    return [ranks[i % len(ranks)] for i in range(n)]
+
+
+def _is_group_override(ov: str) -> bool:
+    key = ov.split("=", 1)[0].lstrip("+~")
+    return "=" in ov and "." not in key and (CONF_DIR / key).is_dir()
+
+
+def _leaves(node, prefix: str = ""):
+    """``(dotted key, value)`` of every non-container value of a plain (resolved) config container."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+
+def flat(cfg) -> dict:
+    """A config as ``{dotted key: value}`` (lists are values), resolved."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        whole = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"the config does not resolve ({str(e).strip().splitlines()[0]}): fix the interpolation.")
+    return dict(_leaves(whole))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_types(cfg, reference) -> None:
+    """Refuse a value whose type is not the one ``reference`` (the defaults, or a resumed run's saved config) has
+    for the same key: a number given as text (``train.lr=abc``) or a flag that is not true/false. null, lists and
+    keys the reference lacks are left to :func:`validate` and the strategies' own checks."""
+    ref = flat(reference)
+    for key, v in flat(cfg).items():
+        want = ref.get(key)
+        if v is None or want is None or isinstance(v, (list, dict)):
+            continue
+        if isinstance(want, bool) and not isinstance(v, bool):
+            raise ConfigError(f"{key}={v} must be true or false.")
+        if _is_number(want) and not _is_number(v):
+            raise ConfigError(f"{key}={v} is not a number: give e.g. {key}={want}.")
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number_in(cfg, key: str, lo=None, hi=None, *, integer=False, lo_open=False, null=False, hint="") -> None:
+    """Refuse ``key`` unless it is a number (an integer with ``integer``) within [lo, hi] (``lo_open``: (lo, hi]),
+    or null where ``null`` allows it; the sentence names the key, its value and the fix (``hint``)."""
+    import math
+
+    v = OmegaConf.select(cfg, key)
+    if v is None and null:
+        return
+    ok = _int(v) if integer else _is_number(v) and math.isfinite(v)
+    ok = ok and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        rng = ("" if lo is None else f" {'>' if lo_open else '>='} {lo}") + (
+            "" if hi is None else f"{' and' if lo is not None else ''} <= {hi}")
+        raise ConfigError(f"{key}={v} must be {kind}{rng}{' (or null)' if null else ''}{hint}.")
 
 
 def validate(cfg: DictConfig) -> None:
+    """The config's own rules, each refusal one sentence naming the key and the fix (what needs the data, the model
+    or the strategy is checked by :mod:`fedlora.preflight`)."""
     names = group_options("strategy")  # conf/strategy/ names the methods; fedlora.strategies registers each
     _require(cfg.strategy.name in names, f"unknown strategy '{cfg.strategy.name}': choose one of {', '.join(names)}.")
-    _require(isinstance(cfg.num_clients, int) and cfg.num_clients >= 1, "num_clients must be an integer >= 1.")
-    _require(isinstance(cfg.num_rounds, int) and cfg.num_rounds >= 1, "num_rounds must be an integer >= 1.")
+    _require(_int(cfg.num_clients) and cfg.num_clients >= 1, "num_clients must be an integer >= 1.")
+    _require(_int(cfg.num_rounds) and cfg.num_rounds >= 1, "num_rounds must be an integer >= 1.")
+    _number_in(cfg, "seed", 0, integer=True)
     _require(
-        isinstance(cfg.fraction_train, (int, float)) and 0 < cfg.fraction_train <= 1,
+        _is_number(cfg.fraction_train) and 0 < cfg.fraction_train <= 1,
         f"fraction_train={cfg.fraction_train} is outside (0, 1]: use e.g. fraction_train=0.5.",
     )
     _require(
-        1 <= cfg.min_train_nodes <= cfg.num_clients,
+        _int(cfg.min_train_nodes) and 1 <= cfg.min_train_nodes <= cfg.num_clients,
         f"min_train_nodes={cfg.min_train_nodes} must be between 1 and num_clients={cfg.num_clients}.",
     )
-    _require(cfg.local_steps is None or cfg.local_steps >= 1, "local_steps must be >= 1.")
-    _require(cfg.local_epochs is None or cfg.local_epochs > 0, "local_epochs must be > 0 (or null).")
-    _require(cfg.train.batch_size >= 1, "train.batch_size must be >= 1.")
-    _require(cfg.train.lr > 0, "train.lr must be > 0.")
+    _require(cfg.local_steps is None or (_int(cfg.local_steps) and cfg.local_steps >= 1),
+             f"local_steps={cfg.local_steps} must be an integer >= 1 (or null with local_epochs set).")
+    _require(cfg.local_epochs is None or (_is_number(cfg.local_epochs) and cfg.local_epochs > 0),
+             f"local_epochs={cfg.local_epochs} must be > 0 (or null).")
+    _require(cfg.local_steps is not None or cfg.local_epochs is not None,
+             "local_steps and local_epochs are both null, so clients would not know how long to train: set "
+             "local_steps=N (optimizer steps per round) or local_epochs=E.")
+    _number_in(cfg, "round_timeout", 0, lo_open=True, hint=": the seconds a round waits for replies")
+    _number_in(cfg, "update_norm_factor", 0, hint=" (0 turns the norm check off)")
+    from .rundir import min_aggregated_share
+
+    min_aggregated_share(cfg)
+    _require(isinstance(cfg.get("audit", False), bool), f"audit={cfg.get('audit')} must be true or false.")
+    _number_in(cfg, "train.batch_size", 1, integer=True)
+    _require(_is_number(cfg.train.lr) and cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be a number > 0.")
+    _number_in(cfg, "train.weight_decay", 0)
+    _number_in(cfg, "train.warmup_steps", 0, integer=True)
+    _number_in(cfg, "train.max_grad_norm", 0, null=True, hint=" (0 or null: no clipping)")
+    _number_in(cfg, "train.max_length", 2, integer=True, hint=" (tokens per example)")
     mb = cfg.train.get("micro_batch_size")
-    _require(mb is None or (isinstance(mb, int) and mb >= 1),
+    _require(mb is None or (_int(mb) and mb >= 1),
              f"train.micro_batch_size={mb} must be an integer >= 1 (or null for the whole batch).")
     _require(cfg.train.scheduler in ("constant", "linear", "cosine"),
              "train.scheduler must be constant, linear or cosine.")
+    _number_in(cfg, "eval.batch_size", 1, integer=True)
+    _number_in(cfg, "eval.max_examples", 1, integer=True, null=True, hint=": null evaluates every row")
+    _require(not cfg.eval.get("client_side"),  # a saved config of an older run may hold client_side: false
+             f"eval.client_side is no longer a setting: {REMOVED_KEYS['eval.client_side']}.")
     _require(cfg.kernels in ("auto", "triton", "torch", "peft"), "kernels must be auto, triton, torch or peft.")
     _require(cfg.model.task in ("seq-cls", "causal-lm"), f"model.task='{cfg.model.task}' must be seq-cls or causal-lm.")
     if cfg.model.name == "hf":
         _require(not OmegaConf.is_missing(cfg.model, "source") and cfg.model.source,
                  "model=hf needs model.source=<local path or hub id>.")
+    _require(cfg.model.name != "tiny_llama" or cfg.model.task == "causal-lm",
+             f"model=tiny_llama is a causal LM, so model.task={cfg.model.task} cannot apply: keep model.task=causal-lm "
+             "(or use model=minilm for seq-cls).")
+    if cfg.model.task == "seq-cls":
+        _number_in(cfg, "model.num_labels", 2, integer=True, hint=" (classes of the classification head)")
     lora = cfg.model.lora
-    _require(isinstance(lora.r, int) and lora.r >= 1, f"model.lora.r={lora.r} must be an integer >= 1 (the LoRA rank).")
-    _require(lora.alpha > 0, "model.lora.alpha must be > 0.")
-    _require(0 <= lora.dropout < 1, "model.lora.dropout must be in [0, 1).")
+    _require(_int(lora.r) and lora.r >= 1, f"model.lora.r={lora.r} must be an integer >= 1 (the LoRA rank).")
+    _require(_is_number(lora.alpha) and lora.alpha > 0, f"model.lora.alpha={lora.alpha} must be > 0.")
+    _require(_is_number(lora.dropout) and 0 <= lora.dropout < 1, f"model.lora.dropout={lora.dropout} must be in [0, 1).")
     for r in client_ranks(cfg):
         _require(r >= 1, f"client rank {r} must be >= 1: fix client_ranks.")
     if OmegaConf.is_missing(cfg.data, "path"):
         raise ConfigError(f"data={cfg.data.name} needs data.path=<file or folder>.")
-    _require(cfg.simulation.client_cpus >= 1 and int(cfg.simulation.client_cpus) == cfg.simulation.client_cpus,
+    _require(_is_number(cfg.simulation.client_cpus) and cfg.simulation.client_cpus >= 1
+             and int(cfg.simulation.client_cpus) == cfg.simulation.client_cpus,
              "simulation.client_cpus must be a positive integer (Flower 1.42 requires it).")
+    _number_in(cfg, "simulation.num_cpus", 1, integer=True, null=True, hint=": null uses every core")
     if cfg.partitioner.name == "label_skew":
-        rows = len(cfg.partitioner.proportions)
-        _require(rows == cfg.num_clients, f"partitioner label_skew has {rows} rows of proportions but "
-                                          f"num_clients={cfg.num_clients}: give one row per client.")
+        _check_label_skew(cfg)
     from . import privacy
 
     try:
         privacy.validate_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_label_skew(cfg) -> None:
+    """``partitioner.proportions``: one row per client, each a list of shares >= 0 of its share of the data, one per
+    class, summing to at most 1 (the number of classes is checked against the data by
+    :func:`fedlora.preflight.check_partitioner`)."""
+    props = cfg.partitioner.get("proportions")
+    ok = OmegaConf.is_list(props) and all(OmegaConf.is_list(row) and len(row) > 0 for row in props)
+    _require(ok, f"partitioner.proportions={props} must be a list of rows, one per client, each a list of shares "
+                 "per class, e.g. [[0.1,0.9],[0.9,0.1]].")
+    rows = len(props)
+    _require(rows == cfg.num_clients, f"partitioner label_skew has {rows} rows of proportions but "
+                                      f"num_clients={cfg.num_clients}: give one row per client.")
+    for k, row in enumerate(props):
+        _require(all(_is_number(p) and p >= 0 for p in row),
+                 f"partitioner.proportions row {k} ({list(row)}) must hold numbers >= 0 (a client's share of each class).")
+        _require(sum(row) <= 1 + 1e-9, f"partitioner.proportions row {k} ({list(row)}) sums to {sum(row):g} > 1: a "
+                                       "client's shares of its data must sum to at most 1.")
+        _require(sum(row) > 0, f"partitioner.proportions row {k} is all zeros, so client {k} would get no data: "
+                               "give it a share of some class.")

@@ -21,7 +21,11 @@ import torch
 from .config import REPO_ROOT, ConfigError
 
 SUFFIXES = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+#: SST-2 beside a source checkout (``<checkout>/../shared/data/sst2``), found from where the fedlora package is
+#: installed (an editable install: the checkout), never from the working directory or Flower's app copy; an
+#: installed wheel has no such place. The environment variable ``FEDLORA_SST2`` (a folder) takes precedence.
 SHARED_SST2 = REPO_ROOT.parent / "shared" / "data" / "sst2"
+SST2_ENV = "FEDLORA_SST2"
 SST2_HUB = "stanfordnlp/sst2"
 
 
@@ -111,8 +115,24 @@ def resolve_path(data_cfg) -> str:
     if path in (None, "", "null"):
         if data_cfg.name != "sst2":
             raise DataError(f"data={data_cfg.name} needs data.path=<file or folder>.")
-        return str(SHARED_SST2) if SHARED_SST2.exists() else SST2_HUB
+        return default_sst2()
     return str(path)
+
+
+def default_sst2() -> str:
+    """Where ``data=sst2`` without ``data.path`` reads from, on this machine: ``$FEDLORA_SST2``, else the folder beside
+    the checkout fedlora is installed from (:data:`SHARED_SST2`), else the hub id ``stanfordnlp/sst2``. A node resolves
+    it itself (a server never sends a path), so under ``flwr run`` it is the same for the ServerApp and the nodes."""
+    import os
+
+    env = os.environ.get(SST2_ENV, "").strip()
+    if env:
+        if not Path(env).expanduser().is_dir():
+            raise DataError(f"{SST2_ENV}={env} is not a folder: point it at the SST-2 folder (train.tsv, dev.tsv) "
+                            f"or unset it.")
+        return str(Path(env).expanduser().resolve())
+    in_checkout = (REPO_ROOT / "pyproject.toml").is_file()
+    return str(SHARED_SST2) if in_checkout and SHARED_SST2.is_dir() else SST2_HUB
 
 
 @functools.lru_cache(maxsize=4)
@@ -127,6 +147,26 @@ def load(data_cfg):
     from omegaconf import OmegaConf
 
     return _load_cached(OmegaConf.to_yaml(data_cfg, resolve=True))
+
+
+def _drop_unlabelled(test_df, where, data_cfg):
+    """The test split without its unlabelled rows (a negative label such as -1: hub test splits are often
+    unlabelled), their count said in a warning; None when no row is labelled (the test split is then carved from
+    the training rows, ``data.test_fraction``). Nothing is ever given a label it does not have."""
+    import warnings
+
+    unlabelled = test_df["label"] < 0
+    if not unlabelled.any():
+        return test_df
+    if unlabelled.all():
+        warnings.warn(f"fedlora: the test split of {where} is unlabelled ({len(test_df)} rows with a negative label): "
+                      f"holding out data.test_fraction={data_cfg.get('test_fraction', 0.1)} of the training rows "
+                      "as the test split instead.", stacklevel=3)
+        return None
+    warnings.warn(f"fedlora: dropped {int(unlabelled.sum())} unlabelled rows (negative label) of the {len(test_df)} "
+                  f"rows of the test split of {where}; evaluating on the {int((~unlabelled).sum())} labelled ones.",
+                  stacklevel=3)
+    return test_df[~unlabelled]
 
 
 def _load(data_cfg):
@@ -167,10 +207,15 @@ def _load(data_cfg):
     else:
         convert = lambda df, w: _classification(df, data_cfg, w)  # noqa: E731
     train_df = convert(train_df, where)
+    if kind != "instruction" and (train_df["label"] < 0).any():
+        bad = train_df["label"][train_df["label"] < 0]
+        raise DataError(f"{where}: {len(bad)} of the {len(train_df)} training rows have a negative label (e.g. "
+                        f"{int(bad.iloc[0])}, unlabelled): every training row needs a class id >= 0, so remove those "
+                        "rows or fix the file.")
     if test_df is not None:
         test_df = convert(test_df, where)
-        if kind != "instruction" and (test_df["label"] < 0).all():  # hub test splits can be unlabelled (-1)
-            test_df = None
+        if kind != "instruction":
+            test_df = _drop_unlabelled(test_df, where, data_cfg)
     if test_df is None:
         frac = float(data_cfg.get("test_fraction", 0.1))
         test_df = train_df.sample(frac=frac, random_state=0)
@@ -312,9 +357,10 @@ class LabelSkewPartitioner:
         for props in self.proportions:
             idx = []
             for c, p in enumerate(props):
-                take = min(int(round(p * per_client)), len(pools.get(c, [])))
-                idx += [int(i) for i in pools[c][:take]]
-                pools[c] = pools[c][take:]
+                pool = pools.get(c, [])  # a class the data lacks gives nothing (the pre-flight refuses it)
+                take = min(int(round(p * per_client)), len(pool))
+                idx += [int(i) for i in pool[:take]]
+                pools[c] = pool[take:]
             self._idx.append(sorted(idx))
 
     def load_partition(self, partition_id: int):
@@ -389,9 +435,19 @@ class Collator:
         if self.task == "seq-cls":
             enc = self.tok([e["text"] for e in examples], truncation=True, max_length=self.max_length,
                            padding=True, return_tensors="pt")
-            enc["labels"] = torch.tensor([int(e["label"]) for e in examples])
+            enc["labels"] = torch.tensor([self._label(e, None) for e in examples])
             return dict(enc)
         return self._causal(examples)
+
+    @staticmethod
+    def _label(example, classes: int | None) -> int:
+        """The example's class id, refused when it is not one the model holds (a -1 would silently become the
+        last label word): :func:`load` drops unlabelled test rows and the pre-flight refuses the rest."""
+        label = int(example["label"])
+        if label < 0 or (classes is not None and label >= classes):
+            raise DataError(f"label {label} is not a class id in [0, {classes if classes is not None else 'num_labels'}):"
+                            " drop unlabelled rows or fix data.label_words / model.num_labels.")
+        return label
 
     def _causal(self, examples):
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -404,8 +460,9 @@ class Collator:
                     raise DataError("a causal LM on classification data needs data.label_words, "
                                     "e.g. [negative,positive].")
                 prompt = f"Review: {e['text']}\nSentiment: "
-                response = self.label_words[int(e["label"])]
-                class_labels.append(int(e["label"]))
+                label = self._label(e, len(self.label_words))
+                response = self.label_words[label]
+                class_labels.append(label)
             p_ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
             r_ids = self.tok(response, add_special_tokens=False)["input_ids"]
             if self.tok.eos_token_id is not None:

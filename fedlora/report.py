@@ -3,7 +3,6 @@ summary), comparison tables and plots. The server is the single writer of a run 
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
@@ -11,18 +10,10 @@ import time
 from pathlib import Path
 
 
-def default_run_dir(cfg) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg.strategy.name}"
-
-
-def check_fresh(run_dir) -> None:
-    """A new run never writes into an earlier run's directory (its metrics would be mixed and its files lost)."""
-    from .config import ConfigError
-
-    if (Path(run_dir) / "metrics.jsonl").exists():
-        raise ConfigError(f"out_dir {run_dir} already holds a run: pass resume={run_dir} to continue it, "
-                          f"or choose a new out_dir.")
+# a run directory's name, claim and freshness, and how a run ended, live in fedlora.rundir (re-exported here)
+from .rundir import (DEFAULT_MIN_AGGREGATED_SHARE, EXIT_UNDERTRAINED, FAILED_STATUSES, STATUSES,  # noqa: F401
+                     check_fresh, claim_run_dir, default_run_dir, lock_path, min_aggregated_share,
+                     release_run_dir, run_status)
 
 
 def human_bytes(n: float) -> str:
@@ -141,9 +132,10 @@ def read_metrics(run_dir) -> list[dict]:
 #: the pooled-data row of a comparison (:mod:`fedlora.centralised`): a ceiling, never a verdict baseline
 CENTRALISED = "centralised"
 CEILING_NOTE = "ceiling: one model trained on the pooled client data"
-#: one row per (seed, strategy): ``comparison_seeds.csv`` (``best_from``: the summary field "best" came from)
+#: one row per (seed, strategy): ``comparison_seeds.csv`` (``best_from``: the summary field "best" came from;
+#: ``status``: how the run ended, :data:`STATUSES`; a failed one is kept here but left out of the means)
 COLUMNS = ["seed", "strategy", "final_accuracy", "best_accuracy", "best_from", "rounds_to_target", "bytes_up",
-           "bytes_down", "wall_s", "run_dir", "note"]
+           "bytes_down", "wall_s", "run_dir", "status", "note"]
 #: the figures averaged over seeds
 FIGURES = ["final_accuracy", "best_accuracy", "rounds_to_target", "bytes_up", "bytes_down", "wall_s"]
 #: one row per strategy: ``comparison.csv``. A figure is the mean over seeds, ``<figure>_sd`` its sample standard
@@ -166,13 +158,20 @@ def rounds_to(rows: list[dict], target: float):
 def summarise(name: str, run_dir: Path, target: float) -> dict:
     """A comparison row for a finished run, from its ``metrics.jsonl`` and ``summary.json``. "best" is the test
     accuracy at the round of best validation accuracy (``test_at_best_val``) when the summary has it, else the
-    best test accuracy over rounds (``best_eval_accuracy``)."""
+    best test accuracy over rounds (``best_eval_accuracy``). A run whose status is one of :data:`FAILED_STATUSES`
+    (e.g. no round aggregated: its figures are the untrained model's) keeps its figures here, and its note says
+    so; the aggregation over seeds (:func:`aggregate`) leaves it out of the means, differences and plots."""
     rows = read_metrics(run_dir)
     summ = json.loads((Path(run_dir) / "summary.json").read_text())
     best_from = "test_at_best_val" if summ.get("test_at_best_val") is not None else "best_eval_accuracy"
+    status = summ.get("status") or "completed"
+    note = ""
+    if status in FAILED_STATUSES:
+        note = (f"{status}: {summ.get('rounds_aggregated', 0)} of {summ.get('rounds', 0)} rounds aggregated, "
+                "left out of the means")
     return {"strategy": name, "final_accuracy": summ.get("final_eval_accuracy"), "best_accuracy": summ.get(best_from),
             "best_from": best_from, "rounds_to_target": rounds_to(rows, target), "bytes_up": summ["bytes_up"],
-            "bytes_down": summ["bytes_down"], "wall_s": round(summ["wall_s"], 1), "note": ""}
+            "bytes_down": summ["bytes_down"], "wall_s": round(summ["wall_s"], 1), "status": status, "note": note}
 
 
 def not_run_row(name: str, reason) -> dict:
@@ -182,6 +181,17 @@ def not_run_row(name: str, reason) -> dict:
 
 def _ran(row: dict) -> bool:
     return not (row.get("note") or "").startswith("not run")
+
+
+def failed(row: dict) -> bool:
+    """Whether a comparison row is a run that ended with one of :data:`FAILED_STATUSES` (not the trained model
+    its config asked for)."""
+    return row.get("status") in FAILED_STATUSES
+
+
+def _counts(row: dict) -> bool:
+    """Whether a row enters the means, differences and plots: it ran and did not fail."""
+    return _ran(row) and not failed(row)
 
 
 def mean_sd(values) -> tuple:
@@ -205,10 +215,13 @@ def paired_diffs(seed_rows: list[dict], name: str, other: str, key: str = "final
 
 
 def _aggregate_one(name: str, rows: list[dict]) -> dict:
-    """One strategy's rows over seeds -> its ``comparison.csv`` row (figures only)."""
-    ran = [r for r in rows if _ran(r)]
+    """One strategy's rows over seeds -> its ``comparison.csv`` row (figures only). ``seeds``: the runs that count
+    (:func:`_counts`); a failed run is named in the note with its seed."""
+    ran = [r for r in rows if _counts(r)]
+    broken = [r for r in rows if _ran(r) and failed(r)]
     if not ran:
-        return {c: None for c in SUMMARY_COLUMNS} | {"strategy": name, "seeds": 0, "note": rows[0]["note"]}
+        notes = [f"{r['note']} (seed {r['seed']})" for r in broken] or [rows[0]["note"]]
+        return {c: None for c in SUMMARY_COLUMNS} | {"strategy": name, "seeds": 0, "note": "; ".join(notes)}
     out = {c: None for c in SUMMARY_COLUMNS} | {"strategy": name, "seeds": len(ran)}
     for f in FIGURES:
         out[f], out[f + "_sd"] = mean_sd(r.get(f) for r in ran)
@@ -217,6 +230,7 @@ def _aggregate_one(name: str, rows: list[dict]) -> dict:
     out["best_from"] = "/".join(sorted({r.get("best_from") or "best_eval_accuracy" for r in ran}))
     notes = [CEILING_NOTE] if name == CENTRALISED else []
     notes += sorted({r["note"] for r in ran if r.get("note") and r["note"] != CEILING_NOTE})
+    notes += [f"{r['note']} (seed {r['seed']})" for r in broken]
     refused = [r for r in rows if not _ran(r)]
     if refused:
         notes.append(f"{refused[0]['note']} (seed {', '.join(str(r['seed']) for r in refused)})")
@@ -232,6 +246,7 @@ def aggregate(seed_rows: list[dict], baseline: str | None = None, alpha: float =
 
     names = list(dict.fromkeys(r["strategy"] for r in seed_rows))
     rows = [_aggregate_one(n, [r for r in seed_rows if r["strategy"] == n]) for n in names]
+    seed_rows = [r for r in seed_rows if _counts(r)]  # a failed run enters no difference
     has_ceiling = any(r["strategy"] == CENTRALISED and r["final_accuracy"] is not None for r in rows)
     for row in rows:
         n = row["strategy"]
@@ -407,7 +422,7 @@ def write_comparison(out: Path, seed_rows: list[dict], target: float, setting: s
     (out / "comparison.md").write_text(f"# fedlora compare\n\n{setting}\n\n{table}\n\n{legend(rows, baseline)}\n")
     runs: dict[str, list[Path]] = {}
     for r in seed_rows:
-        if _ran(r) and r.get("run_dir"):
+        if _counts(r) and r.get("run_dir"):
             runs.setdefault(r["strategy"], []).append(out / r["run_dir"])
     if runs:
         plots(out, runs)

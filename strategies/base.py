@@ -98,6 +98,72 @@ def error_summary(reason: str, limit: int = 300) -> str:
     return (named[-1] if named else lines[-1] if lines else "unknown error")[:limit]
 
 
+@dataclass
+class Attributed:
+    """A round's replies matched to the messages they answer (:func:`attribute`)."""
+
+    replies: list[Message]  # replies a node sent to its own message: for :meth:`LoraStrategy.check_replies`
+    rejected: list[dict]  # messages answered for their node by someone else (a lost node: the SuperLink)
+    answered: set[int]  # node ids whose message got a reply (its own or an error reply for it)
+
+
+def attribute(replies, sent, nodes: dict) -> Attributed:
+    """Match each reply to the message it answers: its ``reply_to_message_id`` is that message's
+    ``message_id`` (the grid sets it when it pushes), whose ``dst_node_id`` is the node it speaks for. A reply's
+    own ``src_node_id`` is not trusted for that: Flower answers for a node that stopped sending heartbeats with an
+    error reply whose sender is the SuperLink (node id 1), and a node may claim another's id.
+
+    - a reply from the node its message went to is passed on (checked as usual);
+    - an error reply from anyone else (the SuperLink's "Node Unavailable", an expired message) is recorded once,
+      under that node's id and partition, with the error's reason;
+    - a reply from another node than the message's destination is recorded under the destination, refused;
+    - a second reply to one message, or a reply to no message of ``sent``, is logged and dropped.
+
+    ``sent``: the messages sent, their ids set by the grid. None, or no id set (grids that set none, unit tests):
+    nothing to match against, each reply speaks for its sender."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.common.logger import log
+
+    replies = list(replies)
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in (sent or []) if m.metadata.message_id}
+    out = Attributed([], [], set())
+
+    def entry(nid, reason):
+        node = nodes.get(nid)
+        return {"node": node.partition_id if node else None, "node_id": nid, "reason": reason}
+
+    for rep in replies:
+        src, rid = rep.metadata.src_node_id, rep.metadata.reply_to_message_id
+        if rid in dst:
+            nid = dst[rid]
+        elif not dst:  # nothing to match against: the sender speaks for itself
+            nid = src
+        else:
+            log(WARNING, "dropped a reply from node %s to a message this round did not send (%r)", src, rid)
+            continue
+        if nid in out.answered:
+            log(WARNING, "dropped a second reply for node %s (from node %s)", nid, src)
+            continue
+        out.answered.add(nid)
+        if src == nid:
+            out.replies.append(rep)
+        elif rep.has_error():
+            who = "the SuperLink" if src == SUPERLINK_NODE_ID else f"node {src}"
+            out.rejected.append(entry(nid, f"{lost_reason(rep.error.code)} (reported by {who}): "
+                                           f"{error_summary(rep.error.reason)}"))
+        else:
+            out.rejected.append(entry(nid, f"the reply to this node's message came from node {src}"))
+    return out
+
+
+def lost_reason(code: int) -> str:
+    """What an error reply that a node did not send itself means, by Flower's error code."""
+    from flwr.common.constant import ErrorCode
+
+    return {ErrorCode.NODE_UNAVAILABLE: "node lost", ErrorCode.MESSAGE_UNAVAILABLE: "message lost",
+            ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply lost"}.get(int(code), f"error {code}")
+
+
 def record_bytes(record: ArrayRecord) -> int:
     """Serialized bytes of an ArrayRecord (what crosses the wire for the tensors)."""
     return int(sum(len(a.data) for a in record.values()))
@@ -178,6 +244,9 @@ class LoraStrategy(FedAvg):
 
             able = [n for n, s in STRATEGIES.items() if mode in s.privacy_modes]
             raise ConfigError(f"{cls.client_dp_refusal}; client_dp works with {' or '.join(able)} only.")
+        m = cfg.strategy.get("lr_multiplier", 1.0)
+        if not (isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0):
+            raise ConfigError(f"strategy.lr_multiplier={m} must be a number > 0 (it scales train.lr on the clients).")
 
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self.persistent},
@@ -318,37 +387,38 @@ class LoraStrategy(FedAvg):
         """Valid replies as updates (in partition order); every rejection is recorded with its reason."""
         accepted, rejected, bytes_up, norms = [], [], 0, {}
         for msg in replies:
-            nid = msg.metadata.src_node_id
+            nid = msg.metadata.src_node_id  # the node the reply speaks for (:func:`attribute` ran before)
             node = self.nodes.get(nid)
-            who = node.partition_id if node else nid
+            who = node.partition_id if node else None  # a partition id; a node id is never recorded as one
             if msg.has_error():
-                rejected.append({"node": who, "reason": f"client error: {error_summary(msg.error.reason)}"})
+                rejected.append({"node": who, "node_id": nid,
+                                 "reason": f"client error: {error_summary(msg.error.reason)}"})
                 continue
             try:
                 arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
                 metrics = dict(msg.content["metrics"])
             except Exception as e:  # malformed record
-                rejected.append({"node": who, "reason": f"malformed reply: {e}"[:300]})
+                rejected.append({"node": who, "node_id": nid, "reason": f"malformed reply: {e}"[:300]})
                 continue
             bytes_up += record_bytes(msg.content["arrays"])
             if node is None:
-                rejected.append({"node": who, "reason": "reply from an unknown node"})
+                rejected.append({"node": who, "node_id": nid, "reason": "reply from an unknown node"})
                 continue
             # a reply naming another node's partition, or with malformed numbers, is refused before anything reads it
             reason = check_metrics(metrics, node.partition_id) or self.privacy.check_reply(self, node, msg, metrics)
             if reason:
-                rejected.append({"node": who, "reason": reason})
+                rejected.append({"node": who, "node_id": nid, "reason": reason})
                 continue
             if "status" in msg.content and msg.content["status"].get("status", "ok") != "ok":
                 st = msg.content["status"]
                 self.on_status(node, str(st.get("status")), metrics)
                 reason = f"client status: {st.get('status')} {st.get('reason', '')}".strip()
-                rejected.append({"node": who, "reason": reason})
+                rejected.append({"node": who, "node_id": nid, "reason": reason})
                 continue
             reason = (check_train_metrics(metrics, node.partition_id)
                       or check_update(arrays, self.expected(node), metrics.get("num-examples"), node.num_examples))
             if reason:
-                rejected.append({"node": who, "reason": reason})
+                rejected.append({"node": who, "node_id": nid, "reason": reason})
                 continue
             norms[nid] = update_norm(arrays)
             accepted.append(Update(node, arrays, metrics))
@@ -356,7 +426,8 @@ class LoraStrategy(FedAvg):
         outliers = norm_outliers(norms, self.norm_factor if self.privacy.outlier_check else 0.0)
         for u in accepted:
             if u.node.node_id in outliers:
-                rejected.append({"node": u.node.partition_id, "reason": outliers[u.node.node_id]})
+                rejected.append({"node": u.node.partition_id, "node_id": u.node.node_id,
+                                 "reason": outliers[u.node.node_id]})
         return Checked([u for u in accepted if u.node.node_id not in outliers], rejected, bytes_up)
 
     def release(self, server_round: int, accepted: list[Update]) -> tuple[ArrayRecord | None, list, dict | None,
@@ -371,24 +442,39 @@ class LoraStrategy(FedAvg):
         client_states = [(u.node, s, w) for u, s, w in zip(accepted, states, weights)]
         return to_record(to_arrays(self.state)), client_states, delta, None
 
-    def aggregate_round(self, server_round: int, replies) -> RoundResult:
-        """Check the replies, aggregate (through the privacy component) and say what happened."""
-        replies = list(replies)
-        checked = self.check_replies(replies)
-        arrays, client_states, delta, skipped = self.privacy.release(self, server_round, checked.accepted, replies)
+    def aggregate_round(self, server_round: int, replies, sent=None) -> RoundResult:
+        """Match the replies to the messages ``sent`` (:func:`attribute`), check them, aggregate (through the
+        privacy component) and say what happened. Every node ``sent`` went to and whose update was not accepted is
+        in ``rejected`` once, under its own partition and node id: its refusal or error, its loss (the SuperLink
+        answered for it), or, with nothing at all for it, no reply within ``round_timeout``. ``sent`` None (unit
+        tests): each reply speaks for its sender and silent nodes are not looked for."""
+        att = attribute(replies, sent, self.nodes)
+        checked = self.check_replies(att.replies)
+        arrays, client_states, delta, skipped = self.privacy.release(self, server_round, checked.accepted,
+                                                                     att.replies)
         if skipped:
             from flwr.common.logger import log
 
             log(WARNING, "round %d skipped: %s", server_round, skipped)
         metrics = {**train_metrics(checked.accepted), **self.round_metrics(checked.accepted)}
-        return RoundResult(arrays, metrics, checked.rejected, checked.bytes_up, client_states, delta, skipped)
+        rejected = att.rejected + checked.rejected
+        for nid in dict.fromkeys(m.metadata.dst_node_id for m in sent or []):
+            if nid not in att.answered:
+                node = self.nodes.get(nid)
+                rejected.append({"node": node.partition_id if node else None, "node_id": nid,
+                                 "reason": f"no reply within round_timeout={self.cfg.round_timeout}s"})
+        by_partition = {n.partition_id: n.node_id for n in self.nodes.values()}
+        for r in rejected:  # a subclass's own rejections name the partition only
+            r.setdefault("node_id", by_partition.get(r["node"]))
+        return RoundResult(arrays, metrics, rejected, checked.bytes_up, client_states, delta, skipped)
 
     # ------------------------------------------------------------------ Flower's interface
     def configure_train(self, server_round, arrays, config, grid):
-        return self.configure_round(server_round, grid).messages
+        self._flower_sent = self.configure_round(server_round, grid).messages  # the grid sets their ids
+        return self._flower_sent
 
     def aggregate_train(self, server_round, replies):
-        res = self.aggregate_round(server_round, replies)
+        res = self.aggregate_round(server_round, replies, getattr(self, "_flower_sent", None))
         if res.arrays is None:
             return None, None
         return res.arrays, MetricRecord({"train_loss": res.metrics["train_loss"]})

@@ -60,6 +60,10 @@ class FedPipe(LoraStrategy):
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
+        if cfg.get("client_ranks") not in (None, "null", "profile"):
+            raise ConfigError(f"fedpipe plans every client's rank from its hardware profile, so client_ranks="
+                              f"{cfg.client_ranks} would be ignored: leave client_ranks=null (or profile) and give "
+                              "the ranks it may choose in strategy.grids.ranks.")
         planning.aggregation(cfg), planning.memory_method(cfg), planning.grids(cfg)
         imp = planning.strategy_opt(cfg, "importance")
         b = imp.get("budget", 1.0) if imp else 1.0

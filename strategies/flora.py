@@ -5,12 +5,21 @@ log (:class:`~fedlora.strategies.rank_rules.Stacking`).
 Every round each client draws a fresh A from its own seed (``fl.a_seed`` per partition, not nested): stacking
 is exact whatever the A's are, so nothing is gained by sharing one. Round metrics besides the rule's
 (``base_version``, ``base_sync_error``, ``export_rank``): ``downlink_ratio`` = this round's payload bytes over
-what FedIT would send the same clients at their ranks (r_k(m+n) per module plus the head; raw tensor bytes)."""
+what FedIT would send the same clients at their ranks (r_k(m+n) per module plus the head; raw tensor bytes).
+
+Export (:meth:`Stacking.export <fedlora.strategies.rank_rules.Stacking.export>`): the merged total of every module
+re-factorised at the smallest rank whose discarded tail is within ``strategy.export_tolerance`` (relative Frobenius,
+default 1e-6) of it; modules where those factors are no smaller than the dense update also get merged base weights
+(``adapter/merged_weights.safetensors``). :meth:`export_summary` is what ``summary.json`` records of it."""
+
+from logging import INFO
+
+from flwr.common.logger import log
 
 from fedlora.adapters import array_bytes
 
 from .base import LoraStrategy
-from .rank_rules import Stacking
+from .rank_rules import EXPORT_TOLERANCE, Stacking
 
 
 class FLoRA(LoraStrategy):
@@ -22,7 +31,7 @@ class FLoRA(LoraStrategy):
 
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)
-        self.rule = Stacking()
+        self.rule = Stacking(export_tolerance=self.tolerance(cfg))
         self.state = Stacking.served(initial)
         self.downlink = (0, 0, 0)  # (round, payload bytes, FedIT-equivalent bytes) of the round being sent
 
@@ -47,5 +56,33 @@ class FLoRA(LoraStrategy):
     def base_delta(self):
         return self.rule.base_delta()
 
+    @staticmethod
+    def tolerance(cfg) -> float:
+        return cfg.strategy.get("export_tolerance", EXPORT_TOLERANCE)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Also refuse an ``export_tolerance`` outside [0, 1)."""
+        super().check_config(cfg)
+        from fedlora.config import ConfigError
+
+        tol = cls.tolerance(cfg)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+            raise ConfigError(f"strategy.export_tolerance={tol} must be a number in [0, 1) (the relative Frobenius "
+                              "error allowed in the exported adapter, e.g. 1e-6).")
+
     def export_adapter(self):
-        return self.rule.export(self.state, self.shapes)
+        exported = self.rule.export(self.state, self.shapes)
+        info = self.rule.export_summary()
+        log(INFO, "flora export: tolerance %g, rank max %d / total %d over modules", info["export_tolerance"],
+            info["export_rank_max"], info["export_rank_total"])
+        if info["export_merged_modules"]:
+            log(INFO, "flora export: %d module(s) are no larger dense than as factors (r(m+n) >= m*n): their merged "
+                "base weights W + dW are also written to adapter/%s", len(info["export_merged_modules"]),
+                info["export_merged_weights"])
+        return exported
+
+    def export_summary(self) -> dict:
+        """``summary.json``'s record of the export: ``export_tolerance``, ``export_rank_max``, ``export_rank_total``,
+        ``export_merged_modules`` and ``export_merged_weights`` (file name in the adapter folder, or None)."""
+        return self.rule.export_summary()

@@ -30,6 +30,14 @@ class LoRAFAIR(LoraStrategy):
                               f"{', '.join(algebra.FAIR_SOLVERS)}.")
         if str(s.get("penalty", "norm")) not in algebra.FAIR_PENALTIES:
             raise ConfigError(f"strategy.penalty={s.penalty} must be norm or squared.")
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not (num(s.lam) and s.lam >= 0):
+            raise ConfigError(f"strategy.lam={s.lam} must be a number >= 0 (the weight of the correction's penalty).")
+        steps = s.get("steps")
+        if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+            raise ConfigError(f"strategy.steps={steps} must be an integer >= 1 (or null for the solver's default).")
+        if not (num(s.get("solver_lr", 0.01)) and s.get("solver_lr", 0.01) > 0):
+            raise ConfigError(f"strategy.solver_lr={s.solver_lr} must be a number > 0.")
 
     def aggregate(self, server_round, states, weights, updates):
         s = self.cfg.strategy

@@ -5,10 +5,15 @@ the server evaluates and exports. The maths is in :mod:`fedlora.algebra` and :mo
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from fedlora import algebra, diagnostics, merges
-from fedlora.adapters import AdapterState, LoraFactors, to_arrays
+from fedlora.adapters import MERGED_WEIGHTS, AdapterState, ExportedAdapter, LoraFactors, to_arrays
+
+#: default relative Frobenius tolerance of the exported merged total (``strategy.export_tolerance``)
+EXPORT_TOLERANCE = 1e-6
 
 
 class Stacking:
@@ -21,10 +26,12 @@ class Stacking:
     # node_version is not checkpointed: after a restart the handshake tells what each client holds
     persistent = ("log", "digests")
 
-    def __init__(self):
+    def __init__(self, export_tolerance: float = EXPORT_TOLERANCE):
         self.log = merges.MergeLog()
         self.digests = [0.0]  # base digest after each version
         self.node_version: dict[int, int] = {}  # partition id -> merges it holds (as last reported)
+        self.export_tolerance = float(export_tolerance)
+        self.export_info: dict = {}  # what the last export kept (export_summary)
 
     @staticmethod
     def served(initial: AdapterState) -> AdapterState:
@@ -68,13 +75,14 @@ class Stacking:
     SVD_LIMIT = 4_194_304
 
     def export_rank(self) -> int:
-        """The largest rank over modules of the exported adapter (:meth:`export`: numerical rank of each module's
-        merged total). A module over :attr:`SVD_LIMIT` elements counts its bound min(sum of merged ranks, m, n)."""
+        """The largest rank over modules of the exported adapter (:meth:`export`: the rank each module's merged total
+        keeps at :attr:`export_tolerance`). A module over :attr:`SVD_LIMIT` elements counts its bound
+        min(sum of merged ranks, m, n)."""
         best = 0
         for name, total in self.log.total.items():
             m, n = total.shape
             if m * n <= self.SVD_LIMIT:
-                best = max(best, algebra.numerical_rank(torch.linalg.svdvals(total)))
+                best = max(best, algebra.tolerance_rank(torch.linalg.svdvals(total), self.export_tolerance))
             else:
                 best = max(best, min(m, n, sum(e[name].rank for e in self.log.entries if name in e)))
         return best
@@ -82,18 +90,35 @@ class Stacking:
     def base_delta(self) -> dict[str, torch.Tensor]:
         return self.log.total
 
-    def export(self, state: AdapterState, shapes: dict) -> AdapterState:
-        """Σ of all merges as one exact adapter: per module the SVD of the merged total at its numerical rank."""
-        lora = {}
+    def export(self, state: AdapterState, shapes: dict) -> ExportedAdapter:
+        """Σ of all merges as one adapter: per module the merged total dW's SVD cut at the smallest rank k whose
+        discarded tail has ||tail||_F <= tol ||dW||_F (tol = :attr:`export_tolerance`;
+        :func:`fedlora.algebra.tolerance_factors`), not every singular value a float64 SVD resolves (which grows
+        to min(m, n) as rounds add up). A module whose factors are no smaller than dW (k(m+n) >= m n) also goes
+        into ``merged``: the saved adapter folder then holds W + dW for it (``merged_weights.safetensors``).
+        tol, the ranks and the merged modules are in the adapter's metadata and :attr:`export_info`."""
+        lora, merged, ranks = {}, {}, {}
         for name in shapes:
             total = self.log.total.get(name)
             if total is None:
                 lora[name] = state.lora[name]
                 continue
-            U, S, Vh = torch.linalg.svd(total, full_matrices=False)
-            r = max(1, algebra.numerical_rank(S))
-            lora[name] = LoraFactors(Vh[:r].float().contiguous(), (U[:, :r] * S[:r]).float().contiguous(), 1.0)
-        return AdapterState(lora, state.extra)
+            lora[name], ranks[name] = algebra.tolerance_factors(total, self.export_tolerance)
+            if algebra.dense_is_smaller(ranks[name], *total.shape):
+                merged[name] = total
+        self.export_info = {"export_tolerance": self.export_tolerance,
+                            "export_rank_max": max(ranks.values(), default=0),
+                            "export_rank_total": sum(ranks.values()),
+                            "export_merged_modules": sorted(merged),
+                            "export_merged_weights": MERGED_WEIGHTS if merged else None}
+        meta = {"fedlora.export_tolerance": repr(self.export_tolerance), "fedlora.export_ranks": json.dumps(ranks),
+                "fedlora.export_merged_modules": json.dumps(sorted(merged))}
+        return ExportedAdapter(lora, state.extra, metadata=meta, merged=merged)
+
+    def export_summary(self) -> dict:
+        """For ``summary.json``: the tolerance, the largest and summed ranks the last :meth:`export` kept, and the
+        modules written as merged weights (with the file's name in the adapter folder); {} before any export."""
+        return dict(self.export_info)
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.persistent}

@@ -20,14 +20,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from fedlora import adapters, checkpoint, config, data, models, train
+from fedlora import adapters, checkpoint, config, data, models, rundir, train
 from fedlora.report import Recorder
 from fedlora.validate import check_handshake
 
 from . import get as get_strategy
 from fedlora.messages import CONFIG_KEY, DIGEST_KEY, NEEDS_CONFIG
 
-from .base import NodeInfo, RoundResult
+from .base import NodeInfo, RoundResult, attribute
 
 app = ServerApp()
 
@@ -57,7 +57,10 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, NodeInfo]:
     ranks = config.client_ranks(cfg)
     scale = float(cfg.model.lora.alpha) / float(cfg.model.lora.r)  # one scale for all ranks
     nodes, holder = {}, {}  # node id -> NodeInfo; partition id -> the node id that claimed it first
-    for rep in grid.send_and_receive(msgs, timeout=timeout):
+    att = attribute(grid.send_and_receive(msgs, timeout=timeout), msgs, {})  # replies matched to their message
+    for lost in att.rejected:  # e.g. the SuperLink answering for a node that stopped sending heartbeats
+        log(WARNING, "node %s failed the handshake: %s", lost["node_id"], lost["reason"])
+    for rep in att.replies:
         nid = rep.metadata.src_node_id
         if rep.has_error():
             log(WARNING, "node %s failed the handshake: %s", nid, rep.error.reason)
@@ -87,21 +90,25 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, NodeInfo]:
     return nodes
 
 
-def exchange(grid: Grid, strategy, messages: list[Message], timeout: float) -> list[Message]:
-    """Send a round's messages and collect the replies. A node that no longer holds the run config (it restarted
-    since the handshake) answers ``needs-config`` and gets its message again, this time with the config."""
+def exchange(grid: Grid, strategy, messages: list[Message], timeout: float) -> tuple[list[Message], list[Message]]:
+    """Send a round's messages and collect the replies: ``(replies, sent)``, ``sent`` every message sent (the grid
+    set their ids), which the replies are matched against (:func:`fedlora.strategies.base.attribute`). A node that
+    no longer holds the run config (it restarted since the handshake) answers ``needs-config`` and gets its
+    message again, this time with the config."""
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    lost = {r.metadata.src_node_id for r in replies if not r.has_error() and "status" in r.content
-            and r.content["status"].get("status") == NEEDS_CONFIG}
-    if not lost:
-        return replies
+    asked = {m.metadata.dst_node_id for m in messages}
+    stale = [r for r in replies if not r.has_error() and r.metadata.src_node_id in asked and "status" in r.content
+             and r.content["status"].get("status") == NEEDS_CONFIG]
+    if not stale:
+        return replies, list(messages)
+    lost = {r.metadata.src_node_id for r in stale}
     log(INFO, "resending the run config to %d node(s) that restarted since the handshake", len(lost))
     again = [Message(RecordDict({**dict(m.content.items()),
                                  "config": ConfigRecord({**dict(m.content["config"]), CONFIG_KEY: strategy.cfg_yaml})}),
                      message_type=m.metadata.message_type, dst_node_id=m.metadata.dst_node_id)
              for m in messages if m.metadata.dst_node_id in lost]
-    kept = [r for r in replies if r.metadata.src_node_id not in lost]
-    return kept + list(grid.send_and_receive(again, timeout=timeout))
+    kept = [r for r in replies if not any(r is x for x in stale)]
+    return kept + list(grid.send_and_receive(again, timeout=timeout)), list(messages) + again
 
 
 def write_nodes(path: Path, nodes: dict) -> None:
@@ -176,7 +183,22 @@ def config_warnings(cfg) -> list[str]:
 
 
 def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False) -> dict:
-    """The whole run: handshake, rounds, evaluation, checkpoints, the final adapter and summary."""
+    """The whole run: handshake, rounds, evaluation, checkpoints, the final adapter and summary. The run
+    directory is claimed first (:func:`fedlora.rundir.claim_run_dir`; a new run's must hold no run,
+    :func:`fedlora.rundir.check_fresh`), whichever entry point started the run, and released at the end.
+    ``summary["status"]`` says how the run ended (:data:`fedlora.rundir.STATUSES`)."""
+    rundir.min_aggregated_share(cfg)  # a bad value is refused before anything starts
+    if resume:
+        rundir.claim_run_dir(run_dir)
+    else:
+        rundir.check_fresh(run_dir)
+    try:
+        return _run(grid, cfg, Path(run_dir), echo, resume)
+    finally:
+        rundir.release_run_dir(run_dir)
+
+
+def _run(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False) -> dict:
     seed_everything(int(cfg.seed))
     notes = config_warnings(cfg)
     # resume: an unusable checkpoint is refused before anything starts, and the saved config.yaml is rewritten
@@ -193,7 +215,7 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
     strategy.nodes = discover(grid, strategy, cfg, timeout=max(600.0, float(cfg.round_timeout)))
     strategy.prepare_run(grid, run_dir, echo=echo, resume=resume)  # FedPipe: warm-up, module selection, plan
     strategy.privacy.start(strategy)
-    status, stop = "completed", None
+    stop = None  # why the run stopped before its last round (the privacy budget)
     t0, start = time.time(), 1
     if ck is not None:
         strategy.load_state_dict(ck["strategy"])
@@ -218,17 +240,11 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
             except PrivacyBudgetExhausted as e:
                 stop = f"the next release would exceed privacy.target_epsilon ({e})"
         if stop:
-            status = "budget-exhausted"
             log(INFO, "stopping before round %d: %s", rnd, stop)
             echo(f"stopping before round {rnd}: {stop}")
             break
-        replies = exchange(grid, strategy, plan.messages, float(cfg.round_timeout))
-        answered = {r.metadata.src_node_id for r in replies}
-        result = strategy.aggregate_round(rnd, replies)
-        for m in plan.messages:
-            if m.metadata.dst_node_id not in answered:
-                result.rejected.append({"node": strategy.nodes[m.metadata.dst_node_id].partition_id,
-                                        "reason": f"no reply within round_timeout={cfg.round_timeout}s"})
+        replies, sent = exchange(grid, strategy, plan.messages, float(cfg.round_timeout))
+        result = strategy.aggregate_round(rnd, replies, sent)  # every sampled node accounted for once
         if cfg.audit:
             write_audit(recorder, rnd, strategy, result)
         round_metrics = dict(result.metrics)
@@ -244,11 +260,15 @@ def run_server(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False)
                                   "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                                           "torch": torch.get_rng_state()}})
     save_adapter(bundle, strategy, run_dir / "adapter")
+    ended = rundir.run_status(recorder.rows, rundir.min_aggregated_share(cfg), stop)  # status, and why
+    if ended["status_reason"]:
+        log(WARNING, "run %s: %s", ended["status"], ended["status_reason"])
     summary = recorder.summary({"strategy": strategy.name, "model": cfg.model.name, "num_clients": cfg.num_clients,
                                 "num_rounds": cfg.num_rounds, "seed": cfg.seed,
-                                "adapter": str(run_dir / "adapter"), "status": status, "stop_reason": stop,
+                                "adapter": str(run_dir / "adapter"), **ended, "stop_reason": stop,
                                 "warnings": notes,
-                                **strategy.privacy.summary(strategy)})
+                                **strategy.privacy.summary(strategy),
+                                **getattr(strategy, "export_summary", dict)()})
     return summary
 
 
@@ -276,4 +296,6 @@ def main(grid: Grid, context: Context) -> None:
     if rc.get("resume"):
         overrides.append(f"resume={rc['resume']}")
     cfg, run_dir, resume = preflight.prepare(overrides, run_dir=str(rc.get("run-dir", "") or "") or None)
-    run_server(grid, cfg, run_dir, resume=resume)
+    summary = run_server(grid, cfg, run_dir, resume=resume)
+    if summary["status"] in rundir.FAILED_STATUSES:  # Flower records the run as failed (`flwr ls`); the results stay
+        raise RuntimeError(f"run {summary['status']}: {summary['status_reason']}; results in {run_dir}")

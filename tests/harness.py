@@ -73,3 +73,30 @@ class KillingGrid(InProcessGrid):
             if self.train_rounds == self.kill_round:
                 raise Killed()
         return super().send_and_receive(messages, timeout)
+
+
+class FlowerGrid(InProcessGrid):
+    """Message ids as Flower's grids set them (each pushed message gets an id; a reply's ``reply_to_message_id``
+    names it), and lost nodes: from train round ``lost[partition]`` on, that partition's node is answered for by
+    the SuperLink with Flower's own "Node Unavailable" error reply (sender: the SuperLink, node id 1), as a
+    SuperNode that stopped sending heartbeats is."""
+
+    def __init__(self, num_nodes: int, lost: dict | None = None, **kw):
+        super().__init__(num_nodes, **kw)
+        self.lost, self.train_rounds = dict(lost or {}), 0
+
+    def send_and_receive(self, messages, timeout=None):
+        import uuid
+
+        from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            self.train_rounds += 1
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        gone = {id(m) for m in messages if m.metadata.message_type == MessageType.TRAIN
+                and self.train_rounds >= self.lost.get(self.partition_of(m.metadata.dst_node_id), float("inf"))}
+        out = super().send_and_receive([m for m in messages if id(m) not in gone], timeout)
+        return out + [create_message_error_unavailable_res_message(m.metadata, "node_unavail")
+                      for m in messages if id(m) in gone]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -201,6 +202,7 @@ def _fake_centralised(cfg, run_dir, echo=print, lr_grid=None) -> dict:
     grid (or the one lr it is given)."""
     GRIDS.append(lr_grid)
     fake_run(Path(run_dir), [0.5, 0.9 + 0.01 * int(cfg.seed)])
+    (Path(run_dir) / "config.yaml").write_text(config.to_yaml(cfg))
     summary = {**json.loads((Path(run_dir) / "summary.json").read_text()), "lr": (lr_grid or [3e-3])[0]}
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
     return summary
@@ -227,3 +229,35 @@ def test_compare_two_seeds_end_to_end(tmp_path, monkeypatch):
     assert [r["strategy"] for r in read_csv(out / "comparison.csv")] == ["fedit", "ffa_lora", "centralised"]
     with pytest.raises(ConfigError, match="already holds a run"):  # refused before anything starts
         cmp.compare(FAST, ["fedit"], 0.8, out, echo=lambda *a, **k: None, seeds=[0, 1])
+
+
+def test_compare_reuse_runs_only_what_a_comparison_lacks(tmp_path, monkeypatch):
+    """compare.reuse: an interrupted comparison (a run directory missing) is finished by running that run alone;
+    finished runs of the same setting are tabulated as they are; a directory holding another setting, or a run
+    that did not complete, is refused in one sentence before anything starts."""
+    calls = []
+
+    def counting_simulate(cfg, run_dir, verbose=False, resume=False):
+        calls.append((cfg.strategy.name, int(cfg.seed)))
+        return _in_process_simulate(cfg, run_dir)
+
+    monkeypatch.setattr(cmp, "simulate", counting_simulate)
+    monkeypatch.setitem(sys.modules, "fedlora.centralised", types.SimpleNamespace(run=_fake_centralised))
+    out, quiet = tmp_path / "cmp", (lambda *a, **k: None)
+    GRIDS.clear()
+    first = cmp.compare(FAST, ["fedit", "ffa_lora"], 0.8, out, echo=quiet, seeds=[0, 1])
+    shutil.rmtree(out / "seed_1" / "ffa_lora")  # interrupted during that run
+    calls.clear(), GRIDS.clear()
+    again = cmp.compare(FAST, ["fedit", "ffa_lora"], 0.8, out, echo=quiet, seeds=[0, 1], reuse=True)
+    assert calls == [("ffa_lora", 1)] and GRIDS == []
+    strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in first]
+    assert [{k: v for k, v in r.items() if k != "wall_s"} for r in again][:4] == strip[:4]  # reused as they were
+    assert again[4]["final_accuracy"] == first[4]["final_accuracy"]  # the same run again, seeded: same result
+    with pytest.raises(ConfigError, match=r"compare.reuse: .*seed_0/fedit holds a run of another setting "
+                                          r"\(train.lr=.* there, 0.001 planned"):
+        cmp.compare(FAST + ["train.lr=1e-3"], ["fedit"], 0.8, out, echo=quiet, seeds=[0, 1], reuse=True)
+    summary = out / "seed_0" / "fedit" / "summary.json"
+    summary.write_text(json.dumps(json.loads(summary.read_text()) | {"status": "stopped"}))
+    with pytest.raises(ConfigError, match=r"holds a run that did not complete \(status stopped\)"):
+        cmp.compare(FAST, ["fedit"], 0.8, out, echo=quiet, seeds=[0, 1], reuse=True)
+    assert calls == [("ffa_lora", 1)]  # nothing ran for the refused comparisons

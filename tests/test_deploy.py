@@ -223,3 +223,76 @@ def test_deployed_run_completes_while_a_node_with_a_dp_floor_refuses(fed):
     assert {n["node_id"] for n in nodes} == set(fed.node_ids.values())
     for n in nodes:
         assert n["device"] == "cpu" and n["extra"]["profile"] == "cpu" and "device-memory" in n["extra"]
+
+
+def test_robust_4b_a_supernode_killed_mid_round_is_named_alone(tmp_path):
+    """Issue 20 item 4b, deployed: TLS + node auth, 3 SuperNodes; partition 2's node sleeps in its training
+    (fault injection it allows) and is SIGKILLed, with its ClientApp, in the middle of round 1. Flower answers for
+    it with "Node Unavailable" sent by the SuperLink (node id 1): each round's metrics name exactly that node, once,
+    under its own node id and partition, with that reason -- not the healthy partition 1, and not a second time as
+    "no reply within round_timeout". The run finishes with the two others."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from fedlora import processes
+
+    f = LocalFederation(tmp_path / "fed", nodes=3, data=str(SST2), profile="cpu")
+    out = f.dir / "run"
+    killed: dict = {}
+
+    def kill_mid_round():
+        victim = f.supernodes[2]
+        t0 = time.time()
+        while time.time() - t0 < 900 and not killed.get("stop"):
+            started = (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()
+            train_app = started and [p for p in processes.descendants([victim.pid])
+                                     if any("flwr-clientapp" in a for a in _cmdline(p))]
+            if train_app:  # round 1 was sent after round 0's line; the node's ClientApp holds its message
+                time.sleep(3)
+                for p in [*processes.descendants([victim.pid]), victim]:
+                    try:
+                        os.kill(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                killed["at"] = time.time()
+                return
+            time.sleep(0.5)
+
+    try:
+        f.make_credentials(extra_keys=0)
+        f.start_superlink()
+        f.register([1, 2, 3])
+        f.start_supernodes(extra={2: ("--allow-faults",)})
+        killer = threading.Thread(target=kill_mid_round, daemon=True)
+        killer.start()
+        overrides = (f"strategy=fedit model=tiny_llama num_clients=3 num_rounds=2 local_steps=1 train.batch_size=4 "
+                     f"eval.max_examples=16 debug.sleep_partitions=[2] debug.sleep_s=900 round_timeout=150 "
+                     f"data.path={SST2} out_dir={out}")
+        run_id, info, log = f.run(overrides, timeout=900)
+        killed["stop"] = True
+        killer.join(10)
+        assert "at" in killed, f"the node was never killed mid-round:\n{log[-3000:]}"
+        assert info.get("status") == "finished:completed", (info, log[-3000:])
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [0, 1, 2]
+        victim_id = f.node_ids[3]  # key 3 is partition 2's node
+        for r in rows[1:]:
+            assert [(x["node"], x["node_id"]) for x in r["rejected"]] == [(2, victim_id)], r["rejected"]
+            reason = r["rejected"][0]["reason"]
+            assert reason.startswith("node lost (reported by the SuperLink): Error: Node Unavailable"), reason
+            assert r["num_clients"] == 2
+        assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    finally:
+        killed["stop"] = True
+        f.stop()
+        left = f.leftovers()
+        assert not left, f"processes left running: {left}"
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except Exception:
+        return []

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
+from fedlora.config import CONF_DIR
+
 GiB = 2**30
 PROFILE_KEYS = ("name", "memory_gb", "bf16_tflops", "mem_bandwidth_gbs", "uplink_mbps", "downlink_mbps", "device")
 #: the keys of :data:`PROFILE_KEYS` that are finite positive numbers, and the devices a profile may name
 POSITIVE_KEYS = ("memory_gb", "bf16_tflops", "mem_bandwidth_gbs", "uplink_mbps", "downlink_mbps")
 DEVICES = ("cpu", "cuda")
-CONF_CLIENT_DIR = Path(__file__).resolve().parents[2] / "conf" / "client"
+CONF_CLIENT_DIR = CONF_DIR / "client"
 
 
 def known_profiles() -> list[str]:
