@@ -150,6 +150,8 @@ def _check_centralised(cfg) -> None:
 #: Config sections that do not change what a run computes: where it is written, how a comparison is laid out,
 #: and the centralised run's learning-rate grid (a reused centralised run's lr is the one in its summary).
 LAYOUT_KEYS = ("out_dir", "compare", "centralised")
+#: Keys a centralised run sets itself: ``train.lr``, the learning rate it chose from the grid.
+CENTRALISED_KEYS = ("train.lr",)
 
 
 def _flat(cfg) -> dict:
@@ -165,12 +167,12 @@ def _flat(cfg) -> dict:
     return dict(walk(OmegaConf.to_container(cfg, resolve=True)))
 
 
-def reusable(run_dir: Path, cfg) -> list[str] | None:
+def reusable(run_dir: Path, cfg, name: str | None = None) -> list[str] | None:
     """With ``compare.reuse``: whether ``run_dir`` already holds this planned run, finished. None when it holds
     no summary (the run is to be done); else the config keys the saved run lacks (written by an older fedlora,
     they take their defaults in the planned config), possibly none. A summary whose status is not a successful
     one (``completed``, ``budget-exhausted``), or whose saved config differs from ``cfg`` on any key both have (besides
-    :data:`LAYOUT_KEYS`), raises :class:`~fedlora.config.ConfigError`: that directory holds another run."""
+    :data:`LAYOUT_KEYS`, and for the ``centralised`` run :data:`CENTRALISED_KEYS`), raises :class:`~fedlora.config.ConfigError`: that directory holds another run."""
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").exists():
         return None
@@ -179,7 +181,8 @@ def reusable(run_dir: Path, cfg) -> list[str] | None:
         raise ConfigError(f"compare.reuse: {run_dir} holds a run that did not complete (status {status}) or has "
                           "no config.yaml: move it away to run it again.")
     saved, planned = _flat(config.from_yaml((run_dir / "config.yaml").read_text())), _flat(cfg)
-    differ = sorted(k for k in saved.keys() & planned.keys() if saved[k] != planned[k])
+    own = CENTRALISED_KEYS if name == report.CENTRALISED else ()
+    differ = sorted(k for k in saved.keys() & planned.keys() if saved[k] != planned[k] and k not in own)
     if differ:
         k = differ[0]
         raise ConfigError(f"compare.reuse: {run_dir} holds a run of another setting ({k}={saved[k]} there, "
@@ -204,7 +207,7 @@ def _plan(base_overrides, names, seeds, out, with_ceiling, reuse=False) -> list[
                 report.check_fresh(d)
                 plan.append((seed, n, d, None, e, None))
                 continue
-            reused = reusable(d, cfg) if reuse else None
+            reused = reusable(d, cfg, n) if reuse else None
             if reused is None:
                 report.check_fresh(d)
                 try:

@@ -202,7 +202,9 @@ def _fake_centralised(cfg, run_dir, echo=print, lr_grid=None) -> dict:
     grid (or the one lr it is given)."""
     GRIDS.append(lr_grid)
     fake_run(Path(run_dir), [0.5, 0.9 + 0.01 * int(cfg.seed)])
-    (Path(run_dir) / "config.yaml").write_text(config.to_yaml(cfg))
+    chosen = config.from_yaml(config.to_yaml(cfg))
+    chosen.train.lr = (lr_grid or [3e-3])[0]  # as the real one: its config holds the lr it chose
+    (Path(run_dir) / "config.yaml").write_text(config.to_yaml(chosen))
     summary = {**json.loads((Path(run_dir) / "summary.json").read_text()), "lr": (lr_grid or [3e-3])[0]}
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
     return summary

@@ -335,3 +335,25 @@ def test_robust_5_preflight_and_server_app_refuse_a_dir_in_use_and_a_crashed_run
     summary = run_server(InProcessGrid(2), cfg2, rdir, resume=True, **QUIET)
     assert summary["status"] == "completed" and [r["round"] for r in rows_of(target)] == [0, 1, 2]
     assert not rundir.lock_path(target).exists()
+
+
+def test_robust_6_run_directory_never_comes_from_the_environment(tmp_path, monkeypatch):
+    """Item 6: a run directory set by an earlier run (once the variable FEDLORA_RUN_DIR) never wins over the next
+    run's: two ServerApps in one process, each given its own directory, write there and nowhere else, with a stale
+    FEDLORA_RUN_DIR in the environment; nothing reads it any more."""
+    from flwr.app import Context, RecordDict
+
+    from fedlora.strategies import server_app
+
+    stale = tmp_path / "stale"
+    monkeypatch.setenv("FEDLORA_RUN_DIR", str(stale))
+    for name in ("first", "second"):
+        ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"hydra-overrides": " ".join(FAST + ["num_clients=2", "num_rounds=1"]),
+                                  "run-dir": str(tmp_path / name)})
+        server_app.main(InProcessGrid(2), ctx)
+        assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "completed"
+        assert len(rows_of(tmp_path / name)) == 2  # its own round 0 and round 1, nothing appended from another run
+    assert not stale.exists()
+    sources = [p for d in ("fedlora", "strategies", "clients") for p in (ROOT / d).rglob("*.py")]
+    assert not [p for p in sources if "FEDLORA_RUN_DIR" in p.read_text()]
