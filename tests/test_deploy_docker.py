@@ -403,3 +403,22 @@ def test_trust_8_superlink_needs_no_ca_key_and_warns_about_one(tmp_path, capsys)
     assert "WARNING" in err and str(made / CA_KEY) in err and "offline" in err
     assert main(["certs", str(made), "--force"]) == 0
     assert str(made / CA_KEY) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_robust_9_images_install_exactly_the_declared_dependencies(name, tmp_path):
+    """Each image's build reads its requirements from pyproject.toml: that snippet, run here, prints exactly
+    [project].dependencies (a hand-written parse cut `flwr[simulation]` at its bracket), and the image refuses a
+    base whose Python is older than the project's requires-python."""
+    import sys
+    import tomllib
+
+    text = (DOCKER / name).read_text()
+    (snippet,) = re.findall(r'python3? -c "(import tomllib[^"]*)"', text)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    out = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, check=True)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert out.stdout.split() == project["dependencies"]
+    assert project["requires-python"] == ">=3.11"
+    assert re.search(r"python3?:3\.1[1-9]|ubuntu24\.04|version_info >= \(3, 11\)", text), \
+        f"{name}: its base must have Python >= 3.11, or the build must check it"
