@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import config, data, models, report, train
+from . import config, data, models, report, rundir, train
 
 DEFAULT_LR_GRID = (3e-4, 1e-3, 3e-3)
 
@@ -140,7 +140,7 @@ def run(cfg, run_dir, echo=print, lr_grid=None) -> dict:
     """Train the centralised bound for ``cfg`` (one seed: ``cfg.seed``) into ``run_dir``; returns the summary.
     ``lr_grid``: the learning rates to try (default ``centralised.lr_grid``)."""
     run_dir = Path(run_dir)
-    report.check_fresh(run_dir)
+    rundir.check_fresh(run_dir)
     t_all = time.time()
     grid = grid_of(cfg, lr_grid)
     _, validation, test = data.split(cfg)

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import config, preflight, report
+from . import config, preflight, report, rundir
 from .config import ConfigError
 from .simulation import quiet_libraries, simulate
 
@@ -155,16 +155,8 @@ CENTRALISED_KEYS = ("train.lr",)
 
 
 def _flat(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            if prefix == "" and k in LAYOUT_KEYS:
-                continue
-            yield from (walk(v, key + ".") if isinstance(v, dict) else [(key, v)])
-
-    return dict(walk(OmegaConf.to_container(cfg, resolve=True)))
+    """A run's config as ``{dotted key: value}`` (:func:`fedlora.config.flat`) without :data:`LAYOUT_KEYS`."""
+    return {k: v for k, v in config.flat(cfg).items() if k.split(".", 1)[0] not in LAYOUT_KEYS}
 
 
 def reusable(run_dir: Path, cfg, name: str | None = None) -> list[str] | None:
@@ -177,7 +169,7 @@ def reusable(run_dir: Path, cfg, name: str | None = None) -> list[str] | None:
     if not (run_dir / "summary.json").exists():
         return None
     status = json.loads((run_dir / "summary.json").read_text()).get("status", "completed")
-    if status not in report.STATUSES or status in report.FAILED_STATUSES or not (run_dir / "config.yaml").exists():
+    if rundir.STATUSES.get(status) != 0 or not (run_dir / "config.yaml").exists():  # unknown or failed
         raise ConfigError(f"compare.reuse: {run_dir} holds a run that did not complete (status {status}) or has "
                           "no config.yaml: move it away to run it again.")
     saved, planned = _flat(config.from_yaml((run_dir / "config.yaml").read_text())), _flat(cfg)
@@ -204,12 +196,12 @@ def _plan(base_overrides, names, seeds, out, with_ceiling, reuse=False) -> list[
             try:
                 cfg = run_config(base_overrides, n, seed, d)
             except ConfigError as e:
-                report.check_fresh(d)
+                rundir.check_fresh(d)
                 plan.append((seed, n, d, None, e, None))
                 continue
             reused = reusable(d, cfg, n) if reuse else None
             if reused is None:
-                report.check_fresh(d)
+                rundir.check_fresh(d)
                 try:
                     _check_centralised(cfg) if n == report.CENTRALISED else preflight.check(cfg)
                 except ConfigError as e:
@@ -304,7 +296,7 @@ def cmd_compare(argv: list[str]) -> int:
     if failed:  # tabulated and marked, but the comparison did not do what was asked of it
         print("error: " + "; ".join(f"seed {r['seed']}, {r['strategy']}: {r['note']}" for r in failed),
               file=sys.stderr)
-        return report.EXIT_UNDERTRAINED
+        return rundir.EXIT_UNDERTRAINED
     return 0
 
 

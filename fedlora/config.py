@@ -20,6 +20,13 @@ class ConfigError(ValueError):
     """A configuration problem, explained in one sentence."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): the reason a one-sentence
+    refusal quotes from a library's multi-line error."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 #: keys that were documented once and are gone, with what to do instead (a clearer refusal than "not a key")
 REMOVED_KEYS = {
     "eval.client_side": "clients do not evaluate (client-side evaluation was never implemented); the server "
@@ -63,7 +70,7 @@ def compose(overrides: str | list[str] | None = None) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = hydra_compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if first.startswith("Could not override '"):
             key = first.split("'")[1]
             raise ConfigError(f"invalid override: {key} is not a key of the config: check its spelling "

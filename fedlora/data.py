@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import REPO_ROOT, ConfigError
+from .config import REPO_ROOT, ConfigError, first_line
 
 SUFFIXES = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 #: SST-2 beside a source checkout (``<checkout>/../shared/data/sst2``), found from where the fedlora package is
@@ -62,7 +62,7 @@ def _read_table(path: Path, fmt: str):
     except DataError:
         raise
     except Exception as e:  # pandas/json raise many types; the user needs the file and the reason
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise DataError(f"{path} could not be read as {fmt} ({reason}): fix the file or set data.format.") from None
     if len(df) == 0:
         raise DataError(f"{path} has no rows: point data.path at a non-empty file.")
@@ -193,7 +193,7 @@ def _load(data_cfg):
         try:
             ds = datasets.load_dataset(src)
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise DataError(f"data.path={src} is neither a local path nor a loadable hub dataset ({reason}).") from None
         train_df = ds[data_cfg.get("train_split", "train")].to_pandas()
         test_name = next((s for s in ("validation", "test") if s in ds and s != "train"), None)

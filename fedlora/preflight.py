@@ -27,8 +27,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from . import config, data
-from .report import check_fresh, default_run_dir
-from .rundir import claim_run_dir
+from .rundir import check_fresh, claim_run_dir, default_run_dir
 
 #: What ``resume=RUN_DIR key=value ...`` may change of the saved config: how many rounds (``num_rounds``; under
 #: client-level DP only as many as the budget pays for) and how the remaining rounds are run, never what they
@@ -45,9 +44,15 @@ def check_setting(cfg) -> None:
     """The part of :func:`check` that does not depend on the strategy: the config's own rules, the data (loaded
     and split into the clients' partitions) against the model and the privacy settings, and the model's LoRA
     targets. ``fedlora compare`` refuses a whole comparison on these."""
+    config.validate(cfg)
+    _check_against_machine_data_model(cfg)
+
+
+def _check_against_machine_data_model(cfg) -> None:
+    """:func:`check_setting` after the config's own rules: the simulation's resources, then the data, partitions,
+    privacy and model checks, in that order."""
     from fedlora.simulation import check_simulation
 
-    config.validate(cfg)
     check_simulation(cfg)
     check_labels(cfg)
     check_partitioner(cfg)
@@ -58,12 +63,13 @@ def check_setting(cfg) -> None:
 
 def check(cfg) -> None:
     """Everything that can be checked about a composed config without starting anything: the config's rules, the
-    strategy's own requirements (e.g. a single-rank method refuses mixed client ranks), then :func:`check_setting`."""
+    strategy's own requirements (e.g. a single-rank method refuses mixed client ranks), then the rest of
+    :func:`check_setting`."""
     from fedlora import strategies
 
     config.validate(cfg)
     strategies.get(cfg.strategy.name).check_config(cfg)
-    check_setting(cfg)
+    _check_against_machine_data_model(cfg)
 
 
 def num_classes(cfg) -> int | None:
@@ -183,7 +189,7 @@ def _meta_model(mc):
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(conf), tok
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = config.first_line(e)
         raise config.ConfigError(f"model.source={source} could not be loaded ({first}): give a local path or a "
                                  "reachable hub id.") from None
 
@@ -292,7 +298,7 @@ def prepare(overrides: list[str], run_dir: str | Path | None = None):
             try:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
             except Exception as e:  # OmegaConf's own grammar errors
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = config.first_line(e)
                 raise config.ConfigError(f"invalid override: {first}") from None
         config.check_types(cfg, saved)
         check_resume_changes(saved, cfg, privacy=False)

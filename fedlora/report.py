@@ -10,10 +10,7 @@ import time
 from pathlib import Path
 
 
-# a run directory's name, claim and freshness, and how a run ended, live in fedlora.rundir (re-exported here)
-from .rundir import (DEFAULT_MIN_AGGREGATED_SHARE, EXIT_UNDERTRAINED, FAILED_STATUSES, STATUSES,  # noqa: F401
-                     check_fresh, claim_run_dir, default_run_dir, lock_path, min_aggregated_share,
-                     release_run_dir, run_status)
+from .rundir import FAILED_STATUSES  # a run directory's life and how a run ended: fedlora.rundir
 
 
 def human_bytes(n: float) -> str:

@@ -13,15 +13,15 @@ from pathlib import Path
 #: How a run ended (``summary.json`` ``status``) -> the exit code of ``fedlora run``. The share of rounds that must
 #: aggregate is ``min_aggregated_share`` (conf/config.yaml); a skipped round (fewer valid updates than
 #: ``min_train_nodes``, or a client-level DP round without every sampled client) leaves the model as it was.
+EXIT_UNDERTRAINED = 3
 STATUSES = {
     "completed": 0,  # every round ran; at least min_aggregated_share of them aggregated
     "budget-exhausted": 0,  # stopped early: the next round would exceed privacy.target_epsilon
-    "degraded": 3,  # some rounds aggregated, fewer than min_aggregated_share of those that ran
-    "no-round-aggregated": 3,  # rounds ran, none aggregated: the model is the untrained starting one
+    "degraded": EXIT_UNDERTRAINED,  # some rounds aggregated, fewer than min_aggregated_share of those that ran
+    "no-round-aggregated": EXIT_UNDERTRAINED,  # rounds ran, none aggregated: the model is the untrained starting one
 }
 #: statuses whose model is not the trained model the config asked for: non-zero exit, left out of comparisons' means
 FAILED_STATUSES = tuple(s for s, code in STATUSES.items() if code)
-EXIT_UNDERTRAINED = 3
 DEFAULT_MIN_AGGREGATED_SHARE = 0.5
 
 

@@ -97,17 +97,23 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
-def _run_token():
-    """A fresh token in this process's environment for the duration of a run (Ray and its workers inherit it)."""
-    previous = os.environ.get(RUN_TOKEN)
-    os.environ[RUN_TOKEN] = uuid.uuid4().hex
+def _env_set(name: str, value: str):
+    """``name=value`` in this process's environment for the duration of a run (Ray and its workers inherit it),
+    the previous value (or its absence) restored afterwards."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(RUN_TOKEN, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[RUN_TOKEN] = previous
+            os.environ[name] = previous
+
+
+def _run_token():
+    """A fresh :data:`RUN_TOKEN` in the environment for the duration of a run."""
+    return _env_set(RUN_TOKEN, uuid.uuid4().hex)
 
 
 @contextlib.contextmanager
@@ -323,7 +329,7 @@ def _join(address: str, verbose: bool) -> list[tuple[float, float]]:
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     env = {"PYTHONPATH": pythonpath}
     env.update({k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM") if k in os.environ})
-    from .config import ConfigError
+    from .config import ConfigError, first_line
 
     if address != "auto":  # ray.init retries an unreachable GCS for minutes: refuse at once instead
         import socket
@@ -339,27 +345,16 @@ def _join(address: str, verbose: bool) -> list[tuple[float, float]]:
                  logging_level="DEBUG" if verbose else "WARNING", runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError(f"cannot join the Ray cluster at simulation.ray_address={address} "
-                          f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): start its "
+                          f"({first_line(e)}): start its "
                           "head with `ray start --head --port PORT` and give that host:port.") from None
     return [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
             for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
 
 
-@contextlib.contextmanager
 def _accelerator_override(local: bool):
     """For a local Ray: :data:`ACCEL_OVERRIDE` = 1 while it runs (its workers inherit it), restored afterwards."""
-    if not local:
-        yield
-        return
-    previous = os.environ.get(ACCEL_OVERRIDE)
-    os.environ[ACCEL_OVERRIDE] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(ACCEL_OVERRIDE, None)
-        else:
-            os.environ[ACCEL_OVERRIDE] = previous
+    return _env_set(ACCEL_OVERRIDE, "1") if local else contextlib.nullcontext()
+
 
 def simulate(cfg, run_dir: Path, verbose: bool = False, resume: bool = False) -> dict:
     """Run one simulated federation in this process; returns the run summary (``summary.json``). Raises

@@ -128,10 +128,6 @@ def attribute(replies, sent, nodes: dict) -> Attributed:
     dst = {m.metadata.message_id: m.metadata.dst_node_id for m in (sent or []) if m.metadata.message_id}
     out = Attributed([], [], set())
 
-    def entry(nid, reason):
-        node = nodes.get(nid)
-        return {"node": node.partition_id if node else None, "node_id": nid, "reason": reason}
-
     for rep in replies:
         src, rid = rep.metadata.src_node_id, rep.metadata.reply_to_message_id
         if rid in dst:
@@ -149,11 +145,18 @@ def attribute(replies, sent, nodes: dict) -> Attributed:
             out.replies.append(rep)
         elif rep.has_error():
             who = "the SuperLink" if src == SUPERLINK_NODE_ID else f"node {src}"
-            out.rejected.append(entry(nid, f"{lost_reason(rep.error.code)} (reported by {who}): "
-                                           f"{error_summary(rep.error.reason)}"))
+            out.rejected.append(rejection(nodes, nid, f"{lost_reason(rep.error.code)} (reported by {who}): "
+                                                      f"{error_summary(rep.error.reason)}"))
         else:
-            out.rejected.append(entry(nid, f"the reply to this node's message came from node {src}"))
+            out.rejected.append(rejection(nodes, nid, f"the reply to this node's message came from node {src}"))
     return out
+
+
+def rejection(nodes: dict, nid: int, reason: str) -> dict:
+    """A round's ``rejected`` entry for node ``nid``: its partition (None for a node the run does not know: a node
+    id is never recorded as a partition), its node id and the reason."""
+    node = nodes.get(nid)
+    return {"node": node.partition_id if node else None, "node_id": nid, "reason": reason}
 
 
 def lost_reason(code: int) -> str:
@@ -300,6 +303,11 @@ class LoraStrategy(FedAvg):
         """*hook* The final model as one adapter on the pristine base (default: :meth:`eval_adapter`)."""
         return self.eval_adapter()
 
+    def export_summary(self) -> dict:
+        """*hook* What ``summary.json`` records of :meth:`export_adapter` (default: nothing; FLoRA: its tolerance,
+        ranks and merged modules)."""
+        return {}
+
     def round_metrics(self, updates: list[Update]) -> dict:
         """*hook* Strategy-specific numbers for this round's metrics line (e.g. FLoRA's base sync error)."""
         return {}
@@ -389,36 +397,35 @@ class LoraStrategy(FedAvg):
         for msg in replies:
             nid = msg.metadata.src_node_id  # the node the reply speaks for (:func:`attribute` ran before)
             node = self.nodes.get(nid)
-            who = node.partition_id if node else None  # a partition id; a node id is never recorded as one
+            refuse = lambda reason: rejected.append(rejection(self.nodes, nid, reason))  # noqa: E731
             if msg.has_error():
-                rejected.append({"node": who, "node_id": nid,
-                                 "reason": f"client error: {error_summary(msg.error.reason)}"})
+                refuse(f"client error: {error_summary(msg.error.reason)}")
                 continue
             try:
                 arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
                 metrics = dict(msg.content["metrics"])
             except Exception as e:  # malformed record
-                rejected.append({"node": who, "node_id": nid, "reason": f"malformed reply: {e}"[:300]})
+                refuse(f"malformed reply: {e}"[:300])
                 continue
             bytes_up += record_bytes(msg.content["arrays"])
             if node is None:
-                rejected.append({"node": who, "node_id": nid, "reason": "reply from an unknown node"})
+                refuse("reply from an unknown node")
                 continue
             # a reply naming another node's partition, or with malformed numbers, is refused before anything reads it
             reason = check_metrics(metrics, node.partition_id) or self.privacy.check_reply(self, node, msg, metrics)
             if reason:
-                rejected.append({"node": who, "node_id": nid, "reason": reason})
+                refuse(reason)
                 continue
             if "status" in msg.content and msg.content["status"].get("status", "ok") != "ok":
                 st = msg.content["status"]
                 self.on_status(node, str(st.get("status")), metrics)
                 reason = f"client status: {st.get('status')} {st.get('reason', '')}".strip()
-                rejected.append({"node": who, "node_id": nid, "reason": reason})
+                refuse(reason)
                 continue
             reason = (check_train_metrics(metrics, node.partition_id)
                       or check_update(arrays, self.expected(node), metrics.get("num-examples"), node.num_examples))
             if reason:
-                rejected.append({"node": who, "node_id": nid, "reason": reason})
+                refuse(reason)
                 continue
             norms[nid] = update_norm(arrays)
             accepted.append(Update(node, arrays, metrics))
@@ -426,8 +433,7 @@ class LoraStrategy(FedAvg):
         outliers = norm_outliers(norms, self.norm_factor if self.privacy.outlier_check else 0.0)
         for u in accepted:
             if u.node.node_id in outliers:
-                rejected.append({"node": u.node.partition_id, "node_id": u.node.node_id,
-                                 "reason": outliers[u.node.node_id]})
+                rejected.append(rejection(self.nodes, u.node.node_id, outliers[u.node.node_id]))
         return Checked([u for u in accepted if u.node.node_id not in outliers], rejected, bytes_up)
 
     def release(self, server_round: int, accepted: list[Update]) -> tuple[ArrayRecord | None, list, dict | None,
@@ -460,9 +466,7 @@ class LoraStrategy(FedAvg):
         rejected = att.rejected + checked.rejected
         for nid in dict.fromkeys(m.metadata.dst_node_id for m in sent or []):
             if nid not in att.answered:
-                node = self.nodes.get(nid)
-                rejected.append({"node": node.partition_id if node else None, "node_id": nid,
-                                 "reason": f"no reply within round_timeout={self.cfg.round_timeout}s"})
+                rejected.append(rejection(self.nodes, nid, f"no reply within round_timeout={self.cfg.round_timeout}s"))
         by_partition = {n.partition_id: n.node_id for n in self.nodes.values()}
         for r in rejected:  # a subclass's own rejections name the partition only
             r.setdefault("node_id", by_partition.get(r["node"]))

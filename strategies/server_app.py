@@ -268,7 +268,7 @@ def _run(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False) -> di
                                 "adapter": str(run_dir / "adapter"), **ended, "stop_reason": stop,
                                 "warnings": notes,
                                 **strategy.privacy.summary(strategy),
-                                **getattr(strategy, "export_summary", dict)()})
+                                **strategy.export_summary()})
     return summary
 
 
