@@ -93,6 +93,19 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _holder(fd: int, wait_s: float = 1.0) -> str:
+    """Who holds a lock file: the line its holder writes right after taking the lock (waited for up to ``wait_s``:
+    a claim that lost the race by microseconds can find the file still empty), else "another process"."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = os.pread(fd, 300, 0).decode(errors="replace").strip()
+        if text or time.monotonic() >= deadline:
+            return text or "another process"
+        time.sleep(0.02)
+
+
 def claim_run_dir(run_dir) -> Path:
     """Claim ``run_dir`` for this process: an exclusive lock (``flock``) on :func:`lock_path`, released by the OS
     if the process dies, so a crashed run never blocks its ``resume=``. Another process holding it -> a
@@ -117,7 +130,7 @@ def claim_run_dir(run_dir) -> Path:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             raise ConfigError(f"out_dir {d} is in use by another run ({holder}): choose another out_dir, or wait "
                               "for that run to end.") from None
