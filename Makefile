@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum 
 # The main job: the default strategy comparison (MiniLM on SST-2, 10 clients, Dirichlet 0.5), one seed. The
 # centralised ceiling trains at lr 1e-3, what its grid (centralised.lr_grid) chose by validation accuracy in
 # bench/results/compare (the full grid adds ~11 min). Three seeds with verdicts: README, "Strategy comparison".
-RUN_ARGS ?= partitioner=dirichlet partitioner.alpha=0.5 centralised.lr_grid=[1.0e-3]
+RUN_ARGS ?= partitioner=dirichlet partitioner.alpha=0.5 'centralised.lr_grid=[1.0e-3]'
 
 .PHONY: install run test bench clean
 
