@@ -13,6 +13,18 @@ can be stopped and resumed.
 
     nice -n 19 .venv/bin/python bench/dp_experiment.py                     # the grid (README table)
     nice -n 19 .venv/bin/python bench/dp_experiment.py --tune              # the one-off lr sweep at epsilon=3
+
+The README's DP table (12 rounds x 4 steps, batch 1024, top layer: :data:`README_TABLE`) over seeds 0, 1, 2 with
+FFA-LoRA at the alpha and A initialisation chosen on the validation split by bench/ffa_tune.py (its ``dp`` choice
+for the private columns, its ``dp_nodp`` choice for epsilon = inf), FedIT as in the README (not re-tuned), then
+mean +- sd and the paired verdict of :mod:`fedlora.verdicts` (FFA-LoRA minus FedIT, seed by seed):
+
+    nice -n 19 .venv/bin/python bench/dp_experiment.py --readme-table --ffa-tuned bench/results/ffa_tune.json \\
+        --seeds 0 1 2 --eps inf 6 3 1 --out bench/results/dp_experiment_r12_ffa_tuned.json
+    .venv/bin/python bench/dp_experiment.py --smoke [--ffa-tuned PATH]     # the same path on a tiny setting (~1 min)
+
+(``--ffa-alpha``/``--ffa-a-init``/``--ffa-multiplier`` give FFA-LoRA's settings by hand instead of
+``--ffa-tuned``.)
 """
 
 from __future__ import annotations
@@ -34,9 +46,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = ROOT / "bench" / "results"
+A_INITS = ("kaiming", "gaussian", "orthogonal")  # fedlora.adapters.A_INITS (not imported here: argparse runs first)
 EPSILONS = ("1", "3", "6", "inf")
 CONTROL = "clip"  # control runs: the DP-SGD path (Poisson batches, per-example clipping, DP optimizer and lr) with sigma = 0
 STRATEGIES = ("ffa_lora", "fedit")
+#: The README's DP table ("FFA-LoRA vs LoRA under DP"): its command's settings, for ``--readme-table`` (options given
+#: after it on the command line win; ``--ffa-tuned`` replaces FFA-LoRA's alpha and multiplier)
+README_TABLE = ["--rounds", "12", "--steps", "4", "--batch", "1024", "--micro", "64", "--lr-fedit", "2e-2",
+                "--lr-ffa", "2e-2", "--ffa-multiplier", "1", "--ffa-alpha", "128", "--dp-optimizer", "adamw",
+                "--dp-lr-fedit", "2e-2", "--dp-lr-ffa", "2e-2",
+                "--targets", r".*layer\.5\.attention\.self\.(query|value)"]
+#: ``--smoke``: the same code path on a tiny model and data (seconds per run), into a temporary directory
+SMOKE = ["--rounds", "1", "--steps", "1", "--batch", "8", "--round-eval", "16", "--final-eval", "32",
+         "--threads", "1", "--seeds", "0", "1", "2", "--eps", "inf", "3"]
+SMOKE_OVERRIDES = ["model=tiny_llama", "train.max_length=24", "data.max_train_examples=300"]
+
+
+def ffa_setting(a, eps: str) -> dict:
+    """FFA-LoRA's ``alpha`` (None: the model config's), ``a_init`` (None: the strategy config's) and
+    ``lr_multiplier`` for the column ``eps``: with ``--ffa-tuned``, the choice bench/ffa_tune.py made on the
+    validation split (its ``dp`` block for the private columns and the control, ``dp_nodp`` for inf), else the
+    command line's."""
+    if a.ffa_tuned_choice:
+        return dict(a.ffa_tuned_choice["dp_nodp" if eps == "inf" else "dp"])
+    return {"alpha": a.ffa_alpha, "a_init": a.ffa_a_init, "lr_multiplier": a.ffa_multiplier}
+
+
+def load_tuned(path: str) -> dict:
+    """``{"dp": {alpha, a_init, lr_multiplier}, "dp_nodp": {...}}`` from bench/ffa_tune.py's JSON (its ``chosen``);
+    SystemExit naming what is missing."""
+    doc = json.loads(Path(path).read_text())
+    chosen = doc.get("chosen") or {}
+    missing = [b for b in ("dp", "dp_nodp") if b not in chosen]
+    if missing:
+        raise SystemExit(f"{path} has no choice for block(s) {', '.join(missing)}: run bench/ffa_tune.py "
+                         f"--blocks {' '.join(missing)} first, or give --ffa-alpha/--ffa-a-init by hand.")
+    return {b: {k: chosen[b][k] for k in ("alpha", "a_init", "lr_multiplier")} for b in ("dp", "dp_nodp")}
 
 
 def overrides(strategy: str, eps: str, seed: int, a) -> list[str]:
@@ -49,9 +94,12 @@ def overrides(strategy: str, eps: str, seed: int, a) -> list[str]:
     if a.micro:
         ov.append(f"train.micro_batch_size={a.micro}")
     if strategy == "ffa_lora":
-        ov.append(f"strategy.lr_multiplier={a.ffa_multiplier}")
-        if a.ffa_alpha:
-            ov.append(f"model.lora.alpha={a.ffa_alpha}")
+        f = ffa_setting(a, eps)
+        ov.append(f"strategy.lr_multiplier={f['lr_multiplier']}")
+        if f["alpha"]:
+            ov.append(f"model.lora.alpha={f['alpha']}")
+        if f["a_init"]:
+            ov.append(f"strategy.a_init={f['a_init']}")
     if eps == CONTROL:
         ov += ["privacy=dp_sgd", "privacy.target_epsilon=null", "privacy.noise_multiplier=0.0",
                f"privacy.max_grad_norm={a.clip}", "privacy.reproducible=true", f"privacy.optimizer={a.dp_optimizer}",
@@ -60,12 +108,12 @@ def overrides(strategy: str, eps: str, seed: int, a) -> list[str]:
         ov += ["privacy=dp_sgd", f"privacy.target_epsilon={eps}", "privacy.target_delta=1e-5",
                f"privacy.max_grad_norm={a.clip}", "privacy.reproducible=true", f"privacy.optimizer={a.dp_optimizer}",
                f"train.lr={a.dp_lr[strategy]}"]
-    return ov
+    return ov + list(a.extra)
 
 
-def run_one(ov: list[str], out_dir: Path) -> dict:
+def run_one(ov: list[str], out_dir: Path, final_eval: int | None = None) -> dict:
     """One federated run; the rounds are evaluated on the first ``--round-eval`` dev examples (progress only),
-    the final global model on the whole dev split."""
+    the final global model on the whole dev split (its first ``final_eval`` examples when given: ``--smoke``)."""
     import shutil
 
     from harness import InProcessGrid
@@ -91,7 +139,7 @@ def run_one(ov: list[str], out_dir: Path) -> dict:
     finally:
         strategies.STRATEGIES[cfg.strategy.name] = cls
     rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    full = config.load(ov + ["eval.max_examples=null"])
+    full = config.load(ov + [f"eval.max_examples={final_eval or 'null'}"])
     bundle = models.cached(full)
     _, test = data.load(full.data)
     collator = data.Collator(bundle.tokenizer, bundle.task, int(full.train.max_length), full.data.get("label_words"))
@@ -216,19 +264,29 @@ def table(doc: dict, seeds: list[int]) -> str:
 
 
 def paired(doc: dict, seeds: list[int]) -> str:
-    """FedIT minus FFA-LoRA, seed by seed (same data, same partition): the comparison the issue asks about."""
+    """FedIT minus FFA-LoRA, seed by seed (same data, same partition): the comparison the issue asks about, with
+    :func:`fedlora.verdicts.verdict` on FFA-LoRA minus FedIT (2-4 seeds: "better"/"worse" only when every seed
+    agrees; from 5 seeds a paired t-test)."""
+    from fedlora.verdicts import verdict
+
     runs, parts = doc["runs"], []
     for e in EPSILONS:
         pairs = [(runs.get(f"fedit/eps={e}/seed={sd}"), runs.get(f"ffa_lora/eps={e}/seed={sd}")) for sd in seeds]
         diffs = [100 * (f["final_accuracy"] - g["final_accuracy"]) for f, g in pairs if f and g]
         if diffs:
             ahead = sum(d > 0 for d in diffs)
+            word, how = verdict([-d for d in diffs])
             parts.append(f"ε={e}: {sum(diffs) / len(diffs):+.1f} points (FedIT ahead in {ahead} of {len(diffs)} seeds; "
-                         f"range {min(diffs):+.1f} to {max(diffs):+.1f})")
+                         f"range {min(diffs):+.1f} to {max(diffs):+.1f}; FFA-LoRA vs FedIT: {word}, {how})")
     return "FedIT minus FFA-LoRA, paired by seed: " + "; ".join(parts) + "." if parts else ""
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None):
+    """The command line (``--readme-table`` and ``--smoke`` put their settings in front of the options given, which
+    win), with ``lr``/``dp_lr`` per strategy, ``ffa_tuned_choice`` (:func:`load_tuned`) and ``extra`` (overrides
+    appended to every run's: ``--smoke``'s tiny model) filled in."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    front = (README_TABLE if "--readme-table" in argv else []) + (SMOKE if "--smoke" in argv else [])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--eps", nargs="+", default=list(EPSILONS), choices=EPSILONS + (CONTROL,),
@@ -259,10 +317,39 @@ def main() -> int:
     ap.add_argument("--probe", type=float, nargs="+", help="centralised non-private lr probe (30 steps) instead")
     ap.add_argument("--centralised", action="store_true",
                     help="one model, no federation, no label skew (first seed only); writes <out>_centralised.json")
-    ap.add_argument("--out", default=str(RESULTS / "dp_experiment.json"))
-    a = ap.parse_args()
+    ap.add_argument("--ffa-a-init", default=None, choices=A_INITS,
+                    help="strategy.a_init of FFA-LoRA (default: the strategy config's, kaiming)")
+    ap.add_argument("--ffa-tuned", default=None, metavar="PATH",
+                    help="FFA-LoRA's alpha, a_init and lr multiplier from bench/ffa_tune.py's JSON (its 'dp' choice "
+                         "for the private columns and the control, 'dp_nodp' for inf), instead of --ffa-alpha, "
+                         "--ffa-a-init and --ffa-multiplier")
+    ap.add_argument("--readme-table", action="store_true",
+                    help="the settings of the README's DP table (README_TABLE; options given as well win)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the same path on a tiny model, 1 round x 1 step, seeds 0 1 2, eps inf 3, into a temporary "
+                         "directory: checks the script, measures nothing")
+    ap.add_argument("--final-eval", type=int, default=None,
+                    help="dev examples of the final evaluation (default: all of them)")
+    ap.add_argument("--runs-dir", default=None, help="where the run directories go (default /tmp/fedlora_dp_experiment)")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/dp_experiment.json)")
+    a = ap.parse_args(front + argv)
     a.lr = {"fedit": a.lr_fedit, "ffa_lora": a.lr_ffa}
     a.dp_lr = {"fedit": a.dp_lr_fedit, "ffa_lora": a.dp_lr_ffa}
+    a.ffa_tuned_choice = load_tuned(a.ffa_tuned) if a.ffa_tuned else None
+    a.extra = []
+    if a.smoke:
+        import tempfile
+
+        a.extra, a.targets, a.micro = list(SMOKE_OVERRIDES), None, None  # the tiny model has other module names
+        tmp = Path(tempfile.mkdtemp(prefix="fedlora_dp_smoke_"))
+        a.out, a.runs_dir = a.out or str(tmp / "dp_smoke.json"), a.runs_dir or str(tmp / "runs")
+    a.out = a.out or str(RESULTS / "dp_experiment.json")
+    a.runs_dir = a.runs_dir or "/tmp/fedlora_dp_experiment"
+    return a
+
+
+def main() -> int:
+    a = parse_args()
 
     import torch
 
@@ -301,7 +388,7 @@ def main() -> int:
             a.lr = {s: lr}
             a.dp_lr = {s: lr}
             print(f"== {key}", flush=True)
-            res = run_one(overrides(s, "3", 0, a), Path("/tmp/fedlora_dp_tune") / key.replace("/", "_"))
+            res = run_one(overrides(s, "3", 0, a), Path("/tmp/fedlora_dp_tune") / key.replace("/", "_"), a.final_eval)
             res["lr"] = lr
             doc["runs"][key] = res
             save(path, doc)
@@ -313,6 +400,9 @@ def main() -> int:
     settings = {"rounds": a.rounds, "local_steps": a.steps, "batch_size": a.batch, "lr": a.lr, "dp_lr": a.dp_lr,
                 "dp_optimizer": a.dp_optimizer, "lora_targets": a.targets or "model config", "micro_batch_size": a.micro,
                 "ffa_lr_multiplier": a.ffa_multiplier, "ffa_alpha": a.ffa_alpha, "max_grad_norm": a.clip, "delta": 1e-5}
+    # keys added since the README's tables were measured: only when used, so those files still resume
+    settings.update({k: v for k, v in (("ffa_a_init", a.ffa_a_init), ("ffa_tuned", a.ffa_tuned_choice),
+                                        ("extra_overrides", a.extra)) if v})
     if doc.get("settings") not in (None, settings):
         print(f"{path} holds runs with other settings {doc['settings']}: move it away first.", file=sys.stderr)
         return 2
@@ -334,21 +424,28 @@ def main() -> int:
                 if key in doc["runs"]:
                     continue
                 print(f"== {key}", flush=True)
-                res = run_one(overrides(s, e, seed, a), Path("/tmp/fedlora_dp_experiment") / key.replace("/", "_"))
+                res = run_one(overrides(s, e, seed, a), Path(a.runs_dir) / key.replace("/", "_"), a.final_eval)
                 doc["runs"][key] = res
                 save(path, doc)
                 print(f"   -> final acc {res['final_accuracy']:.4f} eps {res['epsilon_max']} ({res['wall_s']} s)", flush=True)
     seeds = sorted({int(k.rsplit("=", 1)[1]) for k in doc["runs"]})
+    ffa_mult = lambda eps: f"{ffa_setting(a, eps)['lr_multiplier']:g}"  # noqa: E731
     md = [
         "# FFA-LoRA vs LoRA under DP-SGD (MiniLM, SST-2, 3 label-skewed clients)",
         "",
         f"Final SST-2 dev accuracy (%) of the global model, mean ± sample standard deviation (n - 1) over seeds {seeds}; δ = 1e-5 per client.",
         f"{a.rounds} rounds × {a.steps} local steps, expected batch {a.batch}, per-example clipping norm {a.clip}, "
-        f"AdamW lr {a.lr['fedit']:g} (FedIT) / {a.lr['ffa_lora']:g} × {a.ffa_multiplier:g} (FFA-LoRA), cosine schedule; "
-        f"DP runs: {a.dp_optimizer} at lr {a.dp_lr['fedit']:g} (FedIT) / {a.dp_lr['ffa_lora']:g} × {a.ffa_multiplier:g} "
+        f"AdamW lr {a.lr['fedit']:g} (FedIT) / {a.lr['ffa_lora']:g} × {ffa_mult('inf')} (FFA-LoRA), cosine schedule; "
+        f"DP runs: {a.dp_optimizer} at lr {a.dp_lr['fedit']:g} (FedIT) / {a.dp_lr['ffa_lora']:g} × {ffa_mult('3')} "
         "(FFA-LoRA)"
         + (f"; FFA-LoRA's LoRA alpha {a.ffa_alpha:g} (A is frozen at its small random init, so alpha/r is the scale of "
-           "A's side of the update)" if a.ffa_alpha else "")
+           "A's side of the update)" if a.ffa_alpha and not a.ffa_tuned_choice else "")
+        + (f"; FFA-LoRA's A initialisation {a.ffa_a_init}" if a.ffa_a_init and not a.ffa_tuned_choice else "")
+        + (f"; FFA-LoRA at the settings bench/ffa_tune.py chose on the validation split (seed 0, `{a.ffa_tuned}`): "
+           + "; ".join(f"{cols}: alpha {c['alpha']:g}, A init {c['a_init']}, lr multiplier {c['lr_multiplier']:g}"
+                       for cols, c in (("private columns", a.ffa_tuned_choice["dp"]),
+                                       ("ε = ∞", a.ffa_tuned_choice["dp_nodp"])))
+           + "; FedIT as in the README, not re-tuned" if a.ffa_tuned_choice else "")
         + "; LoRA on " + (f"`{a.targets}`" if a.targets else "the model config's targets") + " plus the classifier head"
         + (f"; micro-batches of {a.micro} rows (train.micro_batch_size)" if a.micro else "") + ".",
         "",

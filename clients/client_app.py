@@ -181,7 +181,12 @@ def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context:
     """Set the model to the round's starting point: base (+ this node's merged updates), then the adapter:
     factors given in ``arrays`` are loaded, missing A is drawn from ``fl.a_seed`` (at rank ``fl.a_rank``, the
     largest in the run when the strategy nests fresh factors, and cut to this client's rank: the first r rows of
-    one seeded matrix, :func:`fedlora.adapters.seeded_A`), missing B is zero."""
+    one seeded matrix, :func:`fedlora.adapters.seeded_A`, with the initialisation ``fl.a_init``: FFA-LoRA's
+    ``strategy.a_init``, ``kaiming`` when absent), missing B is zero."""
+    a_init = conf.get("fl.a_init", adapters.DEFAULT_A_INIT)
+    if a_init not in adapters.A_INITS:  # before anything changes: an unknown name is refused, never guessed
+        raise ValueError(f"fl.a_init={a_init!r} in the train message is not an initialisation of A this client "
+                         f"knows ({', '.join(adapters.A_INITS)}): update the client's fedlora to the server's.")
     delta = apply_merges(arrays, context)
     layers = adapters.lora_layers(bundle.model)
     set_base(bundle, delta)
@@ -193,7 +198,7 @@ def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context:
         A = arrays.get(f"{name}.lora_A")
         B = arrays.get(f"{name}.lora_B")
         if A is None:
-            A = adapters.seeded_A(int(conf["fl.a_seed"]), name, r, layer.in_features, a_rank=a_rank)
+            A = adapters.seeded_A(int(conf["fl.a_seed"]), name, r, layer.in_features, a_rank=a_rank, init=a_init)
         else:
             A = torch.from_numpy(A)
         B = torch.from_numpy(B) if B is not None else torch.zeros(layer.out_features, r)

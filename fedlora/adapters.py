@@ -237,20 +237,69 @@ def load_file(path) -> AdapterState:
     return from_arrays(arrays, scales)
 
 
-def seeded_A(seed: int, name: str, r: int, in_features: int, a_rank: int | None = None) -> torch.Tensor:
+#: The initialisations :func:`seeded_A` can draw A with (``strategy.a_init`` of FFA-LoRA, ``fl.a_init`` in a train
+#: message). All three have the same expected squared row norm, 1/3 (Kaiming-uniform's: entries U(-b, b) with
+#: b = 1/sqrt(in) have variance 1/(3 in)), so they differ in the *shape* of A only; its *scale* is the LoRA alpha's
+#: (with A frozen, scaling A by c is exactly scaling alpha by c):
+#:
+#: - ``kaiming``: PEFT's default (``init_lora_weights=True``, kaiming-uniform with a = sqrt(5)): U(-1/sqrt(in),
+#:   1/sqrt(in)). What every strategy drew before ``a_init`` existed, bit for bit;
+#: - ``gaussian``: N(0, 1/(3 in)) (the LoRA paper's "random Gaussian" A, at Kaiming's variance; PEFT's
+#:   ``init_lora_weights="gaussian"`` is N(0, 1/r^2), i.e. this one with alpha times sqrt(3 in)/r);
+#: - ``orthogonal``: orthonormal rows (A A^T = I/3: rows of norm 1/sqrt(3)), the Gram-Schmidt orthonormalisation
+#:   (QR with a positive diagonal) of the ``gaussian`` draw, so the rows are a Haar-random orthonormal frame.
+#:   Needs r <= in.
+A_INITS = ("kaiming", "gaussian", "orthogonal")
+#: the initialisation a message without ``fl.a_init`` means (every strategy but FFA-LoRA, and older servers)
+DEFAULT_A_INIT = "kaiming"
+
+
+def check_a_init(init) -> str:
+    """``init`` if it is one of :data:`A_INITS`, else ValueError in one sentence."""
+    if init not in A_INITS:
+        raise ValueError(f"a_init={init!r} is not an initialisation of A: choose one of {', '.join(A_INITS)}.")
+    return str(init)
+
+
+def seeded_A(seed: int, name: str, r: int, in_features: int, a_rank: int | None = None,
+             init: str = DEFAULT_A_INIT) -> torch.Tensor:
     """A LoRA ``A`` (r x in) drawn from ``seed`` and the module name alone, Kaiming-uniform as PEFT's default
     (bound 1/sqrt(in)): every party that knows the seed gets the same A without sending it.
 
     Nested: the matrix is drawn at rank ``R = max(r, a_rank)`` and cut to its first r rows, so parties of
     different ranks that share a seed hold prefixes of ONE matrix (a rank-4 A is the first 4 rows of the rank-16
     A), and padded or truncated averages of their factors compare like with like. Row i never depends on R
-    (the generator fills the R x in draw row by row), so ``a_rank`` <= r gives exactly the A drawn at rank r."""
+    (the generator fills the R x in draw row by row), so ``a_rank`` <= r gives exactly the A drawn at rank r.
+
+    ``init`` (:data:`A_INITS`, default ``kaiming``: the draw above, unchanged) chooses the distribution, always at
+    the same expected row norm. ``gaussian`` is a Box-Muller transform of the same generator's uniforms (in float64,
+    rounded to float32), so its rows too are prefixes; ``orthogonal`` orthonormalises the gaussian rows in order
+    (row i depends on rows 0..i only: a prefix up to float rounding, and cut from the rank-R matrix here, so every
+    party that passes the same ``a_rank`` holds the same bits). ``kaiming`` is exact arithmetic on the generator's
+    output (the same bits on any machine); ``gaussian`` and ``orthogonal`` go through log/cos/QR in float64 before
+    rounding, so they are the same bits on the same kind of machine (FFA-LoRA's A fingerprint refuses a client
+    whose A differs, by any bit)."""
     import zlib
 
+    init = check_a_init(init)
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     bound = 1.0 / float(in_features) ** 0.5
     R = max(int(r), int(a_rank or 0))
-    A = (torch.rand(R, in_features, generator=g) * 2 - 1) * bound
+    if init == "kaiming":
+        A = (torch.rand(R, in_features, generator=g) * 2 - 1) * bound
+    else:
+        # Box-Muller from (R, in, 2) uniforms (row-major: row i's uniforms do not depend on R); 1 - u is in (0, 1]
+        u = torch.rand(R, in_features, 2, generator=g, dtype=torch.float64)
+        z = torch.sqrt(-2.0 * torch.log1p(-u[..., 0])) * torch.cos(2.0 * torch.pi * u[..., 1])
+        if init == "gaussian":
+            A = (z * (bound / 3.0 ** 0.5)).float()
+        else:
+            if R > in_features:
+                raise ValueError(f"a_init='orthogonal' needs the rank ({R}) to be at most the module's input size "
+                                 f"({in_features}) for {name}: use a_init=kaiming or gaussian, or a smaller rank.")
+            q, rr = torch.linalg.qr(z.T)  # z.T = q rr, q: in x R with orthonormal columns
+            q = q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0)  # the unique QR with a positive diagonal
+            A = (q.T / 3.0 ** 0.5).float().contiguous()
     return A if R == r else A[:r].clone()
 
 

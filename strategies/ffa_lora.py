@@ -1,14 +1,28 @@
 """FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024): A is drawn
 once from the run seed (identical on every client, and checked), frozen; only B (and the head) is trained
 and exchanged, so aggregation is exact (s·B̄·A = Σ p_k s B_k A) and the traffic is half of FedIT's. The round's
-``cross_term_error`` (:func:`fedlora.diagnostics.cross_term_error`) shows it: float rounding only."""
+``cross_term_error`` (:func:`fedlora.diagnostics.cross_term_error`) shows it: float rounding only.
+
+``strategy.a_init`` chooses A's distribution (:data:`fedlora.adapters.A_INITS`: ``kaiming``, PEFT's default and
+the default here, ``gaussian`` or ``orthogonal``, all at the same expected row norm). It travels in every train
+message as ``fl.a_init`` next to ``fl.a_seed``; a client rebuilds A from both (:func:`fedlora.adapters.seeded_A`)
+and reports its fingerprint, which must match the server's. With A frozen, the LoRA alpha (``model.lora.alpha``)
+is the only scale of the update's A side: scaling it by c scales every step of ΔW = (alpha/r)·B·A by c, so it
+acts as B's learning rate (bench/ffa_tune.py tunes it, with and without DP)."""
 
 import torch
 
 from fedlora import algebra, diagnostics
-from fedlora.adapters import LORA_B, AdapterState, LoraFactors, a_fingerprint, from_arrays, seeded_A, to_arrays
+from fedlora.adapters import (A_INITS, DEFAULT_A_INIT, LORA_B, AdapterState, LoraFactors, a_fingerprint, from_arrays,
+                              seeded_A, to_arrays)
 
 from .base import LoraStrategy
+
+
+def a_init_of(cfg) -> str:
+    """``strategy.a_init`` of a config (default :data:`~fedlora.adapters.DEFAULT_A_INIT`: what FFA-LoRA drew before
+    the key existed)."""
+    return cfg.strategy.get("a_init", DEFAULT_A_INIT)
 
 
 class FFALoRA(LoraStrategy):
@@ -16,16 +30,30 @@ class FFALoRA(LoraStrategy):
     client_sends = (LORA_B, "extra")
     privacy_modes = ("none", "dp_sgd", "client_dp")
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Also refuse an unknown ``strategy.a_init`` before anything starts."""
+        super().check_config(cfg)
+        from fedlora.config import ConfigError
+
+        init = a_init_of(cfg)
+        if init not in A_INITS:
+            raise ConfigError(f"strategy.a_init={init} is not an initialisation of FFA-LoRA's frozen A: choose one of "
+                              f"{', '.join(A_INITS)}.")
+
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)
         self.a_seed = int(cfg.seed)
+        self.a_init = str(a_init_of(cfg))
         self.state = AdapterState(
-            {n: LoraFactors(seeded_A(self.a_seed, n, f.rank, f.A.shape[1]), torch.zeros_like(f.B), f.scale)
+            {n: LoraFactors(seeded_A(self.a_seed, n, f.rank, f.A.shape[1], init=self.a_init),
+                            torch.zeros_like(f.B), f.scale)
              for n, f in initial.lora.items()}, initial.extra)
         self.a_fingerprint = a_fingerprint(self.state)
 
     def payload(self, node, server_round):
-        return to_arrays(self.state, parts=(LORA_B, "extra")), {"fl.a_seed": self.a_seed, "fl.freeze_a": True}
+        return to_arrays(self.state, parts=(LORA_B, "extra")), {"fl.a_seed": self.a_seed, "fl.a_init": self.a_init,
+                                                               "fl.freeze_a": True}
 
     def check_replies(self, replies):
         checked = super().check_replies(replies)
@@ -33,7 +61,7 @@ class FFALoRA(LoraStrategy):
         for u in checked.accepted:
             if int(u.metrics.get("a-fingerprint", -1)) != self.a_fingerprint:
                 checked.rejected.append({"node": u.node.partition_id,
-                                         "reason": "frozen A differs from the server's (seed mismatch)"})
+                                         "reason": "frozen A differs from the server's (seed or a_init mismatch)"})
             else:
                 ok.append(u)
         checked.accepted = ok
