@@ -20,16 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedlora import privacy
+from fedlora.privacy.floor import flag
 
 #: node-config keys a simulation gives every simulated node (one party runs the server and all nodes)
 SIMULATION = {"allow-faults": True, "dp-reproducible": True}
 #: the longest sleep a node that allows fault injection accepts (``debug.sleep_s``)
 MAX_FAULT_SLEEP_S = 3600.0
-
-
-def _flag(node_config: Mapping, key: str) -> bool:
-    v = node_config.get(key, False)
-    return v if isinstance(v, bool) else str(v).lower() in ("true", "1", "yes")
 
 
 @dataclass(frozen=True)
@@ -43,14 +39,14 @@ class NodeSettings:
 
     @classmethod
     def of(cls, node_config: Mapping) -> NodeSettings:
-        """The settings a node config gives; ``ValueError`` (one sentence) on a bad floor."""
+        """The settings a node config gives; ``ValueError`` (one sentence) on a bad floor or flag."""
         n = node_config.get("num-partitions")
         return cls(partition_id=int(node_config.get("partition-id", 0)),
                    num_partitions=int(n) if n not in (None, "") else None,
                    data_path=str(node_config["data-path"]) if node_config.get("data-path") else None,
                    floor=privacy.NodeFloor.from_node_config(node_config),
-                   reproducible=_flag(node_config, "dp-reproducible"),
-                   allow_faults=_flag(node_config, "allow-faults"))
+                   reproducible=flag(node_config.get("dp-reproducible", False), "dp-reproducible"),
+                   allow_faults=flag(node_config.get("allow-faults", False), "allow-faults"))
 
     def refusal(self, cfg) -> str | None:
         """Why this node refuses a round of the run ``cfg`` (None: it trains)."""

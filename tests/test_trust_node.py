@@ -162,6 +162,14 @@ def test_trust_6_fault_injection_needs_the_nodes_opt_in():
     assert NodeSettings.of({"partition-id": 1, "allow-faults": True}).faults(cfg) == (False, MAX_FAULT_SLEEP_S)
 
 
+@pytest.mark.parametrize("key", ["allow-faults", "dp-reproducible", "dp-required"])
+def test_trust_6_a_misspelt_node_flag_is_refused_never_read_as_false(key):
+    """Every node-config boolean goes through one parser: "ture" is an error naming the key, not false."""
+    assert NodeSettings.of({key: "YES"}) == NodeSettings.of({key: True})
+    with pytest.raises(ValueError, match=f"node config {key}='ture' is not a boolean: use {key}=true or {key}=false"):
+        NodeSettings.of({key: "ture"})
+
+
 @pytest.mark.parametrize("node_config", [{}, SIMULATION], ids=["deployed", "simulated"])
 def test_trust_6_a_deployed_node_ignores_the_servers_fault_injection(tmp_path, node_config):
     rows = run(tmp_path, ["num_clients=2", "debug.raise_partitions=[1]"], InProcessGrid(2, node_config=node_config))

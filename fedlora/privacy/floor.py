@@ -27,7 +27,9 @@ from .checks import DPConfig
 KEYS = ("dp-required", "dp-max-epsilon", "dp-max-delta", "dp-max-clip")
 
 
-def _flag(value, key: str) -> bool:
+def flag(value, key: str) -> bool:
+    """A node-config boolean (``true``/``false``, ``1``/``0``, ``yes``/``no``, any case); ValueError in one
+    sentence for anything else, so a misspelt value is never read as false."""
     if isinstance(value, bool):
         return value
     if str(value).lower() in ("true", "1", "yes"):
@@ -68,7 +70,7 @@ class NodeFloor:
                       max_delta=_bound(given["dp-max-delta"], "dp-max-delta", 1.0) if "dp-max-delta" in given
                       else None,
                       max_clip=_bound(given["dp-max-clip"], "dp-max-clip") if "dp-max-clip" in given else None)
-        required = _flag(given.get("dp-required", True), "dp-required")
+        required = flag(given.get("dp-required", True), "dp-required")
         if not required and any(v is not None for v in bounds.values()):
             raise ValueError("node config sets dp-max-* bounds with dp-required=false: a server could then turn DP "
                              "off; drop dp-required=false or the bounds.")
