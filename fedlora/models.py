@@ -78,15 +78,22 @@ def build_base(model_cfg, seed: int):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     else:
         source = str(model_cfg.source)
+    # model.source reaches a node in the run config: weights are read from safetensors only (a pickled
+    # pytorch_model.bin can run code when loaded) and no code shipped with the model is run
+    safe = dict(use_safetensors=True, trust_remote_code=False)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         if task == "seq-cls":
             model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=int(model_cfg.num_labels), dtype=_dtype(model_cfg.dtype))
+                source, num_labels=int(model_cfg.num_labels), dtype=_dtype(model_cfg.dtype), **safe)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(model_cfg.dtype))
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(model_cfg.dtype), **safe)
     except OSError as e:
         first = str(e).strip().splitlines()[0]
+        if "safetensors" in first:
+            raise ConfigError(f"model.source={source} has no safetensors weights, and fedlora never loads pickled "
+                              "weights (they can run code): save the model with save_pretrained(..., "
+                              "safe_serialization=True) and point model.source at that.") from None
         raise ConfigError(f"model.source={source} could not be loaded ({first}): "
                           "give a local path or a reachable hub id.") from None
     if tok.pad_token_id is None:
