@@ -99,7 +99,7 @@ def test_server_and_client_draw_the_same_A_from_the_message(init):
     from fedlora.strategies.base import NodeInfo
 
     cfg = config.load(FAST + [f"strategy.a_init={init}"])
-    bundle = models.cached(cfg)
+    bundle = models.build(cfg)  # its own model: the process-wide cache may hold one another test resized
     initial = adapters.from_peft(bundle.model)
     shapes = {n: (l.out_features, l.in_features) for n, l in adapters.lora_layers(bundle.model).items()}
     strat = strategies.get("ffa_lora")(cfg, initial, shapes)
