@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,12 +58,14 @@ class LocalFederation:
             raise RuntimeError(f"fedlora deploy {args[0]} failed ({p.returncode}): {p.stderr[-2000:]}")
         return p
 
-    def spawn(self, name: str, args: list[str], raw: bool = False) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], raw: bool = False, env: dict | None = None) -> subprocess.Popen:
         """`fedlora deploy ARGS` (or, ``raw``, the command ARGS) in the background, output in NAME.log.
-        `fedlora deploy superlink/supernode` exec into the Flower process: the PID is Flower's."""
+        `fedlora deploy superlink/supernode` exec into the Flower process: the PID is Flower's. ``env``: more
+        environment variables for this process (and what it starts)."""
         cmd = list(args) if raw else [sys.executable, "-m", "fedlora.cli", "deploy", *args]
         with open(self.dir / f"{name}.log", "wb") as log:
-            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.dir)
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                                 cwd=self.dir)
         p.log_path = self.dir / f"{name}.log"
         self.procs.append(p)
         return p
@@ -120,12 +123,13 @@ class LocalFederation:
             args += ["--ca", str(self.certs / CA_CERT)]
         return args + list(extra)
 
-    def start_supernodes(self, timeout: float = 180, extra: dict[int, tuple] | None = None) -> None:
+    def start_supernodes(self, timeout: float = 180, extra: dict[int, tuple] | None = None,
+                         env: dict[int, dict] | None = None) -> None:
         """Every SuperNode, with its registered key; ``extra``: more `fedlora deploy supernode` arguments per node
-        index (e.g. a privacy floor)."""
+        index (e.g. a privacy floor); ``env``: more environment variables per node index."""
         for i in range(self.nodes):
             args = self.supernode_args(i, key=i + 1, extra=(extra or {}).get(i, ()))
-            self.supernodes.append(self.spawn(f"supernode-{i + 1}", args))
+            self.supernodes.append(self.spawn(f"supernode-{i + 1}", args, env=(env or {}).get(i)))
         for p in self.supernodes:
             self.wait_for(p, r"SuperNode ID: \d+", timeout)
 
@@ -150,11 +154,13 @@ class LocalFederation:
                 pass
         return n
 
-    def run(self, overrides: str, timeout: float = 1800, runaway_s: float = 60) -> tuple[int, dict, str]:
+    def run(self, overrides: str, timeout: float = 1800, runaway_s: float = 60,
+            cancel: threading.Event | None = None) -> tuple[int, dict, str]:
         """`flwr run APP CONNECTION --run-config hydra-overrides=... --stream`; returns (run id, the run's
         `flwr ls` record, the streamed log). The status is read from `flwr ls` (`flwr run` exits 0 even
         when the ServerApp failed). More than two ClientApps per SuperNode for ``runaway_s`` aborts the run
-        (Flower relaunching ClientApps that missed their 30 s window: docs/deploy.md)."""
+        (Flower relaunching ClientApps that missed their 30 s window: docs/deploy.md); so does ``cancel`` once set
+        (a run in another thread, given up)."""
         rc = f"hydra-overrides={json.dumps(overrides)}"
         out = self.dir / "flwr-run.log"
         with open(out, "wb") as fh:
@@ -172,6 +178,8 @@ class LocalFederation:
                                        "and are relaunched; run stopped")
                 if time.time() - t0 > timeout:
                     raise RuntimeError(f"flwr run did not finish within {timeout:.0f}s")
+                if cancel is not None and cancel.is_set():
+                    raise RuntimeError("flwr run cancelled")
                 time.sleep(2)
         finally:
             if p.poll() is None:
