@@ -7,9 +7,10 @@ The SuperLink/SuperNodes are started with the same `fedlora deploy superlink|sup
 images use as entry points, so this is also the host-side check of those entry points. Every process is
 started and stopped by PID (module fixture finalizer), including the ones Flower starts below them.
 
-A second secured federation, whose SuperNode is SIGKILLed mid-round (issue 20 item 4b), is started in a background
-thread with the module's first test (fixture ``killed_mid_round``): it mostly waits (a fresh ClientApp process per
-message, Flower declaring the killed node lost), so it overlaps the other tests instead of adding its minutes.
+A second secured federation has a SuperNode SIGKILLed mid-round (issue 20 item 4b). The two federated runs mostly
+wait on Flower (a fresh ClientApp process per message, polling, a killed node declared lost): both start in
+background threads with the module's first test (fixture ``_long_runs_start_first``) and overlap the other tests;
+their own tests wait for them and check what they recorded.
 """
 
 import json
@@ -157,8 +158,59 @@ def test_trust_2_supernode_floor_flags_reach_the_node_config(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# A secured federation on loopback
+# Secured federations on loopback; their two runs go on in the background
 # ------------------------------------------------------------------------------------------------
+DP_FLOOR_TEST = "test_deployed_run_completes_while_a_node_with_a_dp_floor_refuses"
+KILLED_TEST = "test_robust_4b_a_supernode_killed_mid_round_is_named_alone"
+#: folder whose sitecustomize.py makes a SuperNode declare a 10 s heartbeat interval (see that file)
+FAST_HEARTBEAT = Path(__file__).resolve().parent / "fast_heartbeat"
+HEARTBEAT_MARKER = "fedlora-test: heartbeat interval"
+
+
+class Background(threading.Thread):
+    """``fn(cancel)`` in a daemon thread, started at once; :meth:`outcome` waits for it and returns what it returned
+    (or raises what it raised). ``cancel`` (a threading.Event) is set by :meth:`cancel`: ``fn`` passes it on to
+    :meth:`LocalFederation.run`, which then stops."""
+
+    def __init__(self, name: str, fn):
+        super().__init__(daemon=True, name=name)
+        self.fn, self.value, self.error = fn, None, None
+        self.cancelled = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn(self.cancelled)
+        except BaseException as e:  # noqa: BLE001 - handed to the test by outcome()
+            self.error = e
+
+    def outcome(self, timeout: float):
+        self.join(timeout)
+        if self.is_alive():
+            raise RuntimeError(f"{self.name} did not finish within {timeout:.0f}s")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def cancel(self, timeout: float = 60) -> None:
+        self.cancelled.set()
+        self.join(timeout)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _long_runs_start_first(request):
+    """The module's two deployed runs take minutes, most of it waiting on Flower (a fresh ClientApp process per
+    message, polling, a killed node declared lost): when their tests are selected, both start in the background
+    with the module's first test and overlap its other tests; each of the two tests then waits for its run and
+    checks what it recorded."""
+    selected = {item.name for item in request.session.items}
+    if KILLED_TEST in selected:
+        request.getfixturevalue("killed_mid_round")
+    if DP_FLOOR_TEST in selected:
+        request.getfixturevalue("dp_floor_run")
+    yield
+
+
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     fed = LocalFederation(tmp_path_factory.mktemp("deploy"), nodes=3, data=str(SST2), profile="cpu")
@@ -170,6 +222,92 @@ def fed(tmp_path_factory):
     finally:
         fed.stop()
         left = fed.leftovers()  # below the SuperLink/SuperNodes too, even re-parented
+        assert not left, f"processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def dp_floor_run(fed):
+    """The run of :func:`test_deployed_run_completes_while_a_node_with_a_dp_floor_refuses` on ``fed``, in the
+    background: its SuperNodes (node 3 with its own privacy floor), then `flwr run`. The refusal tests below use
+    the same SuperLink meanwhile (their SuperNodes never join the federation)."""
+    out = fed.dir / "run"
+
+    def run(cancel):
+        fed.start_supernodes(extra={2: ("--dp-required", "--dp-max-epsilon", "3", "--dp-max-delta", "1e-5")})
+        overrides = (f"strategy=ffa_lora model=tiny_llama num_clients=3 num_rounds=2 local_steps=1 "
+                     f"train.batch_size=4 eval.max_examples=32 data.path={SST2} out_dir={out}")
+        return fed.run(overrides, timeout=1800, cancel=cancel)
+
+    bg = Background("dp-floor-run", run)
+    yield out, bg
+    bg.cancel()  # (done already unless its test did not wait for it); `fed` then stops every process
+
+
+class KilledMidRound:
+    """The federation and run of :func:`test_robust_4b_a_supernode_killed_mid_round_is_named_alone`, in the
+    background: TLS + node auth, 3 SuperNodes, partition 2's node allows fault injection (it sleeps in training)
+    and declares Flower's shortest heartbeat interval; a watcher SIGKILLs that SuperNode and its ClientApp 3 s
+    after the ClientApp of round 1 appears."""
+
+    def __init__(self, workdir: Path):
+        self.fed = LocalFederation(workdir, nodes=3, data=str(SST2), profile="cpu")
+        self.out = self.fed.dir / "run"
+        self.killed: dict = {}
+        self.bg = Background("killed-mid-round", self._scenario)
+
+    def _scenario(self, cancel) -> tuple[int, dict, str]:
+        f = self.fed
+        f.make_credentials(extra_keys=0)
+        f.start_superlink()
+        f.register([1, 2, 3])
+        pythonpath = os.pathsep.join(x for x in (str(FAST_HEARTBEAT), f.env.get("PYTHONPATH")) if x)
+        f.start_supernodes(extra={2: ("--allow-faults",)}, env={2: {"PYTHONPATH": pythonpath}})
+        killer = threading.Thread(target=self._kill_mid_round, daemon=True)
+        killer.start()
+        overrides = (f"strategy=fedit model=tiny_llama num_clients=3 num_rounds=2 local_steps=1 train.batch_size=4 "
+                     f"eval.max_examples=16 debug.sleep_partitions=[2] debug.sleep_s=900 round_timeout=150 "
+                     f"data.path={SST2} out_dir={self.out}")
+        try:
+            return f.run(overrides, timeout=900, cancel=cancel)
+        finally:
+            self.killed["stop"] = True
+            killer.join(10)
+
+    def _kill_mid_round(self) -> None:
+        from fedlora import processes
+
+        victim = self.fed.supernodes[2]
+        t0 = time.time()
+        while time.time() - t0 < 900 and not self.killed.get("stop"):
+            started = (self.out / "metrics.jsonl").exists() and (self.out / "metrics.jsonl").read_text().strip()
+            train_app = started and [p for p in processes.descendants([victim.pid])
+                                     if any("flwr-clientapp" in a for a in _cmdline(p))]
+            if train_app:  # round 1 was sent after round 0's line; the node's ClientApp holds its message
+                time.sleep(3)
+                for p in [*processes.descendants([victim.pid]), victim]:
+                    try:
+                        os.kill(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                self.killed["at"] = time.time()
+                return
+            time.sleep(0.5)
+
+    def stop(self) -> list[int]:
+        """Stop the run (if it still goes on) and every process of the federation; the PIDs still alive."""
+        self.killed["stop"] = True
+        self.bg.cancel()
+        self.fed.stop()
+        return self.fed.leftovers()
+
+
+@pytest.fixture(scope="module")
+def killed_mid_round(tmp_path_factory):
+    k = KilledMidRound(tmp_path_factory.mktemp("killed") / "fed")
+    try:
+        yield k
+    finally:
+        left = k.stop()
         assert not left, f"processes left running: {left}"
 
 
@@ -208,16 +346,14 @@ def test_supernode_without_the_ca_cannot_connect(fed):
         assert "SuperNode ID:" not in log
 
 
-def test_deployed_run_completes_while_a_node_with_a_dp_floor_refuses(fed):
+def test_deployed_run_completes_while_a_node_with_a_dp_floor_refuses(fed, dp_floor_run):
     """Issue 16's acceptance: the server's config asks for privacy=none while node 3's own floor requires DP:
-    that node refuses every round with its reason (recorded in `rejected`), the others train, the run goes on."""
-    fed.start_supernodes(extra={2: ("--dp-required", "--dp-max-epsilon", "3", "--dp-max-delta", "1e-5")})
+    that node refuses every round with its reason (recorded in `rejected`), the others train, the run goes on.
+    (The run itself is the fixture ``dp_floor_run``, started in the background with the module's first test.)"""
+    out, bg = dp_floor_run
+    run_id, info, log = bg.outcome(timeout=1800)
     for i, p in enumerate(fed.supernodes, start=1):  # each node authenticated as its registered key
         assert f"SuperNode ID: {fed.node_ids[i]}" in fed.log(p)
-    out = fed.dir / "run"
-    overrides = (f"strategy=ffa_lora model=tiny_llama num_clients=3 num_rounds=2 local_steps=1 train.batch_size=4 "
-                 f"eval.max_examples=32 data.path={SST2} out_dir={out}")
-    run_id, info, log = fed.run(overrides, timeout=1800)
     assert info.get("status") == "finished:completed", (info, log[-3000:])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -234,51 +370,22 @@ def test_deployed_run_completes_while_a_node_with_a_dp_floor_refuses(fed):
         assert n["device"] == "cpu" and n["extra"]["profile"] == "cpu" and "device-memory" in n["extra"]
 
 
-def test_robust_4b_a_supernode_killed_mid_round_is_named_alone(tmp_path):
-    """Issue 20 item 4b."""
-    import os
-    import signal
-    import threading
-    import time
+def test_robust_4b_a_supernode_killed_mid_round_is_named_alone(killed_mid_round):
+    """Issue 20 item 4b, deployed: TLS + node auth, 3 SuperNodes; partition 2's node sleeps in its training
+    (fault injection it allows) and is SIGKILLed, with its ClientApp, in the middle of round 1. Flower answers for
+    it with "Node Unavailable" sent by the SuperLink (node id 1): each round's metrics name exactly that node, once,
+    under its own node id and partition, with that reason -- not the healthy partition 1, and not a second time as
+    "no reply within round_timeout". The run finishes with the two others.
 
-    from fedlora import processes
-
-    f = LocalFederation(tmp_path / "fed", nodes=3, data=str(SST2), profile="cpu")
-    out = f.dir / "run"
-    killed: dict = {}
-
-    def kill_mid_round():
-        victim = f.supernodes[2]
-        t0 = time.time()
-        while time.time() - t0 < 900 and not killed.get("stop"):
-            started = (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()
-            train_app = started and [p for p in processes.descendants([victim.pid])
-                                     if any("flwr-clientapp" in a for a in _cmdline(p))]
-            if train_app:  # round 1 was sent after round 0's line; the node's ClientApp holds its message
-                time.sleep(3)
-                for p in [*processes.descendants([victim.pid]), victim]:
-                    try:
-                        os.kill(p.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                killed["at"] = time.time()
-                return
-            time.sleep(0.5)
-
+    The federation and its run are :class:`KilledMidRound` (fixture ``killed_mid_round``), started in the
+    background with the module's first test: this test waits for it and checks what it recorded."""
+    k = killed_mid_round
+    f, out, killed = k.fed, k.out, k.killed
     try:
-        f.make_credentials(extra_keys=0)
-        f.start_superlink()
-        f.register([1, 2, 3])
-        f.start_supernodes(extra={2: ("--allow-faults",)})
-        killer = threading.Thread(target=kill_mid_round, daemon=True)
-        killer.start()
-        overrides = (f"strategy=fedit model=tiny_llama num_clients=3 num_rounds=2 local_steps=1 train.batch_size=4 "
-                     f"eval.max_examples=16 debug.sleep_partitions=[2] debug.sleep_s=900 round_timeout=150 "
-                     f"data.path={SST2} out_dir={out}")
-        run_id, info, log = f.run(overrides, timeout=900)
-        killed["stop"] = True
-        killer.join(10)
+        run_id, info, log = k.bg.outcome(timeout=1200)
         assert "at" in killed, f"the node was never killed mid-round:\n{log[-3000:]}"
+        # the victim declared Flower's shortest heartbeat interval (tests/fast_heartbeat): lost after ~20 s, not ~60 s
+        assert f"{HEARTBEAT_MARKER} 10 s (flwr.supernode.fleet_http_connection)" in f.log(f.supernodes[2])
         assert info.get("status") == "finished:completed", (info, log[-3000:])
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [0, 1, 2]
@@ -290,9 +397,7 @@ def test_robust_4b_a_supernode_killed_mid_round_is_named_alone(tmp_path):
             assert r["num_clients"] == 2
         assert json.loads((out / "summary.json").read_text())["status"] == "completed"
     finally:
-        killed["stop"] = True
-        f.stop()
-        left = f.leftovers()
+        left = k.stop()
         assert not left, f"processes left running: {left}"
 
 

@@ -2,9 +2,8 @@
 with the others and records who was left out and why (in-process grid and a real Ray simulation)."""
 
 import json
-import subprocess
 
-from conftest import ROOT, fedlora_cmd
+from conftest import EarlyRun
 from harness import InProcessGrid
 
 from fedlora import config
@@ -25,17 +24,20 @@ def test_raising_and_silent_clients_are_left_out(tmp_path):
         assert "no reply within round_timeout" in reasons[2]
 
 
-def test_ray_simulation_survives_a_raising_and_a_slow_client(tmp_path):
-    # Each round waits round_timeout for the slow client, and the end of the run waits for its last sleep (Flower
-    # lets an actor finish its message before terminating it): the run costs about round_timeout + sleep_s beyond
-    # its start-up. 15 s leaves the healthy clients (sharing the one actor the sleeper does not hold) ample time;
-    # a sleep longer than round_timeout can never be answered in time, whichever round it started in.
-    out = tmp_path / "run"
-    p = subprocess.run(fedlora_cmd("run", "model=tiny_llama", "num_clients=4", "num_rounds=2", "local_steps=1",
-                                   "train.batch_size=4", "eval.max_examples=16", "debug.raise_partitions=[1]",
-                                   "debug.sleep_partitions=[2]", "debug.sleep_s=60", "round_timeout=25",
-                                   f"out_dir={out}"),
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+# Each round waits round_timeout for the slow client, and the end of the run waits for its last sleep (Flower lets an
+# actor finish its message before terminating it): the run costs about round_timeout + sleep_s beyond its start-up.
+# 15 s leaves the healthy clients (sharing the one actor the sleeper does not hold) ample time; a sleep longer than
+# round_timeout can never be answered in time, whichever round it started in. The run mostly waits, so it starts
+# with the session's first test (conftest.EarlyRun) and the test below checks it.
+RAY_FAULTS = EarlyRun("test_ray_simulation_survives_a_raising_and_a_slow_client", lambda out: [
+    "run", "model=tiny_llama", "num_clients=4", "num_rounds=2", "local_steps=1", "train.batch_size=4",
+    "eval.max_examples=16", "debug.raise_partitions=[1]", "debug.sleep_partitions=[2]", "debug.sleep_s=20",
+    "round_timeout=15", f"out_dir={out}"])
+
+
+def test_ray_simulation_survives_a_raising_and_a_slow_client():
+    p = RAY_FAULTS.result(timeout=600)
+    out = RAY_FAULTS.out
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]

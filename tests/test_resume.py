@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, fedlora_cmd, tagged_env, tagged_pids
+from conftest import ROOT, TEST_TAG, fedlora_cmd, tagged_env, tagged_pids
 from harness import InProcessGrid, Killed, KillingGrid
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 from test_determinism import CASES
 from test_determinism import FAST as DET_FAST
 
-from fedlora import checkpoint, config
+from fedlora import checkpoint, config, processes
 from fedlora.adapters import AdapterState, LoraFactors
 from fedlora.merges import MergeLog
 from fedlora.strategies.server_app import run_server
@@ -102,31 +102,43 @@ def test_sigkill_of_a_ray_simulation_then_resume(tmp_path):
     args = ["model=tiny_llama", "num_clients=3", "local_steps=2", "train.batch_size=4", "eval.max_examples=16",
             "train.max_length=32", "num_rounds=3", "strategy=fedit"]
     env = tagged_env()
+    # The uninterrupted reference run and the run that gets killed are independent: they run at the same time
+    # (most of each is start-up: Python, Ray, the ClientApp actors). The reference has its own tag, so that what it
+    # leaves behind is told apart from the other run's processes (and is not killed with them).
+    full_tag = f"{TEST_TAG}-full"
     full = tmp_path / "full"
-    p = subprocess.run(fedlora_cmd("run", *args, f"out_dir={full}"), cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, env=env)
-    assert not tagged_pids(), "a finished run left processes behind"
-    assert p.returncode == 0, p.stderr[-2000:]
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(fedlora_cmd("run", *args, f"out_dir={cut}"), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    with open(tmp_path / "full.out", "wb") as out, open(tmp_path / "full.err", "wb") as err:
+        full_proc = subprocess.Popen(fedlora_cmd("run", *args, f"out_dir={full}"), cwd=ROOT, stdout=out, stderr=err,
+                                     env={**env, "FEDLORA_TEST_TAG": full_tag})
     try:
-        t0 = time.time()
-        while time.time() - t0 < 300:
-            if (cut / checkpoint.NAME).exists() and len(rows_of(cut)) >= 2:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the run never checkpointed round 1")
+        cut = tmp_path / "cut"
+        proc = subprocess.Popen(fedlora_cmd("run", *args, f"out_dir={cut}"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+        try:
+            t0 = time.time()
+            while time.time() - t0 < 300:
+                if (cut / checkpoint.NAME).exists() and len(rows_of(cut)) >= 2:
+                    break
+                time.sleep(0.2)
+            else:
+                pytest.fail("the run never checkpointed round 1")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a crash would
+            proc.wait()
+            time.sleep(1)
+            for pid in tagged_pids():  # Ray helpers outside the group: stop them by PID
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        full_proc.wait(timeout=600)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a crash would
-        proc.wait()
-        time.sleep(1)
-        for pid in tagged_pids():  # Ray helpers outside the group: stop them by PID
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if full_proc.poll() is None:  # the test failed before the reference finished
+            full_proc.kill()
+            full_proc.wait()
+            processes.stop(processes.with_env("FEDLORA_TEST_TAG", full_tag), grace=3)
+    assert not processes.with_env("FEDLORA_TEST_TAG", full_tag), "a finished run left processes behind"
+    assert full_proc.returncode == 0, (tmp_path / "full.err").read_text(errors="replace")[-2000:]
     done = [r["round"] for r in rows_of(cut)]
     assert done[0] == 0 and done[-1] >= 1
     p = subprocess.run(fedlora_cmd("run", f"resume={cut}"), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
