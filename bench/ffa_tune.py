@@ -36,7 +36,7 @@ validation and test splits each round (eval.max_examples=null).
 Runs go through fedlora's own machinery: config.load, preflight.check, the real ServerApp loop
 (strategies.server_app.run_server) and ClientApp functions on the in-process grid of tests/harness.py (no Ray;
 the messages Flower would carry). Resumable: a run whose directory already holds a finished run of the same
-config (fedlora.compare.reusable) is read, not rerun; an interrupted one (no summary.json) is started again.
+config (fedlora.compare.same_setting) is read, not rerun; an interrupted one (no summary.json) is started again.
 Results: bench/results/ffa_tune.json (every run: block, stage, alpha, a_init, validation and test accuracy per
 round and final, status, wall s; the choice per block), rewritten after every run.
 
@@ -70,9 +70,10 @@ sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path if Path(p 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from fedlora.adapters import A_INITS as INITS  # noqa: E402  (the default, kaiming, first)
+
 RESULTS = ROOT / "bench" / "results"
 ALPHAS = (32, 64, 128, 256, 512)
-INITS = ("kaiming", "gaussian", "orthogonal")  # fedlora.adapters.A_INITS, the default first
 BLOCKS = ("nodp", "dp", "dp_nodp")
 DP_EPSILON = "3"
 #: the README strategy comparison's setting (`fedlora compare ... partitioner=dirichlet partitioner.alpha=0.5`)
@@ -124,28 +125,17 @@ def run_key(alpha, init) -> str:
 
 
 def finished(run_dir: Path, cfg) -> dict | None:
-    """The summary of a finished run of ``cfg`` in ``run_dir`` (None: none there; a directory without summary.json
-    is an interrupted run and is removed). ConfigError when the directory holds a run of another config."""
-    from fedlora import config, rundir
-    from fedlora.compare import LAYOUT_KEYS, reusable
-    from fedlora.config import ConfigError
+    """The summary of a finished run of ``cfg`` in ``run_dir``, successful or not (None: none there; a directory
+    without summary.json is an interrupted run and is removed). ConfigError when the directory holds a run of
+    another config (:func:`fedlora.compare.same_setting`)."""
+    from fedlora.compare import same_setting
 
     if not (run_dir / "summary.json").exists():
         if run_dir.exists():
             shutil.rmtree(run_dir)  # interrupted: nothing finished is lost
         return None
-    summary = json.loads((run_dir / "summary.json").read_text())
-    if rundir.STATUSES.get(summary.get("status")) == 0:
-        reusable(run_dir, cfg)  # raises if another config
-    else:  # finished but failed (degraded, no round aggregated): still this config's outcome, if it is this config
-        def flat(c):
-            return {k: v for k, v in config.flat(c).items() if k.split(".", 1)[0] not in LAYOUT_KEYS}
-
-        saved, planned = flat(config.from_yaml((run_dir / "config.yaml").read_text())), flat(cfg)
-        differ = sorted(k for k in saved.keys() & planned.keys() if saved[k] != planned[k])
-        if differ:
-            raise ConfigError(f"{run_dir} holds a run of another setting ({differ[0]}): move it away.")
-    return summary
+    same_setting(run_dir, cfg)  # a failed run (degraded, no round aggregated) is still this config's outcome
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def run_one(ov: list[str], run_dir: Path, echo) -> tuple[dict, list[dict], bool]:

@@ -159,20 +159,12 @@ def _flat(cfg) -> dict:
     return {k: v for k, v in config.flat(cfg).items() if k.split(".", 1)[0] not in LAYOUT_KEYS}
 
 
-def reusable(run_dir: Path, cfg, name: str | None = None) -> list[str] | None:
-    """With ``compare.reuse``: whether ``run_dir`` already holds this planned run, finished. None when it holds
-    no summary (the run is to be done); else the config keys the saved run lacks (written by an older fedlora,
-    they take their defaults in the planned config), possibly none. A summary whose status is not a successful
-    one (``completed``, ``budget-exhausted``), or whose saved config differs from ``cfg`` on any key both have (besides
-    :data:`LAYOUT_KEYS`, and for the ``centralised`` run :data:`CENTRALISED_KEYS`), raises :class:`~fedlora.config.ConfigError`: that directory holds another run."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "summary.json").exists():
-        return None
-    status = json.loads((run_dir / "summary.json").read_text()).get("status", "completed")
-    if rundir.STATUSES.get(status) != 0 or not (run_dir / "config.yaml").exists():  # unknown or failed
-        raise ConfigError(f"compare.reuse: {run_dir} holds a run that did not complete (status {status}) or has "
-                          "no config.yaml: move it away to run it again.")
-    saved, planned = _flat(config.from_yaml((run_dir / "config.yaml").read_text())), _flat(cfg)
+def same_setting(run_dir: Path, cfg, name: str | None = None) -> list[str]:
+    """Whether ``run_dir``'s saved ``config.yaml`` is ``cfg``'s setting: :class:`~fedlora.config.ConfigError` when it
+    differs on any key both have (besides :data:`LAYOUT_KEYS`, and for the ``centralised`` run
+    :data:`CENTRALISED_KEYS`), else the config keys the saved run lacks (written by an older fedlora, they take their
+    defaults in the planned config), possibly none."""
+    saved, planned = _flat(config.from_yaml((Path(run_dir) / "config.yaml").read_text())), _flat(cfg)
     own = CENTRALISED_KEYS if name == report.CENTRALISED else ()
     differ = sorted(k for k in saved.keys() & planned.keys() if saved[k] != planned[k] and k not in own)
     if differ:
@@ -181,6 +173,21 @@ def reusable(run_dir: Path, cfg, name: str | None = None) -> list[str] | None:
                           f"{planned[k]} planned{f', and {len(differ) - 1} more keys' if len(differ) > 1 else ''}): "
                           "choose another out_dir or move that run away.")
     return sorted(planned.keys() - saved.keys())
+
+
+def reusable(run_dir: Path, cfg, name: str | None = None) -> list[str] | None:
+    """With ``compare.reuse``: whether ``run_dir`` already holds this planned run, finished. None when it holds
+    no summary (the run is to be done); else :func:`same_setting`'s list of keys the saved run lacks. A summary whose
+    status is not a successful one (``completed``, ``budget-exhausted``), or whose saved config is another setting,
+    raises :class:`~fedlora.config.ConfigError`: that directory holds another run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").exists():
+        return None
+    status = json.loads((run_dir / "summary.json").read_text()).get("status", "completed")
+    if rundir.STATUSES.get(status) != 0 or not (run_dir / "config.yaml").exists():  # unknown or failed
+        raise ConfigError(f"compare.reuse: {run_dir} holds a run that did not complete (status {status}) or has "
+                          "no config.yaml: move it away to run it again.")
+    return same_setting(run_dir, cfg, name)
 
 
 def _plan(base_overrides, names, seeds, out, with_ceiling, reuse=False) -> list[tuple]:
