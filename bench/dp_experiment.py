@@ -45,8 +45,9 @@ sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path if Path(p 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from fedlora.adapters import A_INITS  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
-A_INITS = ("kaiming", "gaussian", "orthogonal")  # fedlora.adapters.A_INITS (not imported here: argparse runs first)
 EPSILONS = ("1", "3", "6", "inf")
 CONTROL = "clip"  # control runs: the DP-SGD path (Poisson batches, per-example clipping, DP optimizer and lr) with sigma = 0
 STRATEGIES = ("ffa_lora", "fedit")
