@@ -4,11 +4,12 @@ seeds, then tables (``comparison.md``, ``comparison.csv``, ``comparison_seeds.cs
 
   fedlora compare strategies=[fedit,flora,ffa_lora,lora_fair] seeds=[0,1,2] [run overrides] [target=0.8]
   fedlora compare preset=heterogeneous
+  fedlora compare strategies=[fedit,ffa_lora] ffa_lora:model.lora.alpha=128 ffa_lora:strategy.a_init=orthogonal
 
 :func:`compare` is a plain loop over the runs (for each seed: every strategy, then the centralised ceiling);
 every run goes through the same pre-flight as ``fedlora run`` before the first one starts. Within a seed every
-strategy gets the same config but for ``strategy=``, so the same partitions, initial adapter and client sampling
-(all drawn from ``seed``). Tables, verdicts and plots are :mod:`fedlora.report`'s and :mod:`fedlora.verdicts`'.
+strategy gets the same config but for ``strategy=`` and its own hyper-parameters (``NAME:KEY=VALUE``, only
+:data:`TUNABLE` keys), so the same partitions, initial adapter and client sampling (all drawn from ``seed``). Tables, verdicts and plots are :mod:`fedlora.report`'s and :mod:`fedlora.verdicts`'.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +57,12 @@ seed, then write
   compare.centralised=false    leave out the centralised row
   compare.reuse=true     tabulate a run directory that already holds the same run, finished, instead of refusing
                          it: an interrupted comparison, or one given more seeds, runs only what it lacks
+  NAME:KEY=VALUE         a hyper-parameter of one compared strategy alone, applied after the shared overrides
+                         (each strategy tuned on its own, e.g. ffa_lora:model.lora.alpha=128 flora:train.lr=1e-3,
+                         ffa_lora:strategy.a_init=orthogonal); only a strategy's own knobs: train.lr,
+                         train.weight_decay, train.scheduler, train.warmup_steps, train.max_grad_norm,
+                         model.lora.alpha, model.lora.dropout and strategy.*; never what every run must share
+                         (data, partitions, clients, rounds, local steps, batch, rank, seed). comparison.md names them
   -v, --verbose          Flower's and Ray's logs too
   run overrides          anything `fedlora run` takes, applied to every run (model=, data=, num_rounds=, ...)
 
@@ -72,6 +80,40 @@ def _pop(argv: list[str], key: str):
 
 def _parse_list(text: str) -> list[str]:
     return [s.strip() for s in text.strip("[]").split(",") if s.strip()]
+
+
+#: What ``NAME:KEY=VALUE`` may set for one strategy: its own hyper-parameters. The setting every strategy shares
+#: (data, partitions, clients, rounds, local steps, batch size, rank, seed, model) is not among them, so a
+#: comparison stays one of strategies, not of settings. ``strategy.`` covers every key of the strategy's own config.
+TUNABLE = ("train.lr", "train.weight_decay", "train.scheduler", "train.warmup_steps", "train.max_grad_norm",
+           "model.lora.alpha", "model.lora.dropout", "strategy.")
+_OWN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):([+~]*)([^=]+)=(.*)$")
+
+
+def pop_own_overrides(argv: list[str]) -> dict[str, list[str]]:
+    """Take every ``NAME:KEY=VALUE`` out of ``argv`` (in place) and return ``{NAME: ["KEY=VALUE", ...]}``, in order.
+    A key outside :data:`TUNABLE`, or the whole ``strategy`` group, raises :class:`~fedlora.config.ConfigError`;
+    that NAME is a compared strategy is checked by :func:`compare`."""
+    own: dict[str, list[str]] = {}
+    for a in list(argv):
+        m = _OWN.match(a)
+        if not m:
+            continue
+        name, plus, key, value = m.groups()
+        if not any(key == t or (t.endswith(".") and key.startswith(t)) for t in TUNABLE):
+            raise ConfigError(f"{a}: {key} is not one strategy's own hyper-parameter, so every compared strategy "
+                              f"must share it: set it for all as {key}=..., or give {name} one of "
+                              f"{', '.join(t + '*' if t.endswith('.') else t for t in TUNABLE)}.")
+        own.setdefault(name, []).append(f"{plus}{key}={value}")
+        argv.remove(a)
+    return own
+
+
+def describe_own(own: dict[str, list[str]]) -> str:
+    """The per-strategy hyper-parameters as one sentence for ``comparison.md`` ("" when there are none)."""
+    if not own:
+        return ""
+    return "Per-strategy settings: " + "; ".join(f"{n}: {', '.join(o)}" for n, o in own.items()) + "."
 
 
 def parse_seeds(value, default_seed: int) -> list[int]:
@@ -123,10 +165,11 @@ def run_dir_of(out: Path, seed: int, name: str, multi: bool) -> Path:
     return Path(out) / f"seed_{seed}" / name if multi else Path(out) / name
 
 
-def run_config(base_overrides: list[str], name: str, seed: int, run_dir: Path):
-    """The config of one run of a comparison: the shared overrides, then the strategy, seed and directory (the
-    centralised run keeps the shared config's strategy, which it does not use)."""
-    extra = [] if name == report.CENTRALISED else [f"strategy={name}"]
+def run_config(base_overrides: list[str], name: str, seed: int, run_dir: Path, own: list[str] | None = None):
+    """The config of one run of a comparison: the shared overrides, then the strategy, its own hyper-parameters
+    ``own`` (``KEY=VALUE``, see :func:`pop_own_overrides`), seed and directory (the centralised run keeps the shared
+    config's strategy, which it does not use)."""
+    extra = [] if name == report.CENTRALISED else [f"strategy={name}"] + list(own or [])
     return config.load(list(base_overrides) + extra + [f"seed={seed}", f"out_dir={run_dir}"])
 
 
@@ -190,18 +233,37 @@ def reusable(run_dir: Path, cfg, name: str | None = None) -> list[str] | None:
     return same_setting(run_dir, cfg, name)
 
 
-def _plan(base_overrides, names, seeds, out, with_ceiling, reuse=False) -> list[tuple]:
+def _check_own(base_overrides, names, own: dict[str, list[str]]) -> None:
+    """Each strategy's own hyper-parameters name a compared strategy and compose with the shared setting; else
+    :class:`~fedlora.config.ConfigError` naming the override, before anything starts. (A strategy the setting
+    refuses is refused with or without them: its "not run" row says why.)"""
+    for n, overrides in own.items():
+        if n not in names:
+            raise ConfigError(f"{n}:{overrides[0]} names {n}, which is not compared here: add it to "
+                              f"strategies=[...] or drop the override (compared: {', '.join(names)}).")
+        try:
+            config.load(list(base_overrides) + [f"strategy={n}"])
+        except ConfigError:
+            continue
+        for o in overrides:
+            try:
+                config.load(list(base_overrides) + [f"strategy={n}", o])
+            except ConfigError as e:
+                raise ConfigError(f"{n}:{o}: {e}") from None
+
+
+def _plan(base_overrides, names, seeds, out, with_ceiling, reuse=False, own=None) -> list[tuple]:
     """Every run's (seed, name, run_dir, config, refusal, reused), after each seed's shared setting, each run
-    directory and each strategy's config passed the pre-flight (a strategy refused for this setting gets its
-    refusal). ``reused``: with ``reuse``, the keys :func:`reusable` reports for a finished run already there
-    (None: the run is to be done)."""
-    multi, plan = len(seeds) > 1, []
+    directory and each strategy's config (with its ``own`` hyper-parameters) passed the pre-flight (a strategy
+    refused for this setting gets its refusal). ``reused``: with ``reuse``, the keys :func:`reusable` reports for a
+    finished run already there (None: the run is to be done)."""
+    multi, plan, own = len(seeds) > 1, [], own or {}
     for seed in seeds:
         preflight.check_setting(config.load(list(base_overrides) + [f"seed={seed}"]))
         for n in names + ([report.CENTRALISED] if with_ceiling else []):
             d = run_dir_of(out, seed, n, multi)
             try:
-                cfg = run_config(base_overrides, n, seed, d)
+                cfg = run_config(base_overrides, n, seed, d, own.get(n))
             except ConfigError as e:
                 rundir.check_fresh(d)
                 plan.append((seed, n, d, None, e, None))
@@ -220,7 +282,7 @@ def _plan(base_overrides, names, seeds, out, with_ceiling, reuse=False) -> list[
 
 def compare(base_overrides: list[str], names: list[str], target: float, out: Path, verbose: bool = False,
             echo=print, seeds: list[int] | None = None, centralised: bool | None = None,
-            reuse: bool | None = None) -> list[dict]:
+            reuse: bool | None = None, own: dict[str, list[str]] | None = None) -> list[dict]:
     """For each seed of ``seeds`` (default: the config's seed), run each strategy of ``names`` on the setting
     ``base_overrides`` describe, one after the other, into :func:`run_dir_of`, then (``centralised``, default:
     ``compare.centralised`` or ``centralised`` in ``names``) the centralised ceiling. Returns one row per
@@ -233,7 +295,10 @@ def compare(base_overrides: list[str], names: list[str], target: float, out: Pat
 
     ``reuse`` (default ``compare.reuse``): a run directory that already holds this very run, finished (same
     config but for :data:`LAYOUT_KEYS`, see :func:`reusable`), is tabulated as it is instead of refused, so an
-    interrupted comparison, or one extended by more seeds, does only the runs it lacks."""
+    interrupted comparison, or one extended by more seeds, does only the runs it lacks.
+
+    ``own``: per strategy, its own hyper-parameters (``{"ffa_lora": ["model.lora.alpha=128"]}``, from
+    :func:`pop_own_overrides`), applied to that strategy's runs alone after the shared overrides."""
     base_overrides, out = list(base_overrides), Path(out).resolve()
     base = config.load(base_overrides)
     seeds = list(seeds) if seeds is not None else parse_seeds(base.compare.get("seeds"), base.seed)
@@ -245,10 +310,13 @@ def compare(base_overrides: list[str], names: list[str], target: float, out: Pat
             raise ConfigError(f"unknown strategy '{n}' in strategies=[...]: "
                               f"choose from {', '.join(config.group_options('strategy'))} (or centralised).")
     reuse = bool(base.compare.get("reuse")) if reuse is None else reuse
-    plan = _plan(base_overrides, names, seeds, out, with_ceiling, reuse)
+    own = dict(own or {})
+    _check_own(base_overrides, names, own)
+    plan = _plan(base_overrides, names, seeds, out, with_ceiling, reuse, own)
     out.mkdir(parents=True, exist_ok=True)
     echo(f"fedlora compare: {', '.join(names)}{' + centralised' if with_ceiling else ''} on {base.model.name}/"
-         f"{base.data.name}, {base.num_clients} clients, {base.num_rounds} rounds, seeds {seeds} -> {out}", flush=True)
+         f"{base.data.name}, {base.num_clients} clients, {base.num_rounds} rounds, seeds {seeds} -> {out}"
+         f"{(' (' + describe_own(own) + ')') if own else ''}", flush=True)
     rows, lr = [], None
     for seed, n, d, cfg, refusal, reused in plan:
         rows.append(_one(seed, n, d, cfg, refusal, out, target, verbose, echo, lr, reused))
@@ -288,6 +356,7 @@ def cmd_compare(argv: list[str]) -> int:
     quiet_libraries(verbose)
     names, target = _pop(argv, "strategies"), _pop(argv, "target")
     seeds, baseline = _pop(argv, "seeds"), _pop(argv, "baseline")
+    own = pop_own_overrides(argv)
     base = config.load(argv)
     names = _parse_list(names) if names else list(base.compare.strategies)
     target = float(target) if target else float(base.compare.target_accuracy)
@@ -295,8 +364,9 @@ def cmd_compare(argv: list[str]) -> int:
     baseline = pick_baseline(baseline, names, base.compare.get("baseline"))
     out = Path(base.out_dir) if base.out_dir else Path("runs") / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-compare"
     out = out.resolve()
-    rows = compare(argv, names, target, out, verbose, seeds=seeds)
-    table = report.write_comparison(out, rows, target, describe(base, seeds), baseline)
+    rows = compare(argv, names, target, out, verbose, seeds=seeds, own=own)
+    setting = " ".join(t for t in (describe(base, seeds), describe_own(own)) if t)
+    table = report.write_comparison(out, rows, target, setting, baseline)
     print("\n" + table + f"\n\nwritten: {out}/comparison.md, comparison.csv, comparison_seeds.csv, "
           "accuracy_vs_round.png, accuracy_vs_bytes.png")
     failed = [r for r in rows if report.failed(r)]

@@ -263,3 +263,37 @@ def test_compare_reuse_runs_only_what_a_comparison_lacks(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"holds a run that did not complete \(status stopped\)"):
         cmp.compare(FAST, ["fedit"], 0.8, out, echo=quiet, seeds=[0, 1], reuse=True)
     assert calls == [("ffa_lora", 1)]  # nothing ran for the refused comparisons
+
+
+# ---------------------------------------------------------------- each strategy its own hyper-parameters
+def test_own_overrides_are_parsed_checked_and_applied_to_one_strategy_alone(tmp_path):
+    """``NAME:KEY=VALUE`` sets a hyper-parameter of one compared strategy (its tuned alpha, lr, A init) and leaves
+    the others' configs, and everything the strategies share, as they were; a key every strategy must share, a
+    strategy not compared, or a key the config lacks is refused in one sentence naming the override."""
+    argv = FAST + ["ffa_lora:model.lora.alpha=128", "ffa_lora:strategy.a_init=orthogonal", "fedit:train.lr=1e-3",
+                   "data.path=/x:y"]
+    own = cmp.pop_own_overrides(argv)
+    assert own == {"ffa_lora": ["model.lora.alpha=128", "strategy.a_init=orthogonal"], "fedit": ["train.lr=1e-3"]}
+    assert argv == FAST + ["data.path=/x:y"]  # a value holding ':' is a plain override, left in place
+    assert cmp.describe_own(own) == ("Per-strategy settings: ffa_lora: model.lora.alpha=128, "
+                                     "strategy.a_init=orthogonal; fedit: train.lr=1e-3.")
+    ffa = cmp.run_config(FAST, "ffa_lora", 0, tmp_path / "ffa", own["ffa_lora"])
+    fedit = cmp.run_config(FAST, "fedit", 0, tmp_path / "fedit", own["fedit"])
+    plain = cmp.run_config(FAST, "fedit", 0, tmp_path / "plain")
+    assert ffa.model.lora.alpha == 128 and ffa.strategy.a_init == "orthogonal" and ffa.train.lr == plain.train.lr
+    assert fedit.train.lr == 1e-3 and fedit.model.lora.alpha == plain.model.lora.alpha
+    shared = {k: v for k, v in config.flat(plain).items()
+              if not k.startswith(("strategy.", "out_dir", "train.lr", "model.lora.alpha"))}
+    assert {k: config.flat(ffa)[k] for k in shared} == shared  # everything else the same
+    for bad, says in [("ffa_lora:num_rounds=5", "num_rounds is not one strategy's own hyper-parameter"),
+                      ("ffa_lora:model.lora.r=16", "model.lora.r is not one strategy's own"),
+                      ("flora:strategy=fedit", "strategy is not one strategy's own")]:
+        with pytest.raises(ConfigError, match=says):
+            cmp.pop_own_overrides([bad])
+    quiet = lambda *a, **k: None  # noqa: E731
+    with pytest.raises(ConfigError, match=r"flora:train.lr=1e-3 names flora, which is not compared here"):
+        cmp.compare(FAST, ["fedit", "ffa_lora"], 0.8, tmp_path / "o1", echo=quiet, own={"flora": ["train.lr=1e-3"]})
+    with pytest.raises(ConfigError, match=r"^ffa_lora:strategy.no_such_key=1: "):
+        cmp.compare(FAST, ["fedit", "ffa_lora"], 0.8, tmp_path / "o2", echo=quiet,
+                    own={"ffa_lora": ["strategy.no_such_key=1"]})
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # refused before anything started
