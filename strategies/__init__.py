@@ -11,7 +11,15 @@ from .flora import FLoRA
 from .hetlora import HetLoRA
 from .lora_fair import LoRAFAIR
 
-STRATEGIES = {s.name: s for s in (FedIT, FLoRA, FFALoRA, LoRAFAIR, FlexLoRA, HetLoRA, FedPipe)}
+STRATEGIES = {s.name: s for s in (
+    FedIT,
+    FLoRA,
+    FFALoRA,
+    LoRAFAIR,
+    FlexLoRA,
+    HetLoRA,
+    FedPipe,
+)}
 
 
 def get(name: str):
