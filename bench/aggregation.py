@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlora import algebra as alg  # noqa: E402
+from fedlora import lowrank  # noqa: E402
 from fedlora.adapters import AdapterState, LoraFactors  # noqa: E402
 
 M = N = 4096
@@ -155,7 +156,7 @@ def bench_clients(K: int, layers: int, r: int, repeats: int, dense_modules: int,
         f"cpu {res['ffa_lora']['x_floor_cpu']:.2f}x)")
 
     mixed = mixed_rank_states(buf, names, 32.0)
-    res["hetlora_mixed_ranks"], _ = measure(lambda: alg.hetlora(mixed, weights), repeats, floor_all)
+    res["hetlora_mixed_ranks"], _ = measure(lambda: lowrank.hetlora(mixed, weights), repeats, floor_all)
     log(f"  hetlora {res['hetlora_mixed_ranks']['min_s']:.3f}s  ({res['hetlora_mixed_ranks']['x_floor']:.2f}x floor)")
 
     res["lora_fair_closed_form_all_modules"], _ = measure(
@@ -184,7 +185,7 @@ def bench_clients(K: int, layers: int, r: int, repeats: int, dense_modules: int,
         res["lora_fair_cosine_all_modules"], _ = measure(lambda: alg.lora_fair(states, weights, solver="cosine"), 1)
         log(f"  lora_fair cosine {res['lora_fair_cosine_all_modules']['min_s']:.2f}s")
         res["flexlora_mixed_ranks_3_targets"], _ = measure(
-            lambda: alg.flexlora(mixed, weights, ranks=[64, 16, 4], scales=[0.5, 2.0, 8.0]), 1)
+            lambda: lowrank.flexlora(mixed, weights, ranks=[64, 16, 4], scales=[0.5, 2.0, 8.0]), 1)
         log(f"  flexlora {res['flexlora_mixed_ranks_3_targets']['min_s']:.2f}s")
     del states, ffa_states, sub_states, mixed
     gc.collect()

@@ -176,13 +176,32 @@ def apply_merges(arrays: dict[str, np.ndarray], context: Context) -> dict[str, t
     return delta
 
 
+def train_factor(conf) -> str:
+    """Which LoRA factors this round trains (:data:`fedlora.adapters.TRAIN_FACTORS`): ``fl.train_factor``
+    (RoLoRA, FedSVD), or, in a message without it, ``B`` when ``fl.freeze_a`` is set (FFA-LoRA), else ``both``.
+    An unknown value, or one that contradicts ``fl.freeze_a``, is refused in one sentence (ValueError)."""
+    freeze_a = bool(conf["fl.freeze_a"])
+    factor = conf.get("fl.train_factor")
+    if factor is None:
+        return "B" if freeze_a else "both"
+    if factor not in adapters.TRAIN_FACTORS:
+        raise ValueError(f"fl.train_factor={factor!r} in the train message is not a choice of factors this client "
+                         f"knows ({', '.join(adapters.TRAIN_FACTORS)}): update the client's fedlora to the server's.")
+    if freeze_a != (factor == "B"):
+        raise ValueError(f"fl.train_factor={factor!r} contradicts fl.freeze_a={freeze_a} in the train message "
+                         "(A is frozen exactly when only B trains): the server's message is malformed.")
+    return str(factor)
+
+
 @torch.no_grad()
 def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context: Context) -> None:
     """Set the model to the round's starting point: base (+ this node's merged updates), then the adapter:
     factors given in ``arrays`` are loaded, missing A is drawn from ``fl.a_seed`` (at rank ``fl.a_rank``, the
     largest in the run when the strategy nests fresh factors, and cut to this client's rank: the first r rows of
     one seeded matrix, :func:`fedlora.adapters.seeded_A`, with the initialisation ``fl.a_init``: FFA-LoRA's
-    ``strategy.a_init``, ``kaiming`` when absent), missing B is zero."""
+    ``strategy.a_init``, ``kaiming`` when absent), missing B is zero. The factors :func:`train_factor` names
+    train; the other one is frozen (FFA-LoRA and FedSVD: A; RoLoRA: A or B by round)."""
+    factor = train_factor(conf)  # before anything changes, like fl.a_init below
     a_init = conf.get("fl.a_init", adapters.DEFAULT_A_INIT)
     if a_init not in adapters.A_INITS:  # before anything changes: an unknown name is refused, never guessed
         raise ValueError(f"fl.a_init={a_init!r} in the train message is not an initialisation of A this client "
@@ -205,7 +224,8 @@ def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context:
         state.lora[name] = adapters.LoraFactors(A, B, alpha / r)
     state.extra = {k[len("extra."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("extra.")}
     adapters.load_into_peft(bundle.model, state)
-    adapters.train_A(bundle.model, not bool(conf["fl.freeze_a"]))
+    adapters.train_A(bundle.model, factor != "B")
+    adapters.train_B(bundle.model, factor != "A")  # also undoes an earlier A round's freeze (the model is cached)
     if conf.get("fl.modules"):  # FedPipe: LoRA only on the selected modules; the others stay at B = 0, frozen
         selected = set(str(conf["fl.modules"]).split(","))
         for name, layer in layers.items():

@@ -169,6 +169,19 @@ def train_A(model, trainable: bool) -> None:
             a.weight.requires_grad_(trainable)
 
 
+def train_B(model, trainable: bool) -> None:
+    """Let every LoRA B factor train, or freeze it (RoLoRA's A rounds: B is shared, fixed and never sent back)."""
+    for layer in lora_layers(model).values():
+        for b in layer.lora_B.values():
+            b.weight.requires_grad_(trainable)
+
+
+#: what ``fl.train_factor`` of a train message may say: which LoRA factors a client trains this round (the others
+#: are frozen at what the server sent and not sent back). A message without it means ``B`` when ``fl.freeze_a`` is
+#: set (FFA-LoRA), else ``both``.
+TRAIN_FACTORS = ("both", "A", "B")
+
+
 # ----------------------------------------------------------------------------------------------
 # Flat arrays (Flower ArrayRecord content) and files
 # ----------------------------------------------------------------------------------------------

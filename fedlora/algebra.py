@@ -6,7 +6,8 @@ Conventions (see ``shared/ALGORITHMS.md``): a client's update of weight W (out m
 modules and extra keys) and ``weights`` (example counts or any non-negative numbers; normalised here).
 
 Nothing here forms an m x n matrix unless its name or a ``dense`` flag says so: low-rank paths work on the
-factors and on small r x r Gram matrices. LoRA-FAIR's solvers are in :mod:`fedlora.fair_solvers`; how far a
+factors and on small r x r Gram matrices. What changes or re-factorises ranks by SVD (FlexLoRA, HetLoRA, FedSVD,
+the rank rules of an export) is in :mod:`fedlora.lowrank`. LoRA-FAIR's solvers are in :mod:`fedlora.fair_solvers`; how far a
 served product is from dW* (the strategies' diagnostics) in :mod:`fedlora.diagnostics`. Equations are written
 out in each docstring; equation numbers of the papers are not quoted (the formulas are).
 """
@@ -23,8 +24,7 @@ from .adapters import AdapterState, LoraFactors
 
 __all__ = [
     "normalize", "ideal_update", "effective_update", "fedit", "flora_stack", "dense_or_stacked_bytes",
-    "ffa_average", "lora_fair", "lora_fair_dense", "flexlora", "flexlora_global", "svd_of_sum", "hetlora",
-    "truncate", "numerical_rank", "tolerance_rank", "tolerance_factors", "dense_is_smaller",
+    "ffa_average", "fedex", "lora_fair", "lora_fair_dense", "rolora",
 ]
 
 
@@ -214,6 +214,34 @@ def ffa_average(states: Sequence[AdapterState], weights: Sequence[float]) -> Ada
 
 
 # ----------------------------------------------------------------------------------------------
+# FedEx-LoRA
+# ----------------------------------------------------------------------------------------------
+def fedex(states: Sequence[AdapterState], weights: Sequence[float]) -> tuple[AdapterState, dict[str, LoraFactors]]:
+    """FedEx-LoRA (Singhal et al., "Exact Aggregation for Federated and Efficient Fine-Tuning of Foundation Models",
+    ACL 2025): FedIT's averages plus the residual that makes the round exact, folded into the base weights.
+
+    Returns ``(avg, residual)``: ``avg`` is :func:`fedit` itself (A_bar = sum_k p_k A_k, B_bar = sum_k p_k B_k, extra
+    averaged; equal ranks and scales), ``residual[name]`` the stacked factors (scale 1, float64) of
+        R = sum_k p_k s B_k A_k - s B_bar A_bar = sum_k p_k s B_k (A_k - A_bar) + s c A_bar,  c = sum_k p_k B_k - B_bar,
+    i.e. B_R = [B_1 ... B_K  c], A_R = [p_1 s (A_1 - A_bar); ...; p_K s (A_K - A_bar); s A_bar], rank sum r_k + r.
+    c is zero in exact arithmetic; it carries the rounding of the served (input-dtype) B_bar, so that
+    s B_bar A_bar + R = dW* holds for the B_bar, A_bar clients are actually served. R is FedIT's cross-term gap
+    (:func:`fedlora.diagnostics.cross_term_error` is ||R|| / ||dW*||). No m x n matrix is formed.
+    """
+    p = _check(states, weights)
+    avg = fedit(states, p)
+    residual = {}
+    for name, g in avg.lora.items():
+        fs = [st.lora[name] for st in states]
+        A_bar, B_bar = g.A.double(), g.B.double()
+        c = _wsum([f.B.double() for f in fs], p) - B_bar
+        A_R = torch.cat([(f.A.double() - A_bar) * (w * f.scale) for f, w in zip(fs, p)] + [A_bar * g.scale], 0)
+        B_R = torch.cat([f.B.double() for f in fs] + [c], 1)
+        residual[name] = LoraFactors(A_R, B_R, 1.0)
+    return avg, residual
+
+
+# ----------------------------------------------------------------------------------------------
 # LoRA-FAIR
 # ----------------------------------------------------------------------------------------------
 def _projected_ideal(fs, p, Abar) -> torch.Tensor:
@@ -323,166 +351,38 @@ def lora_fair_dense(states: Sequence[AdapterState], weights: Sequence[float], la
 
 
 # ----------------------------------------------------------------------------------------------
-# FlexLoRA
+# RoLoRA (and FedSVD's average: fedlora.lowrank.fedsvd)
 # ----------------------------------------------------------------------------------------------
-def svd_of_sum(states: Sequence[AdapterState], weights: Sequence[float], dense: bool = False,
-               ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Thin SVD (U, S, Vh) of W_g = sum_k p_k s_k B_k A_k = B_s A_s per module.
-
-    Low-rank path (default): B_s = Q_B R_B, A_s^T = Q_A R_A (reduced QR), so W_g = Q_B (R_B R_A^T) Q_A^T; the SVD
-    of the small core R_B R_A^T = U' S V'^T gives U = Q_B U', V = Q_A V'. Cost O((sum r_k)^2 (m+n)), no m x n.
-    ``dense``: torch.linalg.svd of the dense W_g (tests). Computed in float64.
-    """
+def _average_trained(states: Sequence[AdapterState], weights: Sequence[float], trained: str,
+                     method: str) -> AdapterState:
+    """Average the factor ``trained`` ("A" or "B") and keep the other, which every client must hold identically
+    (compared with torch.equal; the first state's tensor is kept, not copied), with equal scales; extra averaged."""
+    if trained not in ("A", "B"):
+        raise ValueError(f"{method}: trained must be 'A' or 'B', got {trained!r}")
     p = _check(states, weights)
-    out = {}
-    for name in states[0].lora:
-        B_s, A_s = _stacked([st.lora[name] for st in states], p, dtype=torch.float64)
-        if dense:
-            U, S, Vh = torch.linalg.svd(B_s @ A_s, full_matrices=False)
-        else:
-            QB, RB = torch.linalg.qr(B_s)
-            QA, RA = torch.linalg.qr(A_s.T)
-            Uc, S, Vhc = torch.linalg.svd(RB @ RA.T)
-            U, Vh = QB @ Uc, Vhc @ QA.T
-        out[name] = (U, S, Vh)
-    return out
-
-
-def _rank_r_factors(U, S, Vh, r: int, scale: float, dtype) -> LoraFactors:
-    """B = U_r S_r / scale, A = V_r^T; if fewer than r directions exist, A gets orthonormal complement rows
-    (deterministic) and B zero columns, so the extra ranks start like a fresh LoRA (B = 0, A != 0)."""
-    k = min(r, S.shape[0])
-    A, B = Vh[:k], U[:, :k] * (S[:k] / scale)
-    if k < r:
-        n, extra = Vh.shape[1], r - k
-        if k + extra > n:
-            raise ValueError(f"rank {r} exceeds the input dimension {n}")
-        gen = torch.Generator().manual_seed(0)
-        E = torch.randn(n, extra, generator=gen, dtype=Vh.dtype).to(Vh.device)
-        E -= A.T @ (A @ E)
-        Q, _ = torch.linalg.qr(E)
-        A = torch.cat([A, Q.T], 0)
-        B = torch.cat([B, B.new_zeros(B.shape[0], extra)], 1)
-    return LoraFactors(A.to(dtype).contiguous(), B.to(dtype).contiguous(), float(scale))
-
-
-def flexlora_global(states: Sequence[AdapterState], weights: Sequence[float], rank: int | None = None,
-                    dense: bool = False) -> AdapterState:
-    """W_g's SVD factors (B = U S, A = V^T, scale 1; truncated to ``rank`` if given) plus averaged extra:
-    the global FlexLoRA model for evaluation (B A = W_g when untruncated)."""
-    p = _check(states, weights)
-    dtype = next(iter(states[0].lora.values())).A.dtype
+    frozen = "B" if trained == "A" else "A"
     lora = {}
-    for name, (U, S, Vh) in svd_of_sum(states, p, dense=dense).items():
-        lora[name] = _rank_r_factors(U, S, Vh, rank if rank is not None else S.shape[0], 1.0, dtype)
-    return AdapterState(lora, _average_extra(states, p))
-
-
-def flexlora(states: Sequence[AdapterState], weights: Sequence[float], ranks: Sequence[int],
-             scales: Sequence[float], dense: bool = False) -> list[AdapterState]:
-    """FlexLoRA (Bai et al., "Federated Fine-tuning of LLMs under Heterogeneous Tasks and Client Resources",
-    NeurIPS 2024): W_g = sum_k p_k s_k B_k A_k = U S V^T, and the client with rank r and scale s gets
-    B = U_r S_r / s, A = V_r^T, so its PEFT layer's s B A is the best rank-r approximation of W_g
-    (Eckart-Young). ``ranks``/``scales``: one per target client (may differ from the senders). Extra averaged.
-    SVD via :func:`svd_of_sum` (QR of the stacked factors; ``dense`` for tests).
-    """
-    if len(ranks) != len(scales):
-        raise ValueError(f"{len(ranks)} ranks but {len(scales)} scales")
-    p = _check(states, weights)
-    dtype = next(iter(states[0].lora.values())).A.dtype
-    svds = svd_of_sum(states, p, dense=dense)
-    extra = _average_extra(states, p)
-    outs = []
-    for r, s in zip(ranks, scales):
-        lora = {name: _rank_r_factors(U, S, Vh, int(r), float(s), dtype) for name, (U, S, Vh) in svds.items()}
-        outs.append(AdapterState(lora, {k: v.clone() for k, v in extra.items()}))
-    return outs
-
-
-# ----------------------------------------------------------------------------------------------
-# HetLoRA
-# ----------------------------------------------------------------------------------------------
-def hetlora(states: Sequence[AdapterState], weights: Sequence[float], ranks: int | Sequence[int] | None = None,
-            norm_weighted: bool = False, r_max: int | None = None) -> AdapterState:
-    """HetLoRA (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
-    EMNLP 2024): zero-pad every client's factors to rank R = max(``ranks``, ``r_max``, ranks sent) (``ranks``:
-    every client's rank, or ``r_max`` directly, so that clients absent this round can still truncate), then
-    A_g = sum_k w_k pad(A_k), B_g = sum_k w_k pad(s_k B_k), global scale 1 (scales folded into B so clients with
-    different alpha/r mix consistently). w_k = p_k, or with ``norm_weighted`` w_k ∝ p_k ||s_k B_k A_k||_F per
-    module (the paper's sparsity-weighted aggregation; norms from r x r Grams). Extra averaged by p_k.
-    Padding is done by accumulating into the leading rows/columns (no padded copies). Way back: :func:`truncate`.
-    """
-    p = _check(states, weights)
-    lora = {}
-    for name in states[0].lora:
+    for name, f0 in states[0].lora.items():
         fs = [st.lora[name] for st in states]
-        wanted = [ranks] if isinstance(ranks, int) else list(ranks or [])
-        R = max([f.rank for f in fs] + wanted + [r_max or 0])
-        if norm_weighted:
-            norms = [abs(f.scale) * float(((f.B.T @ f.B) * (f.A @ f.A.T)).sum().clamp_min(0).sqrt()) for f in fs]
-            w = [pk * nk for pk, nk in zip(p, norms)]
-            w = normalize(w) if sum(w) > 0 else p
-        else:
-            w = p
-        A = fs[0].A.new_zeros(R, fs[0].A.shape[1])
-        B = fs[0].B.new_zeros(fs[0].B.shape[0], R)
-        for f, wk in zip(fs, w):
-            A[: f.rank].add_(f.A, alpha=wk)
-            B[:, : f.rank].add_(f.B, alpha=wk * f.scale)
-        lora[name] = LoraFactors(A, B, 1.0)
+        for i, f in enumerate(fs[1:], 1):
+            if not _same(getattr(f, frozen), getattr(f0, frozen)):
+                raise ValueError(f"{method} needs the same frozen {frozen} on every client, but module {name!r} has a "
+                                 f"different {frozen} on client {i} (shape {tuple(getattr(f, frozen).shape)} vs "
+                                 f"{tuple(getattr(f0, frozen).shape)})")
+            if not math.isclose(f.scale, f0.scale, rel_tol=1e-9):
+                raise ValueError(f"{method} needs equal scales, module {name!r}: {f0.scale} vs {f.scale} (client {i})")
+        avg = _wsum([getattr(f, trained) for f in fs], p)
+        lora[name] = LoraFactors(avg, f0.B, f0.scale) if trained == "A" else LoraFactors(f0.A, avg, f0.scale)
     return AdapterState(lora, _average_extra(states, p))
 
 
-def truncate(global_state: AdapterState, rank: int, scale: float) -> AdapterState:
-    """HetLoRA's way back: a client of rank r and scale s gets A = A_g[:r], B = B_g[:, :r] / s (so s B A is the
-    leading rank-r part of the global product). Extra is copied. ValueError if r exceeds the global rank."""
-    lora = {}
-    for name, f in global_state.lora.items():
-        if rank > f.rank:
-            raise ValueError(f"cannot truncate module {name!r} of rank {f.rank} to the larger rank {rank} "
-                             f"(aggregate with hetlora(..., ranks=[..., {rank}]))")
-        lora[name] = LoraFactors(f.A[:rank].clone(), f.B[:, :rank] * (f.scale / scale), float(scale))
-    return AdapterState(lora, {k: v.clone() for k, v in global_state.extra.items()})
+def rolora(states: Sequence[AdapterState], weights: Sequence[float], trained: str) -> AdapterState:
+    """RoLoRA (Chen et al., "Robust Federated Finetuning of LLMs via Alternating Optimization of LoRA", NeurIPS
+    2025): every client starts from the same (A, B) and trains one factor, the other frozen and shared.
 
-
-def numerical_rank(S: torch.Tensor, rtol: float = 1e-10) -> int:
-    """The number of singular values above ``rtol`` times the largest (0 for a zero matrix)."""
-    if S.numel() == 0 or not bool(S[0] > 0):
-        return 0
-    return int((S > S[0] * rtol).sum())
-
-
-def tolerance_rank(S: torch.Tensor, tol: float) -> int:
-    """The smallest k whose discarded tail meets a relative Frobenius tolerance: ||S[k:]|| <= tol * ||S|| (S the
-    singular values, descending; the tail's norm is the error of the best rank-k approximation). 0 for a zero matrix.
-    Tail sums are accumulated from the smallest value up, in float64."""
-    sq = S.detach().double().square()
-    total = float(sq.sum()) if sq.numel() else 0.0
-    if total == 0.0:
-        return 0
-    tails = torch.cat([sq.flip(0).cumsum(0).flip(0), sq.new_zeros(1)])  # tails[k] = sum_{i >= k} S_i^2
-    return int((tails <= (float(tol) ** 2) * total).nonzero()[0])
-
-
-def tolerance_factors(delta: torch.Tensor, tol: float) -> tuple[LoraFactors, int]:
-    """A dense update dW (m x n) as float32 LoRA factors of the smallest rank k (at least 1) with
-    ||B A - dW||_F <= tol * ||dW||_F: the SVD truncated at :func:`tolerance_rank`, A = Vh_k (orthonormal rows),
-    B = U_k S_k, scale 1. When float32 rounding of the factors pushes the error past tol (a tail just under it), k
-    grows until it does not; a tol below what float32 factors can hold (their rounding alone exceeds it, about
-    1e-7 relative) keeps the smallest k of the exact factorisation. Returns (factors, k)."""
-    d = delta.double()
-    U, S, Vh = torch.linalg.svd(d, full_matrices=False)
-    k, bound, first = max(1, tolerance_rank(S, tol)), float(tol) * float(torch.linalg.norm(d)), None
-    while True:
-        f = LoraFactors(Vh[:k].float().contiguous(), (U[:, :k] * S[:k]).float().contiguous(), 1.0)
-        first, err = first or (f, k), float(torch.linalg.norm(f.delta() - d))
-        if err <= bound:
-            return f, k
-        if k >= S.numel() or err * err - float(S[k:].square().sum()) > bound * bound:  # rounding: no k helps
-            return first
-        k += 1
-
-
-def dense_is_smaller(rank: int, m: int, n: int) -> bool:
-    """True when rank-r factors of an m x n update hold at least as many numbers as the update: r(m + n) >= m n."""
-    return int(rank) * (int(m) + int(n)) >= int(m) * int(n)
+    ``trained="B"``: B_bar = sum_k p_k B_k, A kept, so s B_bar A = sum_k p_k s B_k A = dW* exactly (FFA-LoRA's rule);
+    ``trained="A"``: A_bar = sum_k p_k A_k, B kept, so s B A_bar = sum_k p_k s B A_k = dW* exactly. Extra averaged.
+    Linear in the trained factor, so it composes with secure aggregation and DP noise. ValueError naming the module
+    if the frozen factor (torch.equal; so also its rank) or the scale differ between clients.
+    """
+    return _average_trained(states, weights, trained, "RoLoRA")

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from .adapters import AdapterState
-from .algebra import _check, _dense_ideal, _fair_common, _ideal_sq_norm, _stacked, svd_of_sum
+from .algebra import _check, _dense_ideal, _fair_common, _ideal_sq_norm, _stacked
+from .lowrank import svd_of_sum
 
 __all__ = ["cross_term_error", "product_cosine", "lora_fair_report", "truncation_error"]
 

@@ -3,13 +3,16 @@
 ``STRATEGIES`` is the one registry of methods. What each supports is declared on its class
 (``supports_mixed_ranks``, ``privacy_modes``, ``client_sends``) and checked by ``check_config``."""
 
+from .fedex_lora import FedExLoRA
 from .fedit import FedIT
 from .fedpipe import FedPipe
+from .fedsvd import FedSVD
 from .ffa_lora import FFALoRA
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
 from .lora_fair import LoRAFAIR
+from .rolora import RoLoRA
 
 STRATEGIES = {s.name: s for s in (
     FedIT,
@@ -19,6 +22,9 @@ STRATEGIES = {s.name: s for s in (
     FlexLoRA,
     HetLoRA,
     FedPipe,
+    RoLoRA,
+    FedSVD,
+    FedExLoRA,
 )}
 
 

@@ -1,13 +1,13 @@
 """FlexLoRA (Bai et al., NeurIPS 2024): the global update W_g = Σ p_k s_k B_k A_k is factorised by SVD
 (from the stacked factors, never densely) and each client receives its own top-r_k factors
-(:func:`fedlora.algebra.flexlora`). Heterogeneous-rank baseline.
+(:func:`fedlora.lowrank.flexlora`). Heterogeneous-rank baseline.
 
 Nested start (``strategy.nested_init``, default true): in the first round every client draws the first r_k rows
 of ONE seeded A of the run's largest rank. Round metrics: ``cross_term_error`` of the global adapter (its full
 SVD: float rounding only) and ``truncation_error`` = {rank: ‖W_g − best rank-r part‖ / ‖W_g‖}, what each
 client rank loses (:func:`fedlora.diagnostics.truncation_error`)."""
 
-from fedlora import algebra, diagnostics
+from fedlora import algebra, diagnostics, lowrank
 from fedlora.adapters import to_arrays
 
 from .base import LoraStrategy
@@ -39,9 +39,9 @@ class FlexLoRA(LoraStrategy):
 
     def aggregate(self, server_round, states, weights, updates):
         keys = sorted({(n.rank, n.scale) for n in self.nodes.values()})
-        outs = algebra.flexlora(states, weights, [r for r, _ in keys], [s for _, s in keys])
+        outs = lowrank.flexlora(states, weights, [r for r, _ in keys], [s for _, s in keys])
         self.per_client = dict(zip(keys, outs))
-        new_global = algebra.flexlora_global(states, weights)
+        new_global = lowrank.flexlora_global(states, weights)
         delta = algebra.effective_update(new_global, self.global_state)
         self.global_state = new_global
         self.state.extra = new_global.extra

@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from fedlora import algebra, diagnostics, merges
+from fedlora import algebra, diagnostics, lowrank, merges
 from fedlora.adapters import MERGED_WEIGHTS, AdapterState, ExportedAdapter, LoraFactors, to_arrays
 
 #: default relative Frobenius tolerance of the exported merged total (``strategy.export_tolerance``)
@@ -39,9 +39,11 @@ class Stacking:
         return AdapterState({n: LoraFactors(f.A, torch.zeros_like(f.B), f.scale) for n, f in initial.lora.items()},
                             initial.extra)
 
-    def payload(self, state: AdapterState, node) -> dict:
+    def payload(self, state: AdapterState, node, parts: tuple[str, ...] = ("extra",)) -> dict:
+        """The merges ``node`` lacks, plus ``parts`` of ``state`` (FLoRA: the head only; its clients draw a fresh
+        A, seeded per client and round, with B = 0; FedEx-LoRA: the whole global adapter)."""
         arrays = self.log.payload(since=self.node_version.get(node.partition_id, node.base_version))
-        arrays.update(to_arrays(state, parts=("extra",)))  # fresh A (seeded per client and round), B = 0
+        arrays.update(to_arrays(state, parts=parts))
         return arrays
 
     def on_status(self, node, status: str, metrics: dict) -> None:
@@ -51,25 +53,33 @@ class Stacking:
 
     def aggregate(self, state: AdapterState, states, weights, updates) -> dict:
         """Merge the stacked update into the log; ``state``'s head becomes the round's; returns the delta."""
-        for u in updates:
-            self.node_version[u.node.partition_id] = int(u.metrics.get("base-version", 0))
         stacked = algebra.flora_stack(states, weights)
-        self.log.append(stacked.lora)
-        self.digests.append(merges.base_digest(self.log.total))
+        self.merge(stacked.lora, updates)
         state.extra = stacked.extra
         return stacked.lora
+
+    def merge(self, update: dict[str, LoraFactors], updates) -> None:
+        """Append ``update`` to the log as the next version (what the replying clients held is noted first)."""
+        for u in updates:
+            self.node_version[u.node.partition_id] = int(u.metrics.get("base-version", 0))
+        self.log.append(update)
+        self.digests.append(merges.base_digest(self.log.total))
 
     def round_metrics(self, updates) -> dict:
         """How far each client's merged base is from the server's at the version it trained on, and the rank
         :meth:`export` would give the merged total (:meth:`export_rank`)."""
+        return {**self.sync_metrics(updates), "export_rank": self.export_rank()}
+
+    def sync_metrics(self, updates) -> dict:
+        """``base_version`` and ``base_sync_error``: the largest relative gap between a client's base digest and
+        the server's at the version it trained on."""
         errs = []
         for u in updates:
             v = int(u.metrics.get("base-version", 0))
             if "base-digest" in u.metrics and v < len(self.digests):
                 ref = self.digests[v]
                 errs.append(abs(u.metrics["base-digest"] - ref) / max(1.0, abs(ref)))
-        return {"base_version": self.log.version, "base_sync_error": max(errs) if errs else 0.0,
-                "export_rank": self.export_rank()}
+        return {"base_version": self.log.version, "base_sync_error": max(errs) if errs else 0.0}
 
     #: modules with more elements than this report the rank bound instead of an SVD of the merged total
     SVD_LIMIT = 4_194_304
@@ -82,7 +92,7 @@ class Stacking:
         for name, total in self.log.total.items():
             m, n = total.shape
             if m * n <= self.SVD_LIMIT:
-                best = max(best, algebra.tolerance_rank(torch.linalg.svdvals(total), self.export_tolerance))
+                best = max(best, lowrank.tolerance_rank(torch.linalg.svdvals(total), self.export_tolerance))
             else:
                 best = max(best, min(m, n, sum(e[name].rank for e in self.log.entries if name in e)))
         return best
@@ -90,21 +100,24 @@ class Stacking:
     def base_delta(self) -> dict[str, torch.Tensor]:
         return self.log.total
 
-    def export(self, state: AdapterState, shapes: dict) -> ExportedAdapter:
+    def export(self, state: AdapterState, shapes: dict, totals: dict[str, torch.Tensor] | None = None
+               ) -> ExportedAdapter:
         """Σ of all merges as one adapter: per module the merged total dW's SVD cut at the smallest rank k whose
         discarded tail has ||tail||_F <= tol ||dW||_F (tol = :attr:`export_tolerance`;
-        :func:`fedlora.algebra.tolerance_factors`), not every singular value a float64 SVD resolves (which grows
+        :func:`fedlora.lowrank.tolerance_factors`), not every singular value a float64 SVD resolves (which grows
         to min(m, n) as rounds add up). A module whose factors are no smaller than dW (k(m+n) >= m n) also goes
         into ``merged``: the saved adapter folder then holds W + dW for it (``merged_weights.safetensors``).
-        tol, the ranks and the merged modules are in the adapter's metadata and :attr:`export_info`."""
+        tol, the ranks and the merged modules are in the adapter's metadata and :attr:`export_info`. ``totals``
+        (default: the log's merged total) replaces dW per module (FedEx-LoRA: merged residuals + the served product)."""
+        totals = self.log.total if totals is None else totals
         lora, merged, ranks = {}, {}, {}
         for name in shapes:
-            total = self.log.total.get(name)
+            total = totals.get(name)
             if total is None:
                 lora[name] = state.lora[name]
                 continue
-            lora[name], ranks[name] = algebra.tolerance_factors(total, self.export_tolerance)
-            if algebra.dense_is_smaller(ranks[name], *total.shape):
+            lora[name], ranks[name] = lowrank.tolerance_factors(total, self.export_tolerance)
+            if lowrank.dense_is_smaller(ranks[name], *total.shape):
                 merged[name] = total
         self.export_info = {"export_tolerance": self.export_tolerance,
                             "export_rank_max": max(ranks.values(), default=0),
@@ -130,8 +143,8 @@ class Stacking:
 
 class ZeroPadding:
     """HetLoRA (Cho et al., EMNLP 2024): clients' factors zero-padded to the largest rank and averaged (optionally
-    weighted by ‖B_k A_k‖), truncated to each client's rank on the way back (:func:`fedlora.algebra.hetlora` /
-    :func:`fedlora.algebra.truncate`)."""
+    weighted by ‖B_k A_k‖), truncated to each client's rank on the way back (:func:`fedlora.lowrank.hetlora` /
+    :func:`fedlora.lowrank.truncate`)."""
 
     persistent = ("global_state",)
 
@@ -142,10 +155,10 @@ class ZeroPadding:
     def payload(self, state: AdapterState, node) -> dict:
         if self.global_state is None:  # first round: fresh LoRA of the client's rank
             return to_arrays(state, parts=("extra",))
-        return to_arrays(algebra.truncate(self.global_state, node.rank, node.scale))
+        return to_arrays(lowrank.truncate(self.global_state, node.rank, node.scale))
 
     def aggregate(self, state: AdapterState, states, weights, r_max: int) -> dict:
-        new = algebra.hetlora(states, weights, r_max=r_max, norm_weighted=self.norm_weighted)
+        new = lowrank.hetlora(states, weights, r_max=r_max, norm_weighted=self.norm_weighted)
         delta = algebra.effective_update(new, self.global_state)
         self.global_state = new
         state.extra = new.extra

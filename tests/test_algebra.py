@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedlora import algebra as alg
+from fedlora import lowrank
 from fedlora.adapters import AdapterState, LoraFactors
 
 SHAPES = {"l0.q": (48, 40), "l0.v": (36, 40), "l1.q": (48, 40)}  # name: (out m, in n)
@@ -197,24 +198,24 @@ def test_flexlora_exact_when_rank_suffices(mixed):
     n = N_EX[:3]
     ideal = alg.ideal_update(states, n)
     rmax = max(min(W.shape) for W in ideal.values())
-    outs = alg.flexlora(states, n, ranks=[rmax, rmax], scales=[2.0, 0.25])
+    outs = lowrank.flexlora(states, n, ranks=[rmax, rmax], scales=[2.0, 0.25])
     for out, s in zip(outs, [2.0, 0.25]):
         assert all(f.rank == rmax and f.scale == s for f in out.lora.values())
         assert max_rel({k: f.delta() for k, f in out.lora.items()}, ideal) <= 1e-6
-    glob = alg.flexlora_global(states, n)
+    glob = lowrank.flexlora_global(states, n)
     assert max_rel({k: f.delta() for k, f in glob.lora.items()}, ideal) <= 1e-6
 
 
 def test_flexlora_best_rank_r_approximation(mixed):
     n = N_EX
     ideal = alg.ideal_update(mixed, n)
-    low, dense = alg.svd_of_sum(mixed, n), alg.svd_of_sum(mixed, n, dense=True)
+    low, dense = lowrank.svd_of_sum(mixed, n), lowrank.svd_of_sum(mixed, n, dense=True)
     for name, W in ideal.items():
         k = min(W.shape)
         assert torch.allclose(low[name][1][:k], dense[name][1][:k], rtol=1e-9, atol=1e-12)
     for r in (1, 4, 16):
-        (out,) = alg.flexlora(mixed, n, ranks=[r], scales=[0.5])
-        (ref,) = alg.flexlora(mixed, n, ranks=[r], scales=[0.5], dense=True)
+        (out,) = lowrank.flexlora(mixed, n, ranks=[r], scales=[0.5])
+        (ref,) = lowrank.flexlora(mixed, n, ranks=[r], scales=[0.5], dense=True)
         for name, W in ideal.items():
             U, S, Vh = torch.linalg.svd(W)
             best = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
@@ -225,7 +226,7 @@ def test_flexlora_best_rank_r_approximation(mixed):
 
 def test_flexlora_pads_rank_beyond_available_directions():
     states = [rand_state(0, 2, 4.0), rand_state(1, 2, 4.0)]  # W_g has rank <= 4
-    (out,) = alg.flexlora(states, [1, 1], ranks=[8], scales=[1.0])
+    (out,) = lowrank.flexlora(states, [1, 1], ranks=[8], scales=[1.0])
     for name, W in alg.ideal_update(states, [1, 1]).items():
         f = out.lora[name]
         assert f.rank == 8 and rel(f.delta(), W) <= 1e-6
@@ -236,7 +237,7 @@ def test_flexlora_pads_rank_beyond_available_directions():
 def test_hetlora_pad_average_truncate(mixed):
     n = N_EX
     p = alg.normalize(n)
-    glob = alg.hetlora(mixed, n)
+    glob = lowrank.hetlora(mixed, n)
     f = glob.lora["l0.v"]
     assert f.rank == 64 and f.scale == 1.0
     exp_A = torch.zeros(64, 40, dtype=torch.float64)
@@ -248,19 +249,19 @@ def test_hetlora_pad_average_truncate(mixed):
     assert torch.allclose(f.A, exp_A, atol=1e-6) and torch.allclose(f.B, exp_B, atol=1e-6)
     # round trip: one client aggregated alone and truncated back to its own rank and scale is unchanged
     for st, (r, a) in zip(mixed, MIXED):
-        back = alg.truncate(alg.hetlora([st], [7], ranks=[r for r, _ in MIXED]), r, a / r)
+        back = lowrank.truncate(lowrank.hetlora([st], [7], ranks=[r for r, _ in MIXED]), r, a / r)
         for name, g in st.lora.items():
             assert back.lora[name].rank == r and back.lora[name].scale == g.scale
             assert torch.allclose(back.lora[name].A, g.A) and torch.allclose(back.lora[name].B, g.B, atol=1e-6)
     with pytest.raises(ValueError, match="larger rank"):
-        alg.truncate(glob, 65, 1.0)
-    assert alg.hetlora(mixed[:2], n[:2], ranks=32).lora["l0.v"].rank == 32
-    assert alg.hetlora(mixed[:2], n[:2], r_max=24).lora["l0.v"].rank == 24
+        lowrank.truncate(glob, 65, 1.0)
+    assert lowrank.hetlora(mixed[:2], n[:2], ranks=32).lora["l0.v"].rank == 32
+    assert lowrank.hetlora(mixed[:2], n[:2], r_max=24).lora["l0.v"].rank == 24
 
 
 def test_hetlora_norm_weighted(mixed):
     n = N_EX
-    glob = alg.hetlora(mixed, n, norm_weighted=True)
+    glob = lowrank.hetlora(mixed, n, norm_weighted=True)
     name = "l1.q"
     p = alg.normalize(n)
     norms = [float(torch.linalg.norm(s.lora[name].delta())) for s in mixed]

@@ -118,6 +118,7 @@ def snapshot(s):
 @pytest.mark.parametrize("name, ranks", [
     ("fedit", [4, 4, 4, 4]), ("flora", [2, 3, 4, 5]), ("ffa_lora", [4, 4, 4, 4]), ("lora_fair", [4, 4, 4, 4]),
     ("flexlora", [2, 3, 4, 5]), ("hetlora", [2, 3, 4, 5]),
+    ("fedex_lora", [4, 4, 4, 4]), ("rolora", [4, 4, 4, 4]), ("fedsvd", [4, 4, 4, 4]),
 ])
 def test_corrupted_replies_are_rejected_and_change_nothing(name, ranks):
     rng = np.random.default_rng(hash(name) % 2**32)

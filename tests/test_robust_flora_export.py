@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from fedlora import algebra, config
+from fedlora import config, lowrank
 from fedlora.adapters import MERGED_WEIGHTS, AdapterState, ExportedAdapter, LoraFactors
 from fedlora.strategies.rank_rules import EXPORT_TOLERANCE, Stacking
 
@@ -42,7 +42,7 @@ def test_robust_7_exported_factors_reproduce_the_update_within_tol(tol):
     # decaying spectrum: every tolerance cuts somewhere inside it
     d = (torch.randn(48, 40, generator=g, dtype=torch.float64)
          * torch.logspace(0, -9, 40, dtype=torch.float64)) @ _orth(40, 40, g)
-    f, k = algebra.tolerance_factors(d, tol)
+    f, k = lowrank.tolerance_factors(d, tol)
     assert f.rank == k and f.A.dtype == torch.float32 and f.B.dtype == torch.float32 and f.scale == 1.0
     assert _rel_err(f, d) <= tol
     assert 1 <= k < 40
@@ -55,9 +55,9 @@ def test_robust_7_rank_is_minimal_for_known_singular_values():
     d = _with_singular_values(30, 20, s)
     for tol in (1e-1, 1e-3, 1e-4, 1e-6, 1e-8, 1e-12):
         k_expected = _brute_rank(s, tol)
-        f, k = algebra.tolerance_factors(d, tol)
+        f, k = lowrank.tolerance_factors(d, tol)
         assert k == max(1, k_expected), (tol, k, k_expected)
-        assert algebra.tolerance_rank(torch.linalg.svdvals(d), tol) == k_expected
+        assert lowrank.tolerance_rank(torch.linalg.svdvals(d), tol) == k_expected
         if k > 1:
             U, S, Vh = torch.linalg.svd(d, full_matrices=False)
             shorter = (U[:, :k - 1] * S[:k - 1]) @ Vh[:k - 1]
@@ -75,29 +75,29 @@ def test_robust_7_low_rank_plus_noise_keeps_the_signal_rank_not_min_mn():
     noise = torch.randn(m, n, generator=g, dtype=torch.float64)
     d = signal + noise * (1e-8 * float(torch.linalg.norm(signal)) / float(torch.linalg.norm(noise)))
     S = torch.linalg.svdvals(d)
-    assert algebra.numerical_rank(S) == min(m, n)  # what the export kept before
-    f, k = algebra.tolerance_factors(d, 1e-6)
+    assert lowrank.numerical_rank(S) == min(m, n)  # what the export kept before
+    f, k = lowrank.tolerance_factors(d, 1e-6)
     assert k == 16 and _rel_err(f, d) <= 1e-6
     # a tolerance below the noise keeps (part of) it: the rank is the tolerance's, not a fixed one
-    assert algebra.tolerance_rank(S, 1e-10) > 16
+    assert lowrank.tolerance_rank(S, 1e-10) > 16
 
 
 def test_robust_7_tolerance_rank_edge_cases():
-    assert algebra.tolerance_rank(torch.zeros(5, dtype=torch.float64), 1e-6) == 0
-    assert algebra.tolerance_rank(torch.tensor([], dtype=torch.float64), 1e-6) == 0
-    assert algebra.tolerance_rank(torch.tensor([3.0, 4.0, 0.0]), 0.0) == 2  # tol 0: every non-zero value
+    assert lowrank.tolerance_rank(torch.zeros(5, dtype=torch.float64), 1e-6) == 0
+    assert lowrank.tolerance_rank(torch.tensor([], dtype=torch.float64), 1e-6) == 0
+    assert lowrank.tolerance_rank(torch.tensor([3.0, 4.0, 0.0]), 0.0) == 2  # tol 0: every non-zero value
     # a tail exactly at the tolerance is kept out (<=): S = [4, 3], ||S|| = 5, tail 3 = 0.6 * 5
-    assert algebra.tolerance_rank(torch.tensor([4.0, 3.0], dtype=torch.float64), 0.6) == 1
-    assert algebra.tolerance_rank(torch.tensor([4.0, 3.0], dtype=torch.float64), 0.5999) == 2
-    f, k = algebra.tolerance_factors(torch.zeros(6, 5), 1e-6)  # a module that never changed: rank 1, zero
+    assert lowrank.tolerance_rank(torch.tensor([4.0, 3.0], dtype=torch.float64), 0.6) == 1
+    assert lowrank.tolerance_rank(torch.tensor([4.0, 3.0], dtype=torch.float64), 0.5999) == 2
+    f, k = lowrank.tolerance_factors(torch.zeros(6, 5), 1e-6)  # a module that never changed: rank 1, zero
     assert k == 1 and float(f.delta().abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("m,n", [(8, 8), (10, 6), (1, 7), (64, 48)])
 def test_robust_7_dense_fallback_exactly_when_factors_are_no_smaller(m, n):
     for k in range(1, min(m, n) + 1):
-        assert algebra.dense_is_smaller(k, m, n) == (k * (m + n) >= m * n)
-    assert algebra.dense_is_smaller(4, 8, 8) and not algebra.dense_is_smaller(3, 8, 8)  # 64 >= 64; 48 < 64
+        assert lowrank.dense_is_smaller(k, m, n) == (k * (m + n) >= m * n)
+    assert lowrank.dense_is_smaller(4, 8, 8) and not lowrank.dense_is_smaller(3, 8, 8)  # 64 >= 64; 48 < 64
 
 
 def _stacking_with(totals: dict[str, torch.Tensor], tol: float) -> Stacking:
@@ -125,7 +125,7 @@ def test_robust_7_stacking_export_records_tol_ranks_and_merged_modules():
     assert ranks == {"layers.0.q_proj": 5, "layers.0.v_proj": 3, "layers.1.q_proj": 2}
     for name, d in rule.log.total.items():
         assert _rel_err(exported.lora[name], d) <= tol
-    expected_dense = sorted(n for n, (m, k_n) in shapes.items() if algebra.dense_is_smaller(ranks[n], m, k_n))
+    expected_dense = sorted(n for n, (m, k_n) in shapes.items() if lowrank.dense_is_smaller(ranks[n], m, k_n))
     assert sorted(exported.merged) == expected_dense == ["layers.0.q_proj"]
     assert torch.equal(exported.merged["layers.0.q_proj"], rule.log.total["layers.0.q_proj"])
     assert float(exported.metadata["fedlora.export_tolerance"]) == tol
