@@ -235,6 +235,56 @@ def prepare(bundle: models.Bundle, arrays: dict[str, np.ndarray], conf, context:
                 layer.lora_B["default"].weight.requires_grad_(False)
 
 
+#: context.state record of the adapter parts a node keeps for itself (FedSA-LoRA: its B, and its head when local)
+PERSONAL = "personal"
+
+
+def personal_holdout(ds, conf, cfg, node: NodeSettings):
+    """(training rows, held-out rows): with ``fl.holdout`` > 0 (FedSA-LoRA) a seeded slice of this node's partition
+    (:func:`fedlora.data.holdout_indices`) that only the personalised evaluation reads; else all rows, none held."""
+    fraction = float(conf.get("fl.holdout", 0.0))
+    if fraction <= 0:
+        return ds, ds.select([])
+    rows, held = data.holdout_indices(len(ds), fraction, int(cfg.seed), node.partition_id)
+    return ds.select(rows.tolist()), ds.select(held.tolist())
+
+
+def with_personal(arrays: dict[str, np.ndarray], conf, context: Context) -> dict[str, np.ndarray]:
+    """``arrays`` with this node's own parts (``fl.personal``, e.g. ``lora_B,extra``) put over the message's, as
+    it last trained them (float32), from ``context.state``. A node that holds none (its first round, a restart, a
+    resumed run) or holds them at another rank starts them fresh: B zero, the head as the server sent it."""
+    if not conf.get("fl.personal") or PERSONAL not in context.state:
+        return arrays
+    held = {k: a.numpy().copy() for k, a in context.state[PERSONAL].items()}
+    if any(k.endswith(".lora_B") and v.shape[1] != int(conf["fl.rank"]) for k, v in held.items()):
+        return arrays
+    return {**arrays, **held}
+
+
+def keep_personal(state: adapters.AdapterState, conf, context: Context, bundle, held, cfg) -> dict:
+    """With ``fl.personal``: keep the trained personal parts in ``context.state`` for the next round, and evaluate
+    the personalised model as it leaves training on the held-out rows: ``personal_examples`` and, with any,
+    ``personal_loss`` and ``personal_accuracy`` (labelled data), over the first ``fl.eval_max_examples`` of them
+    when the message caps it. Without ``fl.personal``: nothing, ``{}``."""
+    parts = tuple(p for p in str(conf.get("fl.personal", "")).split(",") if p)
+    if not parts:
+        return {}
+    context.state[PERSONAL] = ArrayRecord({k: Array(v) for k, v in adapters.to_arrays(state, parts=parts).items()})
+    if not len(held):
+        return {"personal_examples": 0}
+    n = min(len(held), int(conf.get("fl.eval_max_examples", 0)) or len(held))  # the server's eval.max_examples
+    res = train.evaluate(bundle.model, held, collator_of(bundle, cfg), task=bundle.task,
+                         batch_size=int(cfg.train.batch_size), max_examples=n, device=bundle.device)
+    out = {"personal_examples": n, "personal_loss": float(res["eval_loss"])}
+    if "eval_accuracy" in res:
+        out["personal_accuracy"] = float(res["eval_accuracy"])
+    return out
+
+
+def collator_of(bundle: models.Bundle, cfg) -> data.Collator:
+    return data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+
+
 def train_fn(msg: Message, context: Context, node_defaults=None) -> Message:
     """Train and reply. Client-level DP with client-side clipping (the server's
     ``DifferentialPrivacyClientSideFixedClipping`` puts ``clipping_norm`` into the config): Flower's
@@ -270,7 +320,8 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
     _inject_faults(cfg, node)
     bundle = models.cached(cfg, bits=int(conf.get("fl.bits", 16)))
     ds = _dataset(cfg, node)
-    arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    ds, held = personal_holdout(ds, conf, cfg, node)  # FedSA-LoRA: a slice of the partition never trained on
+    arrays = with_personal({k: a.numpy() for k, a in msg.content["arrays"].items()}, conf, context)
     try:
         prepare(bundle, arrays, conf, context)
     except merges.OutOfSync as e:  # tell the server which merges we hold; it sends the rest next time
@@ -296,15 +347,17 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
             warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay),
             max_grad_norm=cfg.train.max_grad_norm, seed=int(cfg.seed) * 1000 + pid, round_idx=rnd,
             task=bundle.task, device=bundle.device, micro_batch_size=cfg.train.get("micro_batch_size"),
+            prox_mu=float(cfg.train.get("prox_mu", 0.0)),  # FedProx: from the run config the node holds
         )
     state = adapters.from_peft(bundle.model)
+    personal = keep_personal(state, conf, context, bundle, held, cfg)  # {} unless the strategy keeps parts local
     parts = tuple(str(conf["fl.send"]).split(","))
     out = adapters.to_arrays(state, parts=parts)
     if conf.get("fl.modules"):  # FedPipe: only the selected modules' factors travel
         selected = set(str(conf["fl.modules"]).split(","))
         out = {k: v for k, v in out.items() if k.startswith("extra.") or k.rsplit(".", 1)[0] in selected}
     metrics = {"num-examples": len(ds), "train_loss": result["train_loss"], "train_s": result["train_s"],
-               "steps": result["steps"], "partition-id": pid, **_sync_metrics(context), **dp_metrics}
+               "steps": result["steps"], "partition-id": pid, **personal, **_sync_metrics(context), **dp_metrics}
     if bool(conf["fl.freeze_a"]):
         metrics["a-fingerprint"] = adapters.a_fingerprint(state)
     reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}), "metrics": MetricRecord(metrics)})

@@ -78,7 +78,7 @@ def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, bat
         warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay), task=bundle.task,
         device=bundle.device, rng_seed=seed,
         optimizer=str(cfg.privacy.get("optimizer", "adamw")),
-        micro_batch_size=cfg.train.get("micro_batch_size"),
+        micro_batch_size=cfg.train.get("micro_batch_size"), prox_mu=float(cfg.train.get("prox_mu", 0.0)),
     )
     context.state[DP_STATE] = ConfigRecord({"accountant": result["accountant"]})
     return result, {"epsilon": result["epsilon"], "empty_batches": result["empty_batches"], **info}

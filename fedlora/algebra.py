@@ -244,6 +244,22 @@ def fedex(states: Sequence[AdapterState], weights: Sequence[float]) -> tuple[Ada
 # ----------------------------------------------------------------------------------------------
 # LoRA-FAIR
 # ----------------------------------------------------------------------------------------------
+def fedsa(states: Sequence[AdapterState], weights: Sequence[float], personal: Sequence[str] = ("B",)) -> AdapterState:
+    """FedSA-LoRA (Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning", ICLR 2025):
+    A_bar = sum_k p_k A_k. The parts named in ``personal`` ("B", "extra") stay on the clients and are not uploaded:
+    the first state's are kept (the strategy fills every state with the server's own). The others are averaged:
+    B_bar = sum_k p_k B_k (the final upload), so s B_bar A_bar = sum_k p_k s B_k A_bar, the mean of the clients'
+    personalised updates on A_bar; extra likewise. Equal ranks and scales (ValueError otherwise)."""
+    p = _check(states, weights)
+    _equal_rank_and_scale(states, "FedSA-LoRA")
+    lora = {}
+    for name, f0 in states[0].lora.items():
+        fs = [st.lora[name] for st in states]
+        B = f0.B if "B" in personal else _wsum([f.B for f in fs], p)
+        lora[name] = LoraFactors(_wsum([f.A for f in fs], p), B, f0.scale)
+    return AdapterState(lora, dict(states[0].extra) if "extra" in personal else _average_extra(states, p))
+
+
 def _projected_ideal(fs, p, Abar) -> torch.Tensor:
     """G = dW* Abar^T = sum_k p_k s_k B_k (A_k Abar^T), m x r, from r_k x r products only."""
     G = torch.zeros(fs[0].B.shape[0], Abar.shape[0], dtype=Abar.dtype, device=Abar.device)

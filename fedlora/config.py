@@ -34,6 +34,14 @@ REMOVED_KEYS = {
 }
 
 
+#: keys users look for under another name, with the one to use (a clearer refusal than "not a key")
+ELSEWHERE_KEYS = {
+    "client.prox_mu": "FedProx's mu is a training setting, train.prox_mu (e.g. train.prox_mu=0.01); conf/client/ "
+                      "holds hardware profiles",
+    "train.server_lr": "the server's learning rate is server.lr (with server.optimizer=avgm, adam, yogi or adagrad)",
+}
+
+
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
@@ -59,6 +67,8 @@ def compose(overrides: str | list[str] | None = None) -> DictConfig:
         key = ov.split("=", 1)[0].lstrip("+~")
         if key in REMOVED_KEYS:
             raise ConfigError(f"{key} is no longer a setting: {REMOVED_KEYS[key]}.")
+        if key in ELSEWHERE_KEYS:
+            raise ConfigError(f"{key} is not a key of the config: {ELSEWHERE_KEYS[key]}.")
         if "=" in ov and "." not in key and (CONF_DIR / key).is_dir():
             value = ov.split("=", 1)[1]
             if value not in group_options(key):
@@ -273,6 +283,9 @@ def validate(cfg: DictConfig) -> None:
              f"train.micro_batch_size={mb} must be an integer >= 1 (or null for the whole batch).")
     _require(cfg.train.scheduler in ("constant", "linear", "cosine"),
              "train.scheduler must be constant, linear or cosine.")
+    if "prox_mu" in cfg.train:  # (a run saved before the key existed has none: 0)
+        _number_in(cfg, "train.prox_mu", 0, hint=" (FedProx's proximal weight; 0 turns it off, e.g. train.prox_mu=0.01)")
+    _check_server(cfg)
     _number_in(cfg, "eval.batch_size", 1, integer=True)
     _number_in(cfg, "eval.max_examples", 1, integer=True, null=True, hint=": null evaluates every row")
     _require(not cfg.eval.get("client_side"),  # a saved config of an older run may hold client_side: false
@@ -307,6 +320,27 @@ def validate(cfg: DictConfig) -> None:
         privacy.validate_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_server(cfg) -> None:
+    """``server.*`` (:mod:`fedlora.server_opt`; a config without the section averages): the optimizer's name and its
+    numbers, one sentence each. Which strategies take an optimizer other than avg is the strategy's check."""
+    from .server_opt import OPTIMIZERS
+
+    srv = cfg.get("server")
+    if srv is None:
+        return
+    opt = srv.get("optimizer", "avg")
+    _require(opt in OPTIMIZERS,
+             f"server.optimizer={opt} is not a server optimizer: choose one of {', '.join(OPTIMIZERS)}.")
+    _number_in(cfg, "server.lr", 0, lo_open=True, null=True,
+               hint=": the server learning rate, null for Flower's default of server.optimizer")
+    for key, what in (("momentum", "avgm's momentum"), ("beta1", "the first-moment decay"),
+                      ("beta2", "the second-moment decay")):
+        v = srv.get(key)
+        _require(_is_number(v) and 0 <= v < 1, f"server.{key}={v} must be a number in [0, 1) ({what}, e.g. "
+                                               f"server.{key}={0.99 if key == 'beta2' else 0.9}).")
+    _number_in(cfg, "server.tau", 0, lo_open=True, hint=" (the adaptivity in step = lr·m/(sqrt(v) + tau), e.g. 1e-3)")
 
 
 def _check_label_skew(cfg) -> None:

@@ -391,6 +391,15 @@ def partition(cfg, partition_id: int):
     return part.load_partition(partition_id)
 
 
+def holdout_indices(n: int, fraction: float, seed: int, partition_id: int):
+    """(training, held-out) sorted indices into a client's partition of n rows: the held-out slice (FedSA-LoRA personal
+    evaluation; never trained on) is round(fraction n) rows in [1, n - 1] (none if fraction is 0 or n < 2), seeded."""
+    import numpy as np
+    k = min(n - 1, max(1, int(round(float(fraction) * n)))) if fraction > 0 and n >= 2 else 0
+    held = np.sort(np.random.default_rng([int(seed), 0x4E1D, int(partition_id)]).permutation(n)[:k])  # own salt
+    return np.setdiff1d(np.arange(n), held), held
+
+
 def check_partitions(cfg) -> list[int]:
     """Load data, the validation split and partitions up front; return partition sizes. Raises DataError with one
     sentence."""

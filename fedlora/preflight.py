@@ -35,7 +35,8 @@ from .rundir import check_fresh, claim_run_dir, default_run_dir
 #: audit files from now on), ``kernels`` (the same maths by other kernels; DP-SGD still needs peft), the simulation's
 #: resources and node settings (``simulation.*``, what a restarted SuperNode may change in deployment too) and
 #: fault-injection rehearsals (``debug.*``). Anything else (strategy, model, data, partitioner, clients, ranks, seed,
-#: training, evaluation caps, privacy...) would make the resumed rounds a different experiment: start a new run.
+#: training and ``train.prox_mu``, the server optimizer ``server.*`` (its moments are checkpointed for the run's own
+#: settings), evaluation caps, privacy...) would make the resumed rounds a different experiment: start a new run.
 RESUME_ALLOWED = ("num_rounds", "round_timeout", "min_aggregated_share", "eval.batch_size", "audit", "kernels",
                   "simulation.*", "debug.*")
 

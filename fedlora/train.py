@@ -86,11 +86,36 @@ def model_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor
                            ignore_index=-100)
 
 
+def prox_anchors(params, prox_mu: float) -> list[torch.Tensor] | None:
+    """FedProx's w0: a copy of the trainable parameters where the round starts (None when ``prox_mu`` is 0: off)."""
+    return [p.detach().clone() for p in params] if prox_mu else None
+
+
+def prox_term(params, anchors, prox_mu: float) -> torch.Tensor:
+    """FedProx's proximal term (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020):
+    (mu/2)·Σ‖w − w0‖² over ``params`` and their ``anchors`` w0; its gradient is mu·(w − w0) (:func:`add_prox_grad`)."""
+    return 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+
+
+@torch.no_grad()
+def add_prox_grad(params, anchors, prox_mu: float) -> None:
+    """Add the gradient of :func:`prox_term`, mu·(w − w0), to every trainable parameter's gradient (frozen ones are
+    skipped; a parameter without a gradient gets the term alone). The same as adding the term to the loss, without
+    a graph, and usable after DP-SGD's noise (it reads no example)."""
+    for p, a in zip(params, anchors):
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = prox_mu * (p.detach() - a)
+        else:
+            p.grad.add_(p.detach() - a, alpha=prox_mu)
+
+
 def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: float, step_offset: int,
                 total_steps: int, scheduler: str = "cosine", warmup: int = 0, weight_decay: float = 0.0,
                 max_grad_norm: float | None = 1.0, seed: int = 0, round_idx: int = 0, task: str = "seq-cls",
                 device=None, optimizer_fn=None, micro_batch_size: int | None = None, optimizer=None,
-                batches=None) -> dict[str, float]:
+                batches=None, prox_mu: float = 0.0) -> dict[str, float]:
     """Train the model's trainable parameters for ``steps`` AdamW steps; returns mean loss and timing.
 
     The learning rate follows one schedule over the whole run: step ``step_offset + i`` of ``total_steps``.
@@ -99,11 +124,15 @@ def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: fl
     ``optimizer``: an optimizer to continue (its state kept across calls, as :mod:`fedlora.centralised` needs)
     instead of a new one; ``batches``: the index batches to take (default: :func:`batch_indices` for this round).
     Clients pass neither: a fresh optimizer and a fresh draw every round.
+    ``prox_mu`` (``train.prox_mu``, FedProx): every step also follows (mu/2)·‖w − w0‖² over the trainable parameters,
+    w0 = their values at the call (:func:`add_prox_grad`, before the gradient clipping, as if in the loss); the
+    reported ``train_loss`` is the data loss alone. 0: off (nothing changes).
     """
     device = device or next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     make_opt = optimizer_fn or (lambda ps, lr_, wd: torch.optim.AdamW(ps, lr=lr_, weight_decay=wd))
     opt = optimizer if optimizer is not None else make_opt(params, lr, weight_decay)
+    anchors = prox_anchors(params, prox_mu)
     if batches is None:
         batches = batch_indices(len(dataset), batch_size, steps, seed, round_idx)
     model.train()
@@ -120,6 +149,8 @@ def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: fl
                     loss = model_loss(model, piece, task) * (len(piece["input_ids"]) / len(idx))
                 loss.backward()
                 total += float(loss.detach())
+            if anchors is not None:
+                add_prox_grad(params, anchors, prox_mu)
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
@@ -146,7 +177,7 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
                    batch_size: int, lr: float, step_offset: int, total_steps: int, scheduler: str = "cosine",
                    warmup: int = 0, weight_decay: float = 0.0, task: str = "seq-cls", device=None,
                    rng_seed=None, optimizer: str = "adamw", momentum: float = 0.9,
-                   micro_batch_size: int | None = None) -> dict:
+                   micro_batch_size: int | None = None, prox_mu: float = 0.0) -> dict:
     """DP-SGD version of :func:`local_train` (sample-level DP, see :mod:`fedlora.privacy`): ``steps`` AdamW steps
     on Poisson-sampled batches (expected size ``batch_size``, fresh draws every pass), each example's gradient
     over the trainable parameters clipped to ``dp_cfg.max_grad_norm`` and Gaussian noise
@@ -162,6 +193,12 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
     take steps of about ``lr`` in a random direction; SGD keeps the noise at its DP scale.
     ``micro_batch_size``: forward/backward each Poisson batch in length-ordered pieces (:func:`micro_batches`,
     Opacus' physical batches); the step, its clipping, noise and accounting are those of the whole batch.
+    ``prox_mu`` (FedProx): mu·(w − w0) is added to the gradient after Opacus' clipping and noise, just before each
+    optimizer step (w0 = the parameters at the call). It reads no example: it is a deterministic function of the
+    parameters, which are themselves the output of the DP steps so far, and of w0, which the client received from the
+    server; so it is post-processing and the guarantee (each step's clipped, noised sum, accounted as before) holds.
+    Inside the per-example gradients it would be clipped as if it were data, and Opacus would drop it anyway (it
+    builds the gradient from per-example gradients of the layers' outputs). 0: off (nothing changes).
     Returns the loss/timing of :func:`local_train` plus ``epsilon`` (whole run so far, at ``dp_cfg.target_delta``),
     ``accountant`` (JSON to store for the next round), ``noise_multiplier``, ``sample_rate``, ``empty_batches``.
     """
@@ -178,8 +215,13 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"optimizer must be adamw or sgd, got {optimizer!r}.")
+    anchors = prox_anchors(params, prox_mu)
     model, dp_opt, dp_loader, session = P.make_private(model, opt, loader, dp_cfg, noise_multiplier, accountant_state,
                                                        noise_generator=gen_noise)
+    prox_hook = None
+    if anchors is not None:  # runs inside dp_opt.step(), after clipping and noise, only when a real step is taken
+        prox_hook = dp_opt.original_optimizer.register_step_pre_hook(
+            lambda *_: add_prox_grad(params, anchors, prox_mu))
     losses, empty, t0 = [], 0, time.perf_counter()
     seed_words = None if rng_seed is None else (*(rng_seed if isinstance(rng_seed, (tuple, list)) else (rng_seed,)), 7)
     try:
@@ -209,6 +251,8 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
                 losses.append(total / P.batch_size_of(batch))
         state = session.state()
     finally:
+        if prox_hook is not None:
+            prox_hook.remove()
         session.close()
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])

@@ -6,6 +6,7 @@
 from .fedex_lora import FedExLoRA
 from .fedit import FedIT
 from .fedpipe import FedPipe
+from .fedsa_lora import FedSALoRA
 from .fedsvd import FedSVD
 from .ffa_lora import FFALoRA
 from .flexlora import FlexLoRA
@@ -24,6 +25,7 @@ STRATEGIES = {s.name: s for s in (
     FedPipe,
     RoLoRA,
     FedSVD,
+    FedSALoRA,
     FedExLoRA,
 )}
 

@@ -17,6 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from fedlora import algebra, server_opt
 from fedlora.adapters import LORA_A, LORA_B, AdapterState, from_arrays, to_arrays
 from fedlora.config import ConfigError, client_ranks, config_digest, for_clients, to_yaml
 from fedlora.messages import DIGEST_KEY
@@ -85,8 +86,6 @@ class RoundResult:
     client_states: list[tuple[NodeInfo, AdapterState, float]] = field(default_factory=list)
     delta: dict | None = None  # the round's effective update per module (LoraFactors), for the audit
     skipped: str | None = None
-
-
 
 
 def error_summary(reason: str, limit: int = 300) -> str:
@@ -204,7 +203,10 @@ class LoraStrategy(FedAvg):
     #: attributes that make up the strategy's state between rounds (checkpointed)
     persistent: tuple[str, ...] = ("state", "rng")
     #: components with a state of their own (``state_dict``/``load_state_dict``), checkpointed under their name
-    components: tuple[str, ...] = ("privacy",)
+    components: tuple[str, ...] = ("privacy", "server_opt")
+    #: whether a ``server.optimizer`` other than avg is defined (the aggregate averages ``client_sends``, all started
+    #: from ``state``: :meth:`aggregate_round`), else why not (one clause, :meth:`check_config`)
+    supports_server_optimizer, server_optimizer_refusal = False, "its aggregate is no average of a common start"
 
     def __init__(self, cfg, initial: AdapterState, shapes: dict[str, tuple[int, int]]):
         import logging
@@ -226,6 +228,7 @@ class LoraStrategy(FedAvg):
         self.rng = random.Random(int(cfg.seed))
         self.norm_factor = float(cfg.get("update_norm_factor", 0) or 0)
         self.privacy = privacy_modes.for_config(cfg)
+        self.server_opt = server_opt.ServerOptimizer(server_opt.config_of(cfg))  # server.optimizer (avg: as before)
         # what every node needs of the run config (fedlora.config.for_clients: no server paths): sent once, in
         # the handshake, then named by its digest
         self.cfg_yaml = to_yaml(for_clients(cfg))
@@ -247,6 +250,10 @@ class LoraStrategy(FedAvg):
 
             able = [n for n, s in STRATEGIES.items() if mode in s.privacy_modes]
             raise ConfigError(f"{cls.client_dp_refusal}; client_dp works with {' or '.join(able)} only.")
+        from . import STRATEGIES
+
+        server_opt.check_supported(cfg, cls.name, cls.supports_server_optimizer, cls.server_optimizer_refusal,
+                                   [n for n, s in STRATEGIES.items() if s.supports_server_optimizer])
         m = cfg.strategy.get("lr_multiplier", 1.0)
         if not (isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0):
             raise ConfigError(f"strategy.lr_multiplier={m} must be a number > 0 (it scales train.lr on the clients).")
@@ -453,11 +460,17 @@ class LoraStrategy(FedAvg):
         privacy component) and say what happened. Every node ``sent`` went to and whose update was not accepted is
         in ``rejected`` once, under its own partition and node id: its refusal or error, its loss (the SuperLink
         answered for it), or, with nothing at all for it, no reply within ``round_timeout``. ``sent`` None (unit
-        tests): each reply speaks for its sender and silent nodes are not looked for."""
+        tests): each reply speaks for its sender and silent nodes are not looked for. ``server.optimizer`` other than
+        avg then serves started + step(aggregate − started) on what was averaged (:mod:`fedlora.server_opt`)."""
         att = attribute(replies, sent, self.nodes)
         checked = self.check_replies(att.replies)
+        started = self.state  # what the round's clients started from
         arrays, client_states, delta, skipped = self.privacy.release(self, server_round, checked.accepted,
                                                                      att.replies)
+        if arrays is not None and self.server_opt.active:  # server.optimizer (post-processing of the release)
+            self.state = self.server_opt.apply(started, self.state, self.client_sends, server_round)
+            arrays = to_record({k: to_arrays(self.state)[k] for k in arrays.keys()})  # the release's keys
+            delta = algebra.effective_update(self.state, started)
         if skipped:
             from flwr.common.logger import log
 

@@ -53,6 +53,8 @@ class FedExLoRA(LoraStrategy):
     client_dp_refusal = ("fedex_lora folds the residual Σp_k s B_k A_k − s B̄Ā into the base, which needs each "
                          "client's own product, not the noised means of A and B that client-level DP releases")
     components = LoraStrategy.components + ("rule",)
+    server_optimizer_refusal = ("fedex_lora folds the residual of the exact average into the base weights, which a "
+                                "server step on the averaged factors would no longer match")
 
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)

@@ -12,6 +12,7 @@ from .base import LoraStrategy
 class FedIT(LoraStrategy):
     name = "fedit"
     privacy_modes = ("none", "dp_sgd", "client_dp")
+    supports_server_optimizer = True  # on A, B and the head (all averaged)
 
     def aggregate(self, server_round, states, weights, updates):
         new = algebra.fedit(states, weights)

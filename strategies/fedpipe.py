@@ -43,6 +43,8 @@ class FedPipe(LoraStrategy):
     client_dp_refusal = "fedpipe clients have different ranks, so there is no common update to clip and noise"
     persistent = LoraStrategy.persistent + ("selected", "assignment")
     components = LoraStrategy.components + ("rule",)
+    server_optimizer_refusal = ("fedpipe aggregates mixed ranks by stacking or zero-padding, as flora or hetlora, "
+                                "whose aggregate is no average of what the clients started from")
 
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)

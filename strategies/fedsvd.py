@@ -26,6 +26,8 @@ class FedSVD(LoraStrategy):
     name = "fedsvd"
     client_sends = (LORA_B, "extra")
     privacy_modes = ("none", "dp_sgd", "client_dp")
+    server_optimizer_refusal = ("fedsvd re-factorises the average by SVD every round, so A and B change basis and no "
+                                "per-coordinate moment carries over")
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -29,6 +29,7 @@ class FFALoRA(LoraStrategy):
     name = "ffa_lora"
     client_sends = (LORA_B, "extra")
     privacy_modes = ("none", "dp_sgd", "client_dp")
+    supports_server_optimizer = True  # on B and the head (A is frozen, never averaged)
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -17,6 +17,8 @@ class FlexLoRA(LoraStrategy):
     name = "flexlora"
     supports_mixed_ranks = True
     shares_fresh_A = True
+    server_optimizer_refusal = ("flexlora serves each rank its own SVD truncation of the global product, not an "
+                                "average of what the clients started from")
     client_dp_refusal = ("flexlora forms and decomposes sum_k p_k B_k A_k from every client's un-noised factors, "
                          "which client-level DP does not cover")
     persistent = LoraStrategy.persistent + ("per_client", "global_state")

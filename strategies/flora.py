@@ -28,6 +28,8 @@ class FLoRA(LoraStrategy):
     client_dp_refusal = ("flora stacks each client's individual factors instead of averaging them, so there is no "
                          "noised sum for client-level DP to release")
     components = LoraStrategy.components + ("rule",)
+    server_optimizer_refusal = ("flora stacks fresh client factors into a merge every round, so no averaged tensor "
+                                "keeps a previous value to take a step from")
 
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)

@@ -14,6 +14,8 @@ class HetLoRA(LoraStrategy):
     name = "hetlora"
     supports_mixed_ranks = True
     shares_fresh_A = True
+    server_optimizer_refusal = ("hetlora counts the padded rows a lower-rank client never trained as zeros in its "
+                                "average, so the aggregate minus the previous global is not the clients' update")
     client_dp_refusal = ("hetlora clients have different ranks (and may be weighted by their update norms), so "
                          "there is no common update to clip and noise")
     components = LoraStrategy.components + ("rule",)

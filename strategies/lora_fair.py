@@ -15,6 +15,8 @@ from .base import LoraStrategy
 
 class LoRAFAIR(LoraStrategy):
     name = "lora_fair"
+    server_optimizer_refusal = ("lora_fair corrects B towards the clients' exact product after averaging, which a "
+                                "server step on the average would undo")
     client_dp_refusal = ("lora_fair's server-side correction reads every client's un-noised factors, which "
                          "client-level DP does not cover")
 

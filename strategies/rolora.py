@@ -58,6 +58,8 @@ class RoLoRA(LoraStrategy):
     # client-level DP: the noised mean of the trained factor is released; keeping the other (already public) factor
     # and alternating are post-processing of it (server-side clipping only: :func:`check_seeded_a`)
     privacy_modes = ("none", "dp_sgd", "client_dp")
+    # on the round's trained factor and the head (client_sends); the frozen factor keeps its moments until its turn
+    supports_server_optimizer = True
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -72,7 +72,8 @@ def corrupt(kind, arrays, metrics, rng):
     elif kind == "transposed":
         a[k] = np.ascontiguousarray(a[k].T) if a[k].ndim == 2 and a[k].shape[0] != a[k].shape[1] else a[k][:1]
     elif kind == "wrong_rank":
-        mod = rng.choice([x[: -len(".lora_B")] for x in keys if x.endswith(".lora_B")])
+        mod = rng.choice([x[: -len(".lora_B")] for x in keys if x.endswith(".lora_B")]
+                         or [x[: -len(".lora_A")] for x in keys if x.endswith(".lora_A")])  # A-only replies
         r = int(rng.integers(1, 12))
         if f"{mod}.lora_A" in a and a[f"{mod}.lora_A"].shape[0] == r:
             r += 1
@@ -80,7 +81,8 @@ def corrupt(kind, arrays, metrics, rng):
             r += 1
         if f"{mod}.lora_A" in a:
             a[f"{mod}.lora_A"] = np.zeros((r, a[f"{mod}.lora_A"].shape[1]), np.float32)
-        a[f"{mod}.lora_B"] = np.zeros((a[f"{mod}.lora_B"].shape[0], r), np.float32)
+        if f"{mod}.lora_B" in a:
+            a[f"{mod}.lora_B"] = np.zeros((a[f"{mod}.lora_B"].shape[0], r), np.float32)
     elif kind == "dtype":
         a[k] = a[k].astype(rng.choice([np.float64, np.float16, np.int32, np.int64, np.uint8]))
     elif kind == "nan":
@@ -118,7 +120,7 @@ def snapshot(s):
 @pytest.mark.parametrize("name, ranks", [
     ("fedit", [4, 4, 4, 4]), ("flora", [2, 3, 4, 5]), ("ffa_lora", [4, 4, 4, 4]), ("lora_fair", [4, 4, 4, 4]),
     ("flexlora", [2, 3, 4, 5]), ("hetlora", [2, 3, 4, 5]),
-    ("fedex_lora", [4, 4, 4, 4]), ("rolora", [4, 4, 4, 4]), ("fedsvd", [4, 4, 4, 4]),
+    ("fedex_lora", [4, 4, 4, 4]), ("rolora", [4, 4, 4, 4]), ("fedsvd", [4, 4, 4, 4]), ("fedsa_lora", [4, 4, 4, 4]),
 ])
 def test_corrupted_replies_are_rejected_and_change_nothing(name, ranks):
     rng = np.random.default_rng(hash(name) % 2**32)
