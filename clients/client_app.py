@@ -23,6 +23,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedlora import adapters, config, data, merges, models, privacy, train
 from fedlora.messages import CONFIG_KEY, DIGEST_KEY, NEEDS_CONFIG
 
+from . import scaffold as node_scaffold
 from .dp_sgd import DP_STATE, accountant_record, budget_exhausted_reply, dp_sgd_round
 from .node import NodeSettings
 
@@ -328,6 +329,7 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
         status = ConfigRecord({"status": "out-of-sync", "reason": str(e)})
         metrics = MetricRecord({"num-examples": len(ds), "base-version": node_base_delta(context)[1]})
         return Message(RecordDict({"status": status, "metrics": metrics, "arrays": ArrayRecord()}), reply_to=msg)
+    ctl = node_scaffold.start(msg, context, bundle.model)  # SCAFFOLD: None unless the message carries c
     bs = int(conf.get("fl.batch_size", cfg.train.batch_size))  # FedPipe assigns batch size and steps per client
     steps = int(cfg.local_steps) if not cfg.local_epochs else max(1, math.ceil(len(ds) / bs * float(cfg.local_epochs)))
     steps = int(conf.get("fl.local_steps", steps))
@@ -336,7 +338,7 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
     dp_metrics = {}
     if privacy.mode_of(cfg) == "dp_sgd":
         result, dp_metrics = dp_sgd_round(cfg, context, bundle, ds, collator, steps=steps, batch_size=bs, rnd=rnd,
-                                          pid=pid, conf=conf, seed=node.dp_seed(cfg, rnd))
+                                          pid=pid, conf=conf, seed=node.dp_seed(cfg, rnd), control=ctl and ctl.control)
         if result is None:
             return budget_exhausted_reply(msg, pid, len(ds), dp_metrics, accountant_record(context))
     else:
@@ -348,6 +350,7 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
             max_grad_norm=cfg.train.max_grad_norm, seed=int(cfg.seed) * 1000 + pid, round_idx=rnd,
             task=bundle.task, device=bundle.device, micro_batch_size=cfg.train.get("micro_batch_size"),
             prox_mu=float(cfg.train.get("prox_mu", 0.0)),  # FedProx: from the run config the node holds
+            control=ctl and ctl.control,
         )
     state = adapters.from_peft(bundle.model)
     personal = keep_personal(state, conf, context, bundle, held, cfg)  # {} unless the strategy keeps parts local
@@ -361,6 +364,9 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
     if bool(conf["fl.freeze_a"]):
         metrics["a-fingerprint"] = adapters.a_fingerprint(state)
     reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}), "metrics": MetricRecord(metrics)})
+    if ctl is not None:  # SCAFFOLD: Δc_i travels back, c_i⁺ stays on the node
+        reply[node_scaffold.RECORD] = node_scaffold.finish(ctl, context, steps,
+                                                           node_scaffold.lr_sum_of(cfg, rnd, steps))
     if privacy.mode_of(cfg) == "dp_sgd":  # the accountant travels back: the server keeps a copy (docs/privacy.md)
         reply[DP_STATE] = accountant_record(context)
     return Message(reply, reply_to=msg)

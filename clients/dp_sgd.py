@@ -53,7 +53,7 @@ def _planned_noise(dp_cfg: privacy.DPConfig, sample_rate: float, total_steps: in
 
 
 def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, batch_size: int, rnd: int, pid: int,
-                 conf=None, seed=None):
+                 conf=None, seed=None, control=None):
     """One round of sample-level DP-SGD on this node: ``(result of train.local_train_dp, metrics)``, or
     ``(None, metrics)`` when ``steps`` more steps would take the node past ``privacy.target_epsilon``.
 
@@ -63,6 +63,7 @@ def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, bat
     rate, the worst case of a node sampled every round: with ``fraction_train < 1`` a node trains fewer rounds
     and ends below the target. ``seed``: the round's noise and sampling seed, which only the node decides
     (:meth:`fedlora.clients.node.NodeSettings.dp_seed`); None draws them from the operating system.
+    ``control``: SCAFFOLD's corrections (:func:`fedlora.train.local_train_dp`), None: off.
     """
     dp_cfg = privacy.dp_config(cfg)
     q = 1.0 / math.ceil(len(ds) / batch_size)  # privacy.sample_rate of the loader local_train_dp builds
@@ -79,6 +80,7 @@ def dp_sgd_round(cfg, context: Context, bundle, ds, collator, *, steps: int, bat
         device=bundle.device, rng_seed=seed,
         optimizer=str(cfg.privacy.get("optimizer", "adamw")),
         micro_batch_size=cfg.train.get("micro_batch_size"), prox_mu=float(cfg.train.get("prox_mu", 0.0)),
+        control=control,
     )
     context.state[DP_STATE] = ConfigRecord({"accountant": result["accountant"]})
     return result, {"epsilon": result["epsilon"], "empty_batches": result["empty_batches"], **info}

@@ -38,6 +38,8 @@ REMOVED_KEYS = {
 ELSEWHERE_KEYS = {
     "client.prox_mu": "FedProx's mu is a training setting, train.prox_mu (e.g. train.prox_mu=0.01); conf/client/ "
                       "holds hardware profiles",
+    "client.scaffold": "SCAFFOLD is a training setting, train.scaffold (e.g. train.scaffold=true); conf/client/ holds "
+                       "hardware profiles",
     "train.server_lr": "the server's learning rate is server.lr (with server.optimizer=avgm, adam, yogi or adagrad)",
 }
 
@@ -285,6 +287,8 @@ def validate(cfg: DictConfig) -> None:
              "train.scheduler must be constant, linear or cosine.")
     if "prox_mu" in cfg.train:  # (a run saved before the key existed has none: 0)
         _number_in(cfg, "train.prox_mu", 0, hint=" (FedProx's proximal weight; 0 turns it off, e.g. train.prox_mu=0.01)")
+    _require(isinstance(cfg.train.get("scaffold", False), bool),  # (a run saved before the key existed: false)
+             f"train.scaffold={cfg.train.get('scaffold')} must be true or false (SCAFFOLD's control variates).")
     _check_server(cfg)
     _number_in(cfg, "eval.batch_size", 1, integer=True)
     _number_in(cfg, "eval.max_examples", 1, integer=True, null=True, hint=": null evaluates every row")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import autocast
+from .scaffold import apply_correction
 
 
 def lr_at(step: int, total: int, base_lr: float, scheduler: str, warmup: int = 0) -> float:
@@ -115,7 +116,7 @@ def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: fl
                 total_steps: int, scheduler: str = "cosine", warmup: int = 0, weight_decay: float = 0.0,
                 max_grad_norm: float | None = 1.0, seed: int = 0, round_idx: int = 0, task: str = "seq-cls",
                 device=None, optimizer_fn=None, micro_batch_size: int | None = None, optimizer=None,
-                batches=None, prox_mu: float = 0.0) -> dict[str, float]:
+                batches=None, prox_mu: float = 0.0, control=None) -> dict[str, float]:
     """Train the model's trainable parameters for ``steps`` AdamW steps; returns mean loss and timing.
 
     The learning rate follows one schedule over the whole run: step ``step_offset + i`` of ``total_steps``.
@@ -127,6 +128,9 @@ def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: fl
     ``prox_mu`` (``train.prox_mu``, FedProx): every step also follows (mu/2)·‖w − w0‖² over the trainable parameters,
     w0 = their values at the call (:func:`add_prox_grad`, before the gradient clipping, as if in the loss); the
     reported ``train_loss`` is the data loss alone. 0: off (nothing changes).
+    ``control`` (``train.scaffold``, SCAFFOLD): ``[(parameter, c − c_i)]`` (:func:`fedlora.scaffold.corrections`);
+    after every optimizer step w ← w − lr·(c − c_i) at that step's lr (:func:`fedlora.scaffold.apply_correction`,
+    after the clipping). None or empty: off (nothing changes).
     """
     device = device or next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -154,6 +158,8 @@ def local_train(model, dataset, collator, *, steps: int, batch_size: int, lr: fl
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
+            if control:  # SCAFFOLD: after the step, at its lr (fedlora/scaffold.py says why)
+                apply_correction(control, opt.param_groups[0]["lr"])
             losses.append(total)
     model.eval()
     return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "train_s": time.perf_counter() - t0,
@@ -177,7 +183,7 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
                    batch_size: int, lr: float, step_offset: int, total_steps: int, scheduler: str = "cosine",
                    warmup: int = 0, weight_decay: float = 0.0, task: str = "seq-cls", device=None,
                    rng_seed=None, optimizer: str = "adamw", momentum: float = 0.9,
-                   micro_batch_size: int | None = None, prox_mu: float = 0.0) -> dict:
+                   micro_batch_size: int | None = None, prox_mu: float = 0.0, control=None) -> dict:
     """DP-SGD version of :func:`local_train` (sample-level DP, see :mod:`fedlora.privacy`): ``steps`` AdamW steps
     on Poisson-sampled batches (expected size ``batch_size``, fresh draws every pass), each example's gradient
     over the trainable parameters clipped to ``dp_cfg.max_grad_norm`` and Gaussian noise
@@ -199,6 +205,9 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
     server; so it is post-processing and the guarantee (each step's clipped, noised sum, accounted as before) holds.
     Inside the per-example gradients it would be clipped as if it were data, and Opacus would drop it anyway (it
     builds the gradient from per-example gradients of the layers' outputs). 0: off (nothing changes).
+    ``control`` (SCAFFOLD, as in :func:`local_train`): w ← w − lr·(c − c_i) right after each real optimizer step
+    (clipped, noised; empty draws included), through a post-step hook. It reads no example (c comes from the server,
+    c_i from the node's earlier released steps): post-processing, the guarantee holds as for ``prox_mu``.
     Returns the loss/timing of :func:`local_train` plus ``epsilon`` (whole run so far, at ``dp_cfg.target_delta``),
     ``accountant`` (JSON to store for the next round), ``noise_multiplier``, ``sample_rate``, ``empty_batches``.
     """
@@ -222,6 +231,10 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
     if anchors is not None:  # runs inside dp_opt.step(), after clipping and noise, only when a real step is taken
         prox_hook = dp_opt.original_optimizer.register_step_pre_hook(
             lambda *_: add_prox_grad(params, anchors, prox_mu))
+    control_hook = None
+    if control:  # after the original optimizer's step: after clipping, noise and the update itself
+        control_hook = dp_opt.original_optimizer.register_step_post_hook(
+            lambda o, *_: apply_correction(control, o.param_groups[0]["lr"]))
     losses, empty, t0 = [], 0, time.perf_counter()
     seed_words = None if rng_seed is None else (*(rng_seed if isinstance(rng_seed, (tuple, list)) else (rng_seed,)), 7)
     try:
@@ -251,8 +264,9 @@ def local_train_dp(model, dataset, collator, *, dp_cfg, noise_multiplier: float,
                 losses.append(total / P.batch_size_of(batch))
         state = session.state()
     finally:
-        if prox_hook is not None:
-            prox_hook.remove()
+        for hook in (prox_hook, control_hook):
+            if hook is not None:
+                hook.remove()
         session.close()
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])

@@ -23,7 +23,7 @@ from fedlora.config import ConfigError, client_ranks, config_digest, for_clients
 from fedlora.messages import DIGEST_KEY
 from fedlora.validate import check_metrics, check_train_metrics, check_update, norm_outliers, update_norm
 
-from . import privacy as privacy_modes
+from . import privacy as privacy_modes, scaffold
 
 
 @dataclass
@@ -203,10 +203,11 @@ class LoraStrategy(FedAvg):
     #: attributes that make up the strategy's state between rounds (checkpointed)
     persistent: tuple[str, ...] = ("state", "rng")
     #: components with a state of their own (``state_dict``/``load_state_dict``), checkpointed under their name
-    components: tuple[str, ...] = ("privacy", "server_opt")
+    components: tuple[str, ...] = ("privacy", "server_opt", "scaffold")
     #: whether a ``server.optimizer`` other than avg is defined (the aggregate averages ``client_sends``, all started
     #: from ``state``: :meth:`aggregate_round`), else why not (one clause, :meth:`check_config`)
     supports_server_optimizer, server_optimizer_refusal = False, "its aggregate is no average of a common start"
+    supports_scaffold = False  # train.scaffold (strategies/scaffold.py): the same condition, the same refusal
 
     def __init__(self, cfg, initial: AdapterState, shapes: dict[str, tuple[int, int]]):
         import logging
@@ -229,6 +230,7 @@ class LoraStrategy(FedAvg):
         self.norm_factor = float(cfg.get("update_norm_factor", 0) or 0)
         self.privacy = privacy_modes.for_config(cfg)
         self.server_opt = server_opt.ServerOptimizer(server_opt.config_of(cfg))  # server.optimizer (avg: as before)
+        self.scaffold = scaffold.ServerControl(cfg)  # train.scaffold: the control variate c (off: as before)
         # what every node needs of the run config (fedlora.config.for_clients: no server paths): sent once, in
         # the handshake, then named by its digest
         self.cfg_yaml = to_yaml(for_clients(cfg))
@@ -254,6 +256,7 @@ class LoraStrategy(FedAvg):
 
         server_opt.check_supported(cfg, cls.name, cls.supports_server_optimizer, cls.server_optimizer_refusal,
                                    [n for n, s in STRATEGIES.items() if s.supports_server_optimizer])
+        scaffold.check_config(cls, cfg)
         m = cfg.strategy.get("lr_multiplier", 1.0)
         if not (isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0):
             raise ConfigError(f"strategy.lr_multiplier={m} must be a number > 0 (it scales train.lr on the clients).")
@@ -396,7 +399,7 @@ class LoraStrategy(FedAvg):
     def configure_round(self, server_round: int, grid) -> RoundPlan:
         """The round's messages, through the privacy component (client-level DP: Flower's wrapper, which raises
         ``PrivacyBudgetExhausted`` when the next release would exceed the budget)."""
-        return self.privacy.configure(self, server_round, grid)
+        return self.scaffold.attach(self, self.privacy.configure(self, server_round, grid))  # SCAFFOLD: c goes too
 
     def check_replies(self, replies) -> Checked:
         """Valid replies as updates (in partition order); every rejection is recorded with its reason."""
@@ -463,7 +466,7 @@ class LoraStrategy(FedAvg):
         tests): each reply speaks for its sender and silent nodes are not looked for. ``server.optimizer`` other than
         avg then serves started + step(aggregate − started) on what was averaged (:mod:`fedlora.server_opt`)."""
         att = attribute(replies, sent, self.nodes)
-        checked = self.check_replies(att.replies)
+        checked = self.scaffold.check(self, self.check_replies(att.replies), att.replies)  # SCAFFOLD: Δc_i, then c
         started = self.state  # what the round's clients started from
         arrays, client_states, delta, skipped = self.privacy.release(self, server_round, checked.accepted,
                                                                      att.replies)

@@ -13,6 +13,7 @@ class FedIT(LoraStrategy):
     name = "fedit"
     privacy_modes = ("none", "dp_sgd", "client_dp")
     supports_server_optimizer = True  # on A, B and the head (all averaged)
+    supports_scaffold = True  # c on A, B and the head
 
     def aggregate(self, server_round, states, weights, updates):
         new = algebra.fedit(states, weights)

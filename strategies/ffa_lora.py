@@ -30,6 +30,7 @@ class FFALoRA(LoraStrategy):
     client_sends = (LORA_B, "extra")
     privacy_modes = ("none", "dp_sgd", "client_dp")
     supports_server_optimizer = True  # on B and the head (A is frozen, never averaged)
+    supports_scaffold = True  # c on B and the head
 
     @classmethod
     def check_config(cls, cfg) -> None:

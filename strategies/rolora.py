@@ -60,6 +60,7 @@ class RoLoRA(LoraStrategy):
     privacy_modes = ("none", "dp_sgd", "client_dp")
     # on the round's trained factor and the head (client_sends); the frozen factor keeps its moments until its turn
     supports_server_optimizer = True
+    supports_scaffold = True  # c on A, B and the head; a round sends and updates its factor's (and the head's)
 
     @classmethod
     def check_config(cls, cfg) -> None:
