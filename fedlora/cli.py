@@ -1,6 +1,6 @@
 """``fedlora``: the command line. It parses argv and dispatches; the work is elsewhere (pre-flight:
 :mod:`fedlora.preflight`, the simulation: :mod:`fedlora.simulation`, comparisons: :mod:`fedlora.compare`,
-deployment: :mod:`fedlora.deploy`). Bad input exits 2 with one sentence; a failed run exits 1; a run that finished
+deployment: :mod:`fedlora.deploy`, answers: :mod:`fedlora.generate`). Bad input exits 2 with one sentence; a failed run exits 1; a run that finished
 without training enough (no round aggregated, or fewer than ``min_aggregated_share``) exits 3 with the reason;
 Ctrl-C stops every process started (130)."""
 
@@ -14,6 +14,7 @@ USAGE = """usage: fedlora COMMAND [...]
   fedlora run [hydra overrides]          a simulated federation (Flower simulation, Ray backend)
   fedlora compare strategies=[a,b] [...]  several strategies on identical data, seeds and budget
   fedlora deploy ...                     certificates, keys, SuperLink/SuperNode (see `fedlora deploy -h`)
+  fedlora generate RUN_DIR "prompt"      a run's model answers a prompt (greedy; --base-only: without the adapter)
 
 `fedlora run -h` and `fedlora compare -h` describe each command.
 Bad input exits 2 with one sentence; a failed run exits 1; a run that finished without training enough
@@ -100,7 +101,16 @@ def cmd_deploy(argv: list[str]) -> int:
     return deploy_main(argv)
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "deploy": cmd_deploy}
+def cmd_generate(argv: list[str]) -> int:
+    from fedlora import simulation
+
+    simulation.quiet_libraries(False)
+    from fedlora.generate import main as generate_main
+
+    return generate_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "deploy": cmd_deploy, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        print(f"error: unknown command {cmd!r}; use run, compare or deploy.", file=sys.stderr)
+        print(f"error: unknown command {cmd!r}; use run, compare, deploy or generate.", file=sys.stderr)
         return 2
     from fedlora.config import ConfigError
 

