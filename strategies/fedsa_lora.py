@@ -107,14 +107,6 @@ class FedSALoRA(LoraStrategy):
         self.final = bool(self.final_b_upload) and int(server_round) == int(self.cfg.num_rounds)
         self.client_sends = (LORA_A, LORA_B, "extra") if self.final else self.shared
 
-    def configure_round(self, server_round, grid):
-        self.start_round(server_round)  # client-level DP reads client_sends before it builds the messages
-        return super().configure_round(server_round, grid)
-
-    def build_messages(self, server_round):
-        self.start_round(server_round)
-        return super().build_messages(server_round)
-
     def payload(self, node, server_round):
         """Ā and the server's head (what a client starts a head it does not hold yet from), never B. Under
         client-side clipping this is exactly what comes back (check_config refuses a local head there)."""
@@ -125,14 +117,7 @@ class FedSALoRA(LoraStrategy):
 
     def check_replies(self, replies):
         checked = super().check_replies(replies)
-        ok = []
-        for u in checked.accepted:
-            reason = personal_reason(u.metrics, u.node.num_examples)
-            if reason:
-                checked.rejected.append({"node": u.node.partition_id, "reason": reason})
-            else:
-                ok.append(u)
-        checked.accepted = ok
+        checked.reject_where(lambda u: personal_reason(u.metrics, u.node.num_examples))
         return checked
 
     def to_state(self, node, arrays):

@@ -59,14 +59,8 @@ class FFALoRA(LoraStrategy):
 
     def check_replies(self, replies):
         checked = super().check_replies(replies)
-        ok = []
-        for u in checked.accepted:
-            if int(u.metrics.get("a-fingerprint", -1)) != self.a_fingerprint:
-                checked.rejected.append({"node": u.node.partition_id,
-                                         "reason": "frozen A differs from the server's (seed or a_init mismatch)"})
-            else:
-                ok.append(u)
-        checked.accepted = ok
+        checked.reject_where(lambda u: int(u.metrics.get("a-fingerprint", -1)) != self.a_fingerprint
+                             and "frozen A differs from the server's (seed or a_init mismatch)")
         return checked
 
     def to_state(self, node, arrays):

@@ -77,14 +77,6 @@ class RoLoRA(LoraStrategy):
         self.trained = factor_of(server_round)
         self.client_sends = (LORA_B if self.trained == "B" else LORA_A, "extra")
 
-    def configure_round(self, server_round, grid):
-        self.start_round(server_round)  # client-level DP reads client_sends before it builds the messages
-        return super().configure_round(server_round, grid)
-
-    def build_messages(self, server_round):
-        self.start_round(server_round)
-        return super().build_messages(server_round)
-
     def payload(self, node, server_round):
         return to_arrays(self.state), {"fl.train_factor": self.trained, "fl.freeze_a": self.trained == "B"}
 

@@ -87,21 +87,19 @@ class ServerControl:
             if scaffold.RECORD in m.content:
                 checked.bytes_up += _nbytes(m.content[scaffold.RECORD])
         shapes = {k: tuple(v.shape) for k, v in self.current(strategy).items()}
-        ok, deltas = [], []
-        for u in checked.accepted:
+        arrays_of = {}
+
+        def reason_of(u):
             msg = by_node.get(u.node.node_id)
             if msg is None or scaffold.RECORD not in msg.content:
-                reason = "the reply carries no SCAFFOLD control update (record 'scaffold') although train.scaffold=true"
-            else:
-                arrays = {k: a.numpy() for k, a in msg.content[scaffold.RECORD].items()}
-                reason = check_update(arrays, shapes, u.metrics.get("num-examples"), None)
-                reason = f"SCAFFOLD control update: {reason}" if reason else None
-            if reason:
-                checked.rejected.append({"node": u.node.partition_id, "node_id": u.node.node_id, "reason": reason})
-                continue
-            ok.append(u)
-            deltas.append({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
-        checked.accepted = ok
+                return "the reply carries no SCAFFOLD control update (record 'scaffold') although train.scaffold=true"
+            arrays_of[u.node.node_id] = {k: a.numpy() for k, a in msg.content[scaffold.RECORD].items()}
+            reason = check_update(arrays_of[u.node.node_id], shapes, u.metrics.get("num-examples"), None)
+            return f"SCAFFOLD control update: {reason}" if reason else None
+
+        checked.reject_where(reason_of)
+        deltas = [{k: torch.from_numpy(v.copy()) for k, v in arrays_of[u.node.node_id].items()}
+                  for u in checked.accepted]
         self.c = scaffold.server_control(self.c, deltas, self.n_total)
         return checked
 

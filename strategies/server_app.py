@@ -27,7 +27,8 @@ from fedlora.validate import check_handshake
 from . import get as get_strategy
 from fedlora.messages import CONFIG_KEY, DIGEST_KEY, NEEDS_CONFIG
 
-from .base import NodeInfo, RoundResult, attribute
+from .base import NodeInfo, RoundResult
+from .replies import attribute
 
 app = ServerApp()
 
@@ -92,7 +93,7 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, NodeInfo]:
 
 def exchange(grid: Grid, strategy, messages: list[Message], timeout: float) -> tuple[list[Message], list[Message]]:
     """Send a round's messages and collect the replies: ``(replies, sent)``, ``sent`` every message sent (the grid
-    set their ids), which the replies are matched against (:func:`fedlora.strategies.base.attribute`). A node that
+    set their ids), which the replies are matched against (:func:`fedlora.strategies.replies.attribute`). A node that
     no longer holds the run config (it restarted since the handshake) answers ``needs-config`` and gets its
     message again, this time with the config."""
     replies = list(grid.send_and_receive(messages, timeout=timeout))

@@ -176,7 +176,8 @@ def test_robust_4b_replies_are_matched_to_their_messages():
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
     from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-    from fedlora.strategies.base import NodeInfo, attribute
+    from fedlora.strategies.base import NodeInfo
+    from fedlora.strategies.replies import attribute
 
     ids = {0: 2001, 1: 2002, 2: 2003, 3: 2004}  # partition -> node id (Flower never gives a SuperNode the id 1)
     nodes = {nid: NodeInfo(nid, pid, 10, 4, 8.0) for pid, nid in ids.items()}
