@@ -5,6 +5,7 @@ seeds, then tables (``comparison.md``, ``comparison.csv``, ``comparison_seeds.cs
   fedlora compare strategies=[fedit,flora,ffa_lora,lora_fair] seeds=[0,1,2] [run overrides] [target=0.8]
   fedlora compare preset=heterogeneous
   fedlora compare strategies=[fedit,ffa_lora] ffa_lora:model.lora.alpha=128 ffa_lora:strategy.a_init=orthogonal
+  fedlora compare strategies=[fedit,fedit@prox,fedit@adam] fedit@prox:train.prox_mu=0.01 fedit@adam:server.optimizer=adam
 
 :func:`compare` is a plain loop over the runs (for each seed: every strategy, then the centralised ceiling);
 every run goes through the same pre-flight as ``fedlora run`` before the first one starts. Within a seed every
@@ -47,7 +48,9 @@ seed, then write
   OUT/accuracy_vs_round.png, accuracy_vs_bytes.png    one line per strategy, a band of ± one sd over seeds
 
   strategies=[a,b,...]   strategies to compare (default: compare.strategies in the config:
-                         fedit, flora, ffa_lora, lora_fair; preset=heterogeneous picks its own)
+                         fedit, flora, ffa_lora, lora_fair; preset=heterogeneous picks its own). STRATEGY@TAG is
+                         a variant: STRATEGY again, with settings of its own given as STRATEGY@TAG:KEY=VALUE
+                         (e.g. fedit@prox fedit@prox:train.prox_mu=0.01), its own row and verdict
   seeds=[0,1,2]          seeds to run every strategy with; seeds=N means [0..N-1] (default: compare.seeds, or
                          when that is null the config's seed alone); replaces seed=
   baseline=NAME          the strategy the others are paired against (default: compare.baseline, fedit, or the
@@ -61,7 +64,8 @@ seed, then write
                          (each strategy tuned on its own, e.g. ffa_lora:model.lora.alpha=128 flora:train.lr=1e-3,
                          ffa_lora:strategy.a_init=orthogonal); only a strategy's own knobs: train.lr,
                          train.weight_decay, train.scheduler, train.warmup_steps, train.max_grad_norm,
-                         model.lora.alpha, model.lora.dropout and strategy.*; never what every run must share
+                         train.prox_mu, train.scaffold, model.lora.alpha, model.lora.dropout, server.* (the
+                         server optimizer) and strategy.*; never what every run must share
                          (data, partitions, clients, rounds, local steps, batch, rank, seed). comparison.md names them
   -v, --verbose          Flower's and Ray's logs too
   run overrides          anything `fedlora run` takes, applied to every run (model=, data=, num_rounds=, ...)
@@ -84,10 +88,33 @@ def _parse_list(text: str) -> list[str]:
 
 #: What ``NAME:KEY=VALUE`` may set for one strategy: its own hyper-parameters. The setting every strategy shares
 #: (data, partitions, clients, rounds, local steps, batch size, rank, seed, model) is not among them, so a
-#: comparison stays one of strategies, not of settings. ``strategy.`` covers every key of the strategy's own config.
+#: comparison stays one of strategies, not of settings. ``strategy.`` covers every key of the strategy's own config;
+#: the drift controls (FedProx, SCAFFOLD) and ``server.`` (the server optimizer) are how a variant differs.
 TUNABLE = ("train.lr", "train.weight_decay", "train.scheduler", "train.warmup_steps", "train.max_grad_norm",
-           "model.lora.alpha", "model.lora.dropout", "strategy.")
-_OWN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):([+~]*)([^=]+)=(.*)$")
+           "train.prox_mu", "train.scaffold", "model.lora.alpha", "model.lora.dropout", "server.", "strategy.")
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*(?:@[A-Za-z0-9_-]+)?"  # a strategy, or a variant STRATEGY@TAG
+_OWN = re.compile(rf"^({_NAME}):([+~]*)([^=]+)=(.*)$")
+
+
+def strategy_of(name: str) -> str:
+    """The strategy a compared entry runs: ``fedit@prox`` (a variant, with settings of its own) runs fedit."""
+    return name.split("@", 1)[0]
+
+
+def check_names(names: list[str], own: dict[str, list[str]]) -> None:
+    """Every compared entry is a strategy or a variant ``STRATEGY@TAG`` of one, named once; a variant has settings
+    of its own (else it would repeat its strategy). Else :class:`~fedlora.config.ConfigError`, one sentence."""
+    options = config.group_options("strategy")
+    for n in names:
+        if not re.fullmatch(_NAME, n) or strategy_of(n) not in options:
+            raise ConfigError(f"unknown strategy '{n}' in strategies=[...]: choose from {', '.join(options)} "
+                              "(or centralised), or a variant of one as STRATEGY@TAG.")
+        if "@" in n and not own.get(n):
+            raise ConfigError(f"{n} in strategies=[...] is a variant of {strategy_of(n)} with no settings of its own: "
+                              f"give it some, e.g. {n}:train.prox_mu=0.01, or compare {strategy_of(n)} itself.")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"strategies=[{','.join(names)}] names a strategy twice: list each once (a variant of one "
+                          "as STRATEGY@TAG).")
 
 
 def pop_own_overrides(argv: list[str]) -> dict[str, list[str]]:
@@ -169,7 +196,7 @@ def run_config(base_overrides: list[str], name: str, seed: int, run_dir: Path, o
     """The config of one run of a comparison: the shared overrides, then the strategy, its own hyper-parameters
     ``own`` (``KEY=VALUE``, see :func:`pop_own_overrides`), seed and directory (the centralised run keeps the shared
     config's strategy, which it does not use)."""
-    extra = [] if name == report.CENTRALISED else [f"strategy={name}"] + list(own or [])
+    extra = [] if name == report.CENTRALISED else [f"strategy={strategy_of(name)}"] + list(own or [])
     return config.load(list(base_overrides) + extra + [f"seed={seed}", f"out_dir={run_dir}"])
 
 
@@ -242,12 +269,12 @@ def _check_own(base_overrides, names, own: dict[str, list[str]]) -> None:
             raise ConfigError(f"{n}:{overrides[0]} names {n}, which is not compared here: add it to "
                               f"strategies=[...] or drop the override (compared: {', '.join(names)}).")
         try:
-            config.load(list(base_overrides) + [f"strategy={n}"])
+            config.load(list(base_overrides) + [f"strategy={strategy_of(n)}"])
         except ConfigError:
             continue
         for o in overrides:
             try:
-                config.load(list(base_overrides) + [f"strategy={n}", o])
+                config.load(list(base_overrides) + [f"strategy={strategy_of(n)}", o])
             except ConfigError as e:
                 raise ConfigError(f"{n}:{o}: {e}") from None
 
@@ -305,12 +332,9 @@ def compare(base_overrides: list[str], names: list[str], target: float, out: Pat
     with_ceiling = bool(base.compare.get("centralised")) if centralised is None else centralised
     with_ceiling = with_ceiling or report.CENTRALISED in names
     names = [n for n in names if n != report.CENTRALISED]
-    for n in names:
-        if n not in config.group_options("strategy"):
-            raise ConfigError(f"unknown strategy '{n}' in strategies=[...]: "
-                              f"choose from {', '.join(config.group_options('strategy'))} (or centralised).")
     reuse = bool(base.compare.get("reuse")) if reuse is None else reuse
     own = dict(own or {})
+    check_names(names, own)
     _check_own(base_overrides, names, own)
     plan = _plan(base_overrides, names, seeds, out, with_ceiling, reuse, own)
     out.mkdir(parents=True, exist_ok=True)

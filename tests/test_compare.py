@@ -297,3 +297,40 @@ def test_own_overrides_are_parsed_checked_and_applied_to_one_strategy_alone(tmp_
         cmp.compare(FAST, ["fedit", "ffa_lora"], 0.8, tmp_path / "o2", echo=quiet,
                     own={"ffa_lora": ["strategy.no_such_key=1"]})
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # refused before anything started
+
+
+def test_variants_run_their_strategy_with_settings_of_their_own(tmp_path):
+    """``STRATEGY@TAG`` is a variant: the same strategy, run with its own settings (FedProx, SCAFFOLD, a server
+    optimizer: how drift controls are compared against plain averaging), in its own directory and row; the plain
+    strategy keeps the shared settings. A variant without settings, of an unknown strategy, or listed twice is
+    refused in one sentence before anything starts."""
+    argv = FAST + ["fedit@prox:train.prox_mu=0.01", "fedit@adam:server.optimizer=adam", "fedit@adam:server.lr=0.05",
+                   "fedit@scaffold:train.scaffold=true"]
+    own = cmp.pop_own_overrides(argv)
+    assert argv == FAST and set(own) == {"fedit@prox", "fedit@adam", "fedit@scaffold"}
+    names = ["fedit", "fedit@prox", "fedit@adam", "fedit@scaffold"]
+    cmp.check_names(names, own)
+    plan = cmp._plan(FAST, names, [0], tmp_path / "out", False, own=own)
+    assert [(n, d.name, refusal) for _, n, d, _, refusal, _ in plan] == [(n, n, None) for n in names]
+    cfgs = {n: cfg for _, n, _, cfg, _, _ in plan}
+    assert {c.strategy.name for c in cfgs.values()} == {"fedit"}
+    assert (cfgs["fedit"].train.prox_mu, cfgs["fedit"].server.optimizer, cfgs["fedit"].train.scaffold) == (0.0, "avg",
+                                                                                                            False)
+    assert cfgs["fedit@prox"].train.prox_mu == 0.01 and cfgs["fedit@prox"].server.optimizer == "avg"
+    assert (cfgs["fedit@adam"].server.optimizer, cfgs["fedit@adam"].server.lr) == ("adam", 0.05)
+    assert cfgs["fedit@scaffold"].train.scaffold is True and cfgs["fedit@scaffold"].train.prox_mu == 0.0
+    shared = lambda c: {k: v for k, v in config.flat(c).items()  # noqa: E731
+                        if not k.startswith(("out_dir", "train.prox_mu", "train.scaffold", "server."))}
+    assert all(shared(c) == shared(cfgs["fedit"]) for c in cfgs.values())
+    for bad, own_, says in [(["fedit", "fedit@x"], {}, "fedit@x in strategies=.* is a variant of fedit with no "
+                                                       "settings of its own"),
+                            (["fedit", "nope@x"], {"nope@x": ["train.lr=1"]}, "unknown strategy 'nope@x'"),
+                            (["fedit", "fedit@a b"], {}, "unknown strategy 'fedit@a b'"),
+                            (["fedit", "fedit"], {}, "names a strategy twice")]:
+        with pytest.raises(ConfigError, match=says):
+            cmp.compare(FAST, bad, 0.8, tmp_path / "o", echo=lambda *a, **k: None, own=own_)
+    assert not (tmp_path / "o").exists()
+    # a variant its strategy refuses (no server optimizer on FLoRA's stack) is a "not run" row, as a refused strategy
+    plan = cmp._plan(FAST, ["flora", "flora@adam"], [0], tmp_path / "o3", False, own={"flora@adam": [
+        "server.optimizer=adam"]})
+    assert plan[0][4] is None and "server.optimizer" in str(plan[1][4]) and plan[1][3] is None
