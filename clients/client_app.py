@@ -23,7 +23,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedlora import adapters, config, data, merges, models, privacy, train
 from fedlora.messages import CONFIG_KEY, DIGEST_KEY, NEEDS_CONFIG
 
-from . import scaffold as node_scaffold
+from . import comm, scaffold as node_scaffold
 from .dp_sgd import DP_STATE, accountant_record, budget_exhausted_reply, dp_sgd_round
 from .node import NodeSettings
 
@@ -322,7 +322,7 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
     bundle = models.cached(cfg, bits=int(conf.get("fl.bits", 16)))
     ds = _dataset(cfg, node)
     ds, held = personal_holdout(ds, conf, cfg, node)  # FedSA-LoRA: a slice of the partition never trained on
-    arrays = with_personal({k: a.numpy() for k, a in msg.content["arrays"].items()}, conf, context)
+    arrays = with_personal(comm.payload(msg, cfg), conf, context)  # comm.down decoded
     try:
         prepare(bundle, arrays, conf, context)
     except merges.OutOfSync as e:  # tell the server which merges we hold; it sends the rest next time
@@ -363,7 +363,8 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
                "steps": result["steps"], "partition-id": pid, **personal, **_sync_metrics(context), **dp_metrics}
     if bool(conf["fl.freeze_a"]):
         metrics["a-fingerprint"] = adapters.a_fingerprint(state)
-    reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}), "metrics": MetricRecord(metrics)})
+    record, codec_metrics = comm.reply(out, cfg, context, conf)  # comm.up, with error feedback when lossy
+    reply = RecordDict({"arrays": record, "metrics": MetricRecord({**metrics, **codec_metrics})})
     if ctl is not None:  # SCAFFOLD: Δc_i travels back, c_i⁺ stays on the node
         reply[node_scaffold.RECORD] = node_scaffold.finish(ctl, context, steps,
                                                            node_scaffold.lr_sum_of(cfg, rnd, steps))

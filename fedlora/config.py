@@ -126,7 +126,7 @@ def to_yaml(cfg: DictConfig) -> str:
 #: server: a deployed node reads its own ``data-path``, a simulated one is given it by the simulation). Output
 #: paths, evaluation, simulation and comparison settings never leave the server.
 CLIENT_KEYS = ("seed", "num_clients", "num_rounds", "local_steps", "local_epochs", "kernels", "model", "data",
-               "partitioner", "train", "privacy", "strategy", "debug")
+               "partitioner", "train", "privacy", "strategy", "comm", "debug")
 CLIENT_STRATEGY_KEYS = ("name", "lr_multiplier")
 
 
@@ -290,6 +290,7 @@ def validate(cfg: DictConfig) -> None:
     _require(isinstance(cfg.train.get("scaffold", False), bool),  # (a run saved before the key existed: false)
              f"train.scaffold={cfg.train.get('scaffold')} must be true or false (SCAFFOLD's control variates).")
     _check_server(cfg)
+    _check_comm(cfg)
     _number_in(cfg, "eval.batch_size", 1, integer=True)
     _number_in(cfg, "eval.max_examples", 1, integer=True, null=True, hint=": null evaluates every row")
     _require(not cfg.eval.get("client_side"),  # a saved config of an older run may hold client_side: false
@@ -324,6 +325,26 @@ def validate(cfg: DictConfig) -> None:
         privacy.validate_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_comm(cfg) -> None:
+    """``comm.*`` (:mod:`fedlora.codecs`; a config without the section sends fp32): the codecs, top-k's fraction and
+    the block size; a lossy codec is refused under client-level DP (Flower's clipping wrappers read the arrays)."""
+    from .codecs import CODECS
+
+    if "comm" not in cfg:
+        return
+    for d in ("up", "down"):
+        c = cfg.comm.get(d, "fp32")
+        _require(c in CODECS, f"comm.{d}={c} is not a codec: choose one of {', '.join(CODECS)}.")
+    _number_in(cfg, "comm.topk_fraction", 0, 1, lo_open=True, hint=" (the share of each tensor's entries topk sends)")
+    bs = cfg.comm.get("blocksize", 64)
+    _require(bs in (64, 128, 256, 512, 1024, 2048, 4096),
+             f"comm.blocksize={bs} must be a power of 2 from 64 to 4096 (values per int8/nf4 scale).")
+    lossy = [f"comm.{d}={cfg.comm.get(d)}" for d in ("up", "down") if cfg.comm.get(d, "fp32") != "fp32"]
+    _require(not lossy or (cfg.get("privacy") or {}).get("mode", "none") != "client_dp",
+             f"{' and '.join(lossy)} cannot run with privacy=client_level: Flower's clipping wrappers clip and noise "
+             "the message arrays themselves, so keep comm.up=fp32 and comm.down=fp32 there.")
 
 
 def _check_server(cfg) -> None:

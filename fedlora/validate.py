@@ -27,7 +27,7 @@ def check_count(key: str, value, minimum: int) -> str | None:
 
 #: optional metrics the server reads when present: whole numbers (key -> smallest value), finite numbers, integers
 OPTIONAL_COUNTS = {"base-version": 0, "device-memory": 0}
-OPTIONAL_NUMBERS = ("base-digest",)
+OPTIONAL_NUMBERS = ("base-digest", "codec_error")
 OPTIONAL_INTEGERS = ("a-fingerprint",)
 
 

@@ -17,7 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedlora import algebra, server_opt
+from fedlora import algebra, codecs, server_opt
 from fedlora.adapters import LORA_A, LORA_B, AdapterState, from_arrays, to_arrays
 from fedlora.config import ConfigError, client_ranks, config_digest, for_clients, to_yaml
 from fedlora.messages import DIGEST_KEY
@@ -65,6 +65,7 @@ class RoundResult:
     client_states: list[tuple[NodeInfo, AdapterState, float]] = field(default_factory=list)
     delta: dict | None = None  # the round's effective update per module (LoraFactors), for the audit
     skipped: str | None = None
+    codec: dict = field(default_factory=dict)  # lossy comm.*: relative errors, {"down": {key}, "up": {partition}}
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -132,6 +133,8 @@ class LoraStrategy(FedAvg):
         self.privacy = privacy_modes.for_config(cfg)
         self.server_opt = server_opt.ServerOptimizer(server_opt.config_of(cfg))  # server.optimizer (avg: as before)
         self.scaffold = scaffold.ServerControl(cfg)  # train.scaffold: the control variate c (off: as before)
+        self.codec_up, self.codec_down = codecs.of_config(cfg, "up"), codecs.of_config(cfg, "down")  # comm.*
+        self.codec_errors: dict = {}  # this round's codec errors (downlink per module, uplink per partition)
         # what every node needs of the run config (fedlora.config.for_clients: no server paths): sent once, in
         # the handshake, then named by its digest
         self.cfg_yaml = to_yaml(for_clients(cfg))
@@ -293,15 +296,29 @@ class LoraStrategy(FedAvg):
         """One TRAIN message per sampled node, with its payload and instructions."""
         self.start_round(server_round)
         messages, sampled, down = [], [], 0
+        self.codec_errors = {"down": {}, "up": {}}
         for nid in self.sample():
             node = self.nodes[nid]
             arrs, extra = self.payload(node, server_round)
-            record = to_record(arrs)
+            record = to_record(self.encode_payload(arrs))
             down += record_bytes(record)
             sampled.append(node.partition_id)
             content = RecordDict({"arrays": record, "config": self.node_config(node, server_round, extra)})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid))
         return RoundPlan(messages, sampled, down)
+
+    def encode_payload(self, arrs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A payload as ``comm.down`` sends it; a lossy codec's relative error per module goes to
+        ``codec_errors["down"]`` (the largest over this round's payloads: the metrics line and the audit)."""
+        if not self.codec_down.lossy:
+            return arrs
+        enc = codecs.encode(self.codec_down, arrs)
+        sent = codecs.decode(self.codec_down, enc)
+        errs = self.codec_errors.setdefault("down", {})
+        for k, v in arrs.items():
+            if codecs.applies_to(k):
+                errs[k] = max(errs.get(k, 0.0), codecs.relative_error({k: v}, sent))
+        return enc
 
     def configure_round(self, server_round: int, grid) -> RoundPlan:
         """The round's messages, through the privacy component (client-level DP: Flower's wrapper, which raises
@@ -324,6 +341,11 @@ class LoraStrategy(FedAvg):
                 metrics = dict(msg.content["metrics"])
             except Exception as e:  # malformed record
                 refuse(f"malformed reply: {e}"[:300])
+                continue
+            try:  # comm.up: every check below sees the decoded values
+                arrays = codecs.decode(self.codec_up, arrays)
+            except codecs.CodecError as e:
+                refuse(f"undecodable reply (comm.up={self.codec_up.name}): {e}"[:300])
                 continue
             bytes_up += record_bytes(msg.content["arrays"])
             if node is None:
@@ -386,7 +408,8 @@ class LoraStrategy(FedAvg):
             from flwr.common.logger import log
 
             log(WARNING, "round %d skipped: %s", server_round, skipped)
-        metrics = {**train_metrics(checked.accepted), **self.round_metrics(checked.accepted)}
+        metrics = {**train_metrics(checked.accepted), **self.round_metrics(checked.accepted),
+                   **self.codec_metrics(checked.accepted)}
         rejected = att.rejected + checked.rejected
         for nid in dict.fromkeys(m.metadata.dst_node_id for m in sent or []):
             if nid not in att.answered:
@@ -394,7 +417,22 @@ class LoraStrategy(FedAvg):
         by_partition = {n.partition_id: n.node_id for n in self.nodes.values()}
         for r in rejected:  # a subclass's own rejections name the partition only
             r.setdefault("node_id", by_partition.get(r["node"]))
-        return RoundResult(arrays, metrics, rejected, checked.bytes_up, client_states, delta, skipped)
+        codec = {d: e for d, e in self.codec_errors.items() if e}
+        return RoundResult(arrays, metrics, rejected, checked.bytes_up, client_states, delta, skipped, codec)
+
+    def codec_metrics(self, accepted: list[Update]) -> dict:
+        """With a lossy codec: ``codec_down_error`` (the largest relative error of a payload module this round) and
+        ``codec_up_error`` (the largest a client reported for its reply, error feedback included); the per-module and
+        per-client values stay in ``codec_errors`` for the audit."""
+        out = {}
+        if self.codec_down.lossy and self.codec_errors.get("down"):
+            out["codec_down_error"] = max(self.codec_errors["down"].values())
+        if self.codec_up.lossy:
+            up = {u.node.partition_id: float(u.metrics["codec_error"]) for u in accepted if "codec_error" in u.metrics}
+            self.codec_errors["up"] = up
+            if up:
+                out["codec_up_error"] = max(up.values())
+        return out
 
     # ------------------------------------------------------------------ Flower's interface
     def configure_train(self, server_round, arrays, config, grid):

@@ -157,6 +157,11 @@ def write_audit(recorder: Recorder, rnd: int, strategy, result: RoundResult) -> 
 
         save_file({k: f.delta().float().contiguous() for k, f in result.delta.items()}, str(d / "delta.safetensors"),
                   metadata={"strategy": strategy.name, "round": str(rnd)})
+    if result.codec:  # a lossy comm.*: ||decoded - sent|| / ||sent|| per payload tensor (down) and per client (up)
+        import json
+
+        (d / "codec.json").write_text(json.dumps({"up_codec": strategy.codec_up.name,
+                                                 "down_codec": strategy.codec_down.name, **result.codec}, indent=1))
 
 
 def save_adapter(bundle, strategy, path: Path) -> None:

@@ -1,0 +1,203 @@
+"""Message codecs: how the adapter tensors of a message are encoded on the wire (``comm.up``: clients' replies,
+``comm.down``: the server's payloads). Like NVIDIA FLARE's quantisation filters, a codec encodes the message's
+tensors themselves (the factors and the head a node sends or receives), not a difference.
+
+  fp32   exact (the default: what fedlora always sent)
+  fp16   IEEE half precision (torch dtype); relative error per element <= 2^-11 (normal range)
+  bf16   bfloat16 (torch dtype, sent as its 16 raw bits); relative error per element <= 2^-8
+  int8   bitsandbytes' blockwise 8-bit quantisation (dynamic map, one absmax per block of ``blocksize`` values)
+  nf4    bitsandbytes' 4-bit NormalFloat blocks (two values a byte, one absmax per block)
+  topk   the ``topk_fraction`` largest-magnitude entries of each tensor (values in fp32, indices int32); the rest 0
+
+Blocks, scales and maps are bitsandbytes' (``quantize_blockwise``/``quantize_4bit`` and their inverses) and torch's
+dtypes, not arithmetic written here. An encoded tensor ``k`` is the array ``k`` plus companions ``k#absmax``,
+``k#shape`` or ``k#idx``; everything crosses the wire, so the bytes a message is counted at include the scales.
+:func:`decode` checks what it reads and raises :class:`CodecError` (one sentence) on a malformed payload, so a bad
+reply is refused, never a crash. :func:`encode_with_feedback` is error feedback: what the codec dropped is added to
+the next encoding of the same tensor. No Flower here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+CODECS = ("fp32", "fp16", "bf16", "int8", "nf4", "topk")
+SEP = "#"  # key of a companion array: <tensor key>#absmax, #shape, #idx
+
+
+class CodecError(ValueError):
+    """A payload that does not decode under the configured codec (the message says which tensor and why)."""
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A codec and its parameters (``comm.up``/``comm.down``, ``comm.topk_fraction``, ``comm.blocksize``)."""
+
+    name: str = "fp32"
+    topk_fraction: float = 0.1
+    blocksize: int = 64
+
+    @property
+    def lossy(self) -> bool:
+        return self.name != "fp32"
+
+
+def of_config(cfg, direction: str) -> Codec:
+    """The codec of ``direction`` ("up" or "down") in a run config (fp32 when it has no ``comm`` section)."""
+    comm = cfg.get("comm") or {}
+    return Codec(str(comm.get(direction, "fp32")), float(comm.get("topk_fraction", 0.1)),
+                 int(comm.get("blocksize", 64)))
+
+
+def applies_to(key: str) -> bool:
+    """Whether a message key is an adapter tensor a codec encodes (factors and the head). Everything else (FLoRA's
+    and FedEx-LoRA's merges into the base, which must stay exact for every base to stay in sync) goes as fp32."""
+    return key.endswith((".lora_A", ".lora_B")) or key.startswith("extra.")
+
+
+def _bnb():
+    import bitsandbytes.functional as F
+
+    return F
+
+
+@lru_cache(maxsize=None)
+def _int8_map() -> torch.Tensor:
+    """bitsandbytes' signed dynamic map: what ``quantize_blockwise`` uses when given none (built once)."""
+    return _bnb().create_dynamic_map(signed=True)
+
+
+def encode(codec: Codec, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` (float tensors) as the codec sends them; keys :func:`applies_to` rejects pass unchanged."""
+    if codec.name == "fp32":
+        return dict(arrays)
+    out = {}
+    for k, v in arrays.items():
+        if not applies_to(k):
+            out[k] = v
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+        if codec.name == "fp16":
+            out[k] = x.half().numpy()
+        elif codec.name == "bf16":
+            out[k] = x.bfloat16().view(torch.int16).numpy()
+        elif codec.name == "int8":
+            q, state = _bnb().quantize_blockwise(x.flatten(), code=_int8_map(), blocksize=codec.blocksize)
+            out[k], out[k + SEP + "absmax"] = q.reshape(x.shape).numpy(), state.absmax.float().numpy()
+        elif codec.name == "nf4":
+            q, state = _bnb().quantize_4bit(x.flatten(), blocksize=codec.blocksize, quant_type="nf4")
+            out[k], out[k + SEP + "absmax"] = q.flatten().numpy(), state.absmax.float().numpy()
+            out[k + SEP + "shape"] = np.asarray(x.shape, dtype=np.int64)
+        elif codec.name == "topk":
+            flat = x.flatten()
+            kept = min(flat.numel(), max(1, math.ceil(codec.topk_fraction * flat.numel()))) if flat.numel() else 0
+            idx = torch.topk(flat.abs(), kept, sorted=False).indices.sort().values
+            out[k], out[k + SEP + "idx"] = flat[idx].numpy(), idx.to(torch.int32).numpy()
+            out[k + SEP + "shape"] = np.asarray(x.shape, dtype=np.int64)
+        else:
+            raise ValueError(f"unknown codec {codec.name!r}: one of {', '.join(CODECS)}")
+    return out
+
+
+def _want(enc: dict, key: str, dtype, what: str, codec: Codec) -> np.ndarray:
+    a = enc.get(key)
+    if a is None:
+        raise CodecError(f"{key.split(SEP)[0]}: the {codec.name} payload lacks its {what} ({key})")
+    if a.dtype != dtype:
+        raise CodecError(f"{key}: {a.dtype} where the {codec.name} codec sends {np.dtype(dtype)}")
+    return a
+
+
+def _shape(enc: dict, k: str, codec: Codec) -> tuple[int, ...]:
+    s = _want(enc, k + SEP + "shape", np.int64, "shape", codec)
+    if s.ndim != 1 or len(s) > 4 or (s < 0).any() or (s > 2**31).any():
+        raise CodecError(f"{k}: shape {s.tolist()} is not a tensor shape")
+    return tuple(int(d) for d in s)
+
+
+def _absmax(enc: dict, k: str, n: int, codec: Codec) -> torch.Tensor:
+    a = _want(enc, k + SEP + "absmax", np.float32, "block scales", codec)
+    blocks = math.ceil(n / codec.blocksize)
+    if a.shape != (blocks,) or not np.isfinite(a).all() or (a < 0).any():
+        raise CodecError(f"{k}: {a.shape[0] if a.ndim == 1 else a.shape} block scales for {n} values in blocks of "
+                         f"{codec.blocksize} (want {blocks}, finite and >= 0)")
+    return torch.from_numpy(a.copy())
+
+
+def decode(codec: Codec, enc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float32 tensors an encoded message carries (inverse of :func:`encode`). A missing or extra companion,
+    a wrong dtype, size or index raises :class:`CodecError` naming the tensor."""
+    if codec.name == "fp32":
+        return dict(enc)
+    out = {}
+    for k, v in enc.items():
+        if SEP in k:
+            if k.split(SEP, 1)[0] not in enc:
+                raise CodecError(f"{k}: a companion array without its tensor {k.split(SEP, 1)[0]}")
+            continue
+        if not applies_to(k):
+            out[k] = v
+            continue
+        if codec.name == "fp16":
+            out[k] = _want(enc, k, np.float16, "values", codec).astype(np.float32)
+            continue
+        elif codec.name == "bf16":
+            x = torch.from_numpy(_want(enc, k, np.int16, "values", codec).copy()).view(torch.bfloat16).float()
+        elif codec.name == "int8":
+            q = torch.from_numpy(_want(enc, k, np.uint8, "values", codec).copy())
+            absmax = _absmax(enc, k, q.numel(), codec)
+            x = _bnb().dequantize_blockwise(q.flatten(), absmax=absmax, code=_int8_map(),
+                                            blocksize=codec.blocksize).reshape(q.shape)
+        elif codec.name == "nf4":
+            shape = _shape(enc, k, codec)
+            n = math.prod(shape)
+            q = torch.from_numpy(_want(enc, k, np.uint8, "values", codec).copy())
+            if q.shape != ((n + 1) // 2,):
+                raise CodecError(f"{k}: {q.numel()} bytes of 4-bit values for a tensor of {n} (want {(n + 1) // 2})")
+            F = _bnb()
+            state = F.QuantState(absmax=_absmax(enc, k, n, codec), shape=torch.Size([n]), blocksize=codec.blocksize,
+                                 code=F.get_4bit_type("nf4", device="cpu"), quant_type="nf4", dtype=torch.float32)
+            x = F.dequantize_4bit(q.reshape(-1, 1), state).reshape(shape) if n else torch.zeros(shape)
+        elif codec.name == "topk":
+            shape = _shape(enc, k, codec)
+            n = math.prod(shape)
+            vals = _want(enc, k, np.float32, "values", codec)
+            idx = _want(enc, k + SEP + "idx", np.int32, "indices", codec)
+            if vals.shape != idx.shape or vals.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= n)) \
+                    or len(np.unique(idx)) != idx.size:
+                raise CodecError(f"{k}: {idx.size} indices and {vals.size} values do not place distinct entries in "
+                                 f"a tensor of {n}")
+            x = torch.zeros(n)
+            x[torch.from_numpy(idx.astype(np.int64))] = torch.from_numpy(vals.copy())
+            x = x.reshape(shape)
+        else:
+            raise ValueError(f"unknown codec {codec.name!r}: one of {', '.join(CODECS)}")
+        out[k] = x.numpy()
+    return out
+
+
+def relative_error(true: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> float:
+    """||sent - true|| / ||true|| over every tensor of ``true`` (0 when ``true`` is 0)."""
+    num = sum(float(np.sum((np.asarray(sent[k], np.float64) - v) ** 2)) for k, v in true.items())
+    den = sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in true.values())
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def encode_with_feedback(codec: Codec, arrays: dict[str, np.ndarray], residual: dict[str, np.ndarray]
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    """Error feedback (Seide et al. 2014; Karimireddy et al., ICML 2019): encode ``arrays + residual`` and keep what
+    the codec dropped, ``arrays + residual - decode(encoded)``, as the next residual, so the sum of what is sent over
+    rounds tracks the sum of the true tensors within one residual. Returns ``(encoded, new residual, relative error
+    of this message)``. A residual whose shape no longer matches its tensor is dropped; the new residual holds the
+    tensors of ``arrays`` the codec encodes (bounded by one message's size)."""
+    target = {k: (v + residual[k] if k in residual and residual[k].shape == v.shape and applies_to(k) else v)
+              for k, v in arrays.items()}
+    enc = encode(codec, target)
+    sent = decode(codec, enc)
+    new = {k: (target[k] - sent[k]).astype(np.float32) for k in target if applies_to(k)} if codec.lossy else {}
+    return enc, new, relative_error({k: v for k, v in arrays.items() if applies_to(k)}, sent)

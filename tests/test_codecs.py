@@ -1,0 +1,251 @@
+"""Message codecs (issue 18, ``comm.up``/``comm.down``, :mod:`fedlora.codecs`): every codec's round trip within its
+stated bound and its bytes; error feedback keeps the sum of what is sent within one residual of the sum of the true
+tensors; malformed encoded replies are refused with a reason and change nothing (fuzz, ≥1,000 cases); runs with a
+codec each way count the encoded bytes, record the codec's error in the metrics and the audit, leave fp32 exactly
+as before, and under DP-SGD leave epsilon untouched; config errors are one sentence."""
+
+import copy
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from test_fuzz import make_strategy, message, snapshot, valid_reply
+
+from fedlora import codecs, config
+from fedlora.codecs import Codec, CodecError
+
+RNG = np.random.default_rng(0)
+ARRAYS = {"layers.0.q.lora_A": RNG.standard_normal((8, 384)).astype(np.float32),
+          "layers.0.q.lora_B": (RNG.standard_normal((384, 8)) * 0.01).astype(np.float32),
+          "extra.head.weight": RNG.standard_normal((2, 385)).astype(np.float32),
+          "merge.1.layers.0.q": RNG.standard_normal((3, 4)).astype(np.float32)}  # not an adapter tensor: as is
+
+
+def _blocks(x: np.ndarray, b: int) -> np.ndarray:
+    """Each element's block absmax (blocks of ``b`` over the flattened tensor)."""
+    flat = x.reshape(-1)
+    pad = np.concatenate([np.abs(flat), np.zeros((-len(flat)) % b, np.float32)]).reshape(-1, b).max(1)
+    return np.repeat(pad, b)[: len(flat)].reshape(x.shape)
+
+
+def _max_gap(code: torch.Tensor) -> float:
+    return float(code.sort().values.diff().max())
+
+
+@pytest.mark.parametrize("name", codecs.CODECS)
+def test_round_trip_within_the_stated_bound_and_bytes(name):
+    import bitsandbytes.functional as F
+
+    c = Codec(name, topk_fraction=0.1)
+    enc = codecs.encode(c, ARRAYS)
+    dec = codecs.decode(c, enc)
+    assert set(dec) == set(ARRAYS) and all(dec[k].dtype == np.float32 and dec[k].shape == v.shape
+                                           for k, v in ARRAYS.items())
+    assert np.array_equal(dec["merge.1.layers.0.q"], ARRAYS["merge.1.layers.0.q"])  # merges stay exact
+    adapter = [k for k in ARRAYS if codecs.applies_to(k)]
+    for k in adapter:
+        x, y = ARRAYS[k], dec[k]
+        err = np.abs(y - x)
+        if name == "fp32":
+            assert np.array_equal(x, y)
+        elif name == "fp16":
+            assert (err <= 2.0 ** -11 * np.abs(x) + 2.0 ** -24).all()
+        elif name == "bf16":
+            assert (err <= 2.0 ** -8 * np.abs(x) + 1e-38).all()
+        elif name == "int8":  # within one step of the dynamic map at the block's scale
+            assert (err <= _blocks(x, 64) * _max_gap(F.create_dynamic_map(signed=True)) * (1 + 1e-6)).all()
+        elif name == "nf4":
+            assert (err <= _blocks(x, 64) * _max_gap(F.get_4bit_type("nf4", device="cpu")) * (1 + 1e-6)).all()
+        elif name == "topk":  # the kept entries exact; the dropped ones are the smallest
+            kept = y != 0
+            assert kept.sum() == math.ceil(0.1 * x.size) and np.array_equal(y[kept], x[kept])
+            assert np.abs(x[~kept]).max() <= np.abs(x[kept]).min()
+    sent = sum(a.nbytes for k, a in enc.items() if not k.startswith("merge."))
+    full = sum(ARRAYS[k].nbytes for k in adapter)
+    ratio = {"fp32": 1.0, "fp16": 2.0, "bf16": 2.0, "int8": 3.5, "nf4": 6.0, "topk": 4.0}[name]
+    assert full / sent >= ratio  # scales, shapes and indices counted
+
+
+def test_error_feedback_keeps_the_sum_of_what_is_sent_within_one_residual():
+    """Over 40 messages of fresh random tensors: with error feedback the summed decoded messages differ from the
+    summed true tensors by exactly the last residual (float32 rounding), which stays one message's codec error in
+    size; without it the difference grows with the number of messages."""
+    rng = np.random.default_rng(1)
+    for name in ("int8", "nf4", "topk"):
+        c, residual = Codec(name, topk_fraction=0.25), {}
+        true_sum = sent_sum = plain_sum = 0.0
+        sizes = []
+        for _ in range(40):
+            x = {"m.lora_B": rng.standard_normal((64, 8)).astype(np.float32) + 0.3}
+            enc, residual, _ = codecs.encode_with_feedback(c, x, residual)
+            true_sum = true_sum + x["m.lora_B"].astype(np.float64)
+            sent_sum = sent_sum + codecs.decode(c, enc)["m.lora_B"]
+            plain_sum = plain_sum + codecs.decode(c, codecs.encode(c, x))["m.lora_B"]
+            sizes.append(np.linalg.norm(residual["m.lora_B"]))
+        gap = np.linalg.norm(sent_sum - true_sum)
+        assert abs(gap - np.linalg.norm(residual["m.lora_B"])) <= 1e-3 * max(1.0, gap), name
+        assert np.allclose(true_sum - sent_sum, residual["m.lora_B"], atol=1e-3)
+        # without feedback the errors add up (top-k's residual holds several messages' dropped entries)
+        assert gap < (0.5 if name == "topk" else 0.2) * np.linalg.norm(plain_sum - true_sum), name
+        assert max(sizes[20:]) < 3 * max(sizes[:10]) + 1e-9, name  # bounded, not growing
+
+
+def test_error_feedback_drops_a_residual_of_another_shape_and_is_off_for_fp32():
+    x = {"m.lora_A": np.ones((2, 3), np.float32)}
+    enc, res, err = codecs.encode_with_feedback(Codec("int8"), x, {"m.lora_A": np.ones((4, 3), np.float32)})
+    assert np.allclose(codecs.decode(Codec("int8"), enc)["m.lora_A"], 1.0, atol=0.02) and set(res) == {"m.lora_A"}
+    enc, res, err = codecs.encode_with_feedback(Codec("fp32"), x, {})
+    assert res == {} and err == 0.0 and np.array_equal(enc["m.lora_A"], x["m.lora_A"])
+
+
+def _malformed(name: str, enc: dict, rng) -> tuple[dict, str]:
+    """One corruption of an encoded payload that the codec must refuse, and the kind."""
+    e = {k: v.copy() for k, v in enc.items()}
+    main = sorted(k for k in e if codecs.SEP not in k)
+    k = main[rng.integers(len(main))]
+    comp = [x for x in e if x.startswith(k + codecs.SEP)]
+    kinds = ["dtype", "orphan"] + (["drop_companion", "companion_dtype"] if comp else [])
+    kinds += {"int8": ["absmax_len", "absmax_nan", "absmax_neg"], "nf4": ["absmax_len", "nf4_bytes", "shape"],
+              "topk": ["idx_range", "idx_dup", "idx_len", "shape"]}.get(name, [])
+    kind = kinds[rng.integers(len(kinds))]
+    if kind == "dtype":
+        e[k] = e[k].astype(np.float64 if e[k].dtype != np.float64 else np.float32)
+    elif kind == "orphan":
+        e["layers.9.v.lora_A" + codecs.SEP + "absmax"] = np.ones(3, np.float32)
+    elif kind == "drop_companion":
+        e.pop(comp[rng.integers(len(comp))])
+    elif kind == "companion_dtype":
+        c = comp[rng.integers(len(comp))]
+        e[c] = e[c].astype(np.float64)
+    elif kind == "absmax_len":
+        e[k + "#absmax"] = e[k + "#absmax"][: max(0, len(e[k + "#absmax"]) - 1 - int(rng.integers(3)))]
+    elif kind == "absmax_nan":
+        e[k + "#absmax"][rng.integers(len(e[k + "#absmax"]))] = rng.choice([np.nan, np.inf])
+    elif kind == "absmax_neg":
+        e[k + "#absmax"][rng.integers(len(e[k + "#absmax"]))] = -1.0
+    elif kind == "nf4_bytes":
+        e[k] = e[k][:-1]
+    elif kind == "shape":  # a negative size, or (nf4) one the bytes do not fill
+        e[k + "#shape"] = (-e[k + "#shape"] if name == "topk" or rng.integers(2) else
+                           e[k + "#shape"] + np.int64(rng.integers(1, 3)))
+    elif kind == "idx_range":
+        e[k + "#idx"][rng.integers(len(e[k + "#idx"]))] = rng.choice([-1, 10**6])
+    elif kind == "idx_dup":
+        e[k + "#idx"][-1] = e[k + "#idx"][0]
+    elif kind == "idx_len":
+        e[k + "#idx"] = e[k + "#idx"][:-1]
+    return e, kind
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "nf4", "topk"])
+def test_malformed_encoded_payloads_raise_one_sentence(name):
+    rng = np.random.default_rng(2)
+    enc = codecs.encode(Codec(name), {k: v for k, v in ARRAYS.items() if codecs.applies_to(k)})
+    for _ in range(60):
+        bad, kind = _malformed(name, enc, rng)
+        with pytest.raises(CodecError) as e:
+            codecs.decode(Codec(name), bad)
+        assert str(e.value).count("\n") == 0 and ("lora" in str(e.value) or "extra" in str(e.value)), kind
+
+
+def test_fuzz_encoded_replies_are_refused_and_change_nothing():
+    """≥1,000 malformed encoded replies over the lossy codecs, each beside three valid encoded ones: each is refused
+    by the server's reply check with a reason naming the codec, the valid one(s) accepted; in every 20th case the
+    whole round runs and the new global state is what the valid replies alone give."""
+    rng = np.random.default_rng(3)
+    cases = 0
+    for name in ("fp16", "bf16", "int8", "nf4", "topk"):
+        base = make_strategy("fedit", [4, 4, 4, 4])
+        base.codec_up = Codec(name)
+        nodes = sorted(base.nodes.values(), key=lambda n: n.partition_id)
+
+        def enc_msg(node, arrays, metrics):
+            return message(node, codecs.encode(base.codec_up, arrays), metrics)
+
+        valid = {n.partition_id: valid_reply(base, n, rng) for n in nodes[1:]}
+        ref = copy.deepcopy(base)
+        assert not ref.aggregate_round(1, [enc_msg(n, *valid[n.partition_id]) for n in nodes[1:]]).rejected
+        expected = snapshot(ref)
+        good = codecs.encode(base.codec_up, valid_reply(base, nodes[0], rng)[0])
+        others = [enc_msg(n, *valid[n.partition_id]) for n in nodes[1:]]
+        for case in range(210):
+            bad, kind = _malformed(name, good, rng)
+            replies = [message(nodes[0], bad, valid_reply(base, nodes[0], rng)[1])] + others[: 1 if case % 20 else 3]
+            random.Random(case).shuffle(replies)
+            checked = base.check_replies(replies)  # the malformed one and one valid (all three every 20th case)
+            assert len(checked.accepted) == (1 if case % 20 else 3), (name, kind)
+            assert len(checked.rejected) == 1 and checked.rejected[0]["node"] == 0, (name, kind)
+            assert checked.rejected[0]["reason"].startswith(f"undecodable reply (comm.up={name})"), (name, kind)
+            if case % 20 == 0:
+                s = copy.deepcopy(base)
+                assert len(s.aggregate_round(1, replies).rejected) == 1
+                assert all(torch.equal(snapshot(s)[k], v) for k, v in expected.items()), (name, kind)
+            cases += 1
+    assert cases >= 1000
+
+
+def test_config_errors_are_one_sentence():
+    for overrides, says in [(["comm.up=int4"], "comm.up=int4 is not a codec"),
+                            (["comm.down=zip"], "comm.down=zip is not a codec"),
+                            (["comm.topk_fraction=0"], "comm.topk_fraction"),
+                            (["comm.blocksize=100"], "comm.blocksize=100 must be a power of 2"),
+                            (["privacy=client_level", "comm.up=int8"], "cannot run with privacy=client_level")]:
+        with pytest.raises(config.ConfigError, match=says):
+            config.load(overrides)
+    config.load(["privacy=client_level"])  # fp32 both ways: as before
+
+
+# ------------------------------------------------------------------------------------------------ runs
+TINY = ["model=tiny_llama", "num_clients=3", "num_rounds=2", "local_steps=1", "train.batch_size=4",
+        "eval.max_examples=8", "train.max_length=32", "min_train_nodes=3"]
+
+
+def _run(tmp_path, label, overrides):
+    from harness import InProcessGrid
+
+    from fedlora.strategies.server_app import run_server
+
+    d = tmp_path / label
+    run_server(InProcessGrid(3), config.load(TINY + overrides), d, echo=lambda *_: None)
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    return d, rows
+
+
+def test_runs_count_encoded_bytes_and_record_the_codec_error(tmp_path):
+    """fedit for 2 rounds with int8 up / nf4 down, and with bf16 up / topk down, against fp32: every round completes
+    with all three clients; the bytes counted are those of the encoded records (each reply: the audited client
+    adapter encoded by the codec; each payload: the fp32 run's global adapter as the codec encodes it, per node);
+    the metrics carry the codec errors and the audit a codec.json per round with per-tensor downlink and per-client
+    uplink errors; fp32 writes none of it."""
+    from fedlora import adapters
+    from fedlora.strategies.base import record_bytes, to_record
+
+    _, plain = _run(tmp_path, "fp32", ["audit=true"])
+    for up, down in [("int8", "nf4"), ("bf16", "topk")]:
+        d, rows = _run(tmp_path, f"{up}-{down}", [f"comm.up={up}", f"comm.down={down}", "audit=true"])
+        for r, p in zip(rows[1:], plain[1:]):
+            assert r["num_clients"] == 3 and not r.get("rejected")
+            audit = d / "audit" / f"round_{r['round']:04d}"
+            replies = [adapters.to_arrays(adapters.load_file(audit / f"client_{i:03d}.safetensors")) for i in range(3)]
+            assert r["bytes_up"] == sum(record_bytes(to_record(codecs.encode(Codec(up), a))) for a in replies)
+            assert r["bytes_up"] < p["bytes_up"] and r["bytes_down"] < p["bytes_down"]
+            assert 0 < r["codec_up_error"] < 0.05 and 0 < r["codec_down_error"] < 1
+            got = json.loads((audit / "codec.json").read_text())
+            assert (got["up_codec"], got["down_codec"]) == (up, down)
+            assert set(got["up"]) == {"0", "1", "2"} and max(got["up"].values()) == pytest.approx(r["codec_up_error"])
+            assert max(got["down"].values()) == pytest.approx(r["codec_down_error"])
+    assert "codec_up_error" not in plain[1] and not list((tmp_path / "fp32").rglob("codec.json"))
+
+
+def test_dp_sgd_epsilon_is_untouched_by_a_lossy_uplink(tmp_path):
+    """A codec is post-processing of the DP-SGD release: the same run with comm.up=int8 reports the same epsilon,
+    round by round, as with fp32."""
+    dp = ["privacy=dp_sgd", "privacy.target_epsilon=8", "privacy.reproducible=true"]
+    _, plain = _run(tmp_path, "dp-fp32", dp)
+    _, coded = _run(tmp_path, "dp-int8", dp + ["comm.up=int8"])
+    eps = [k for k in plain[1] if "epsilon" in k]
+    assert eps and all(p[k] == c[k] for p, c in zip(plain[1:], coded[1:]) for k in eps)
+    assert "codec_up_error" in coded[1]
