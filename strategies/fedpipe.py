@@ -1,14 +1,16 @@
 """FedPipe (Fang et al., 2024), the general documented version (no public code; the paper's exact formulas are
 not published). Before training the server assigns hardware profiles, checks feasibility, plans (rank, batch,
 bits) per client with the MILP of :mod:`fedlora.fedpipe.plan`, selects modules by importance from a warm-up
-QUERY, and writes ``plan.json``. Mixed ranks are aggregated by stacking (FLoRA's rule) or zero-padding
-(HetLoRA's), held as a :mod:`~fedlora.strategies.rank_rules` object. The whole design: ``docs/fedpipe.md``.
+QUERY, and writes ``plan.json``. Every client takes the plan's optimizer steps per round (by default the same
+number for all, ``strategy.steps_per_round``; its examples are steps x its batch). Mixed ranks are aggregated by
+stacking (FLoRA's rule) or zero-padding (HetLoRA's, from a nested start: round 1's clients hold the first r_k
+rows of one seeded A of the largest planned rank), held as a :mod:`~fedlora.strategies.rank_rules` object. The
+whole design: ``docs/fedpipe.md``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from logging import WARNING
 from pathlib import Path
 
@@ -56,7 +58,7 @@ class FedPipe(LoraStrategy):
             self.rule = ZeroPadding(norm_weighted=bool(cfg.strategy.get("norm_weighted", False)))
         self.shares_fresh_A = self.mode != "stacking"
         self.selected: list[str] = sorted(shapes)
-        self.assignment: dict[int, dict] = {}  # partition id -> {rank, batch, bits, steps, profile}
+        self.assignment: dict[int, dict] = {}  # partition id -> {rank, batch, bits, steps, profile} of the plan
         self.plan: Plan | None = None
 
     @classmethod
@@ -67,6 +69,7 @@ class FedPipe(LoraStrategy):
                               f"{cfg.client_ranks} would be ignored: leave client_ranks=null (or profile) and give "
                               "the ranks it may choose in strategy.grids.ranks.")
         planning.aggregation(cfg), planning.memory_method(cfg), planning.grids(cfg)
+        planning.examples_per_round(cfg), planning.steps_per_round(cfg)
         imp = planning.strategy_opt(cfg, "importance")
         b = imp.get("budget", 1.0) if imp else 1.0
         if not ((isinstance(b, float) and 0 < b <= 1) or (isinstance(b, int) and b >= 1)):
@@ -166,8 +169,7 @@ class FedPipe(LoraStrategy):
             node.rank, node.alpha = int(c["rank"]), scale * int(c["rank"])
             self.assignment[node.partition_id] = {"rank": int(c["rank"]), "batch": int(c["batch"]),
                                                   "bits": int(c["bits"]), "profile": str(c["profile"]),
-                                                  "steps": math.ceil(planning.examples_per_round(self.cfg)
-                                                                     / int(c["batch"]))}
+                                                  "steps": int(c["steps"])}  # the plan's (equal by default)
             node.extra.update({"fedpipe-" + k: v for k, v in self.assignment[node.partition_id].items()})
 
     def warmup(self, grid, steps: int, beta: float) -> dict[str, float]:

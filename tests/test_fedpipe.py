@@ -1,7 +1,8 @@
 """FedPipe end to end through the real ServerApp loop and ClientApp functions (in-process grid): plan.json
 consistent with the memory model and budgets, the infeasible-budget error before training (and exit 2 from
 the CLI), a mixed-profile federation with a 4-bit client aggregating mixed ranks (zero-pad and stacking, the
-latter with exact merges into the quantised base), and module selection restricting which modules change."""
+latter with exact merges into the quantised base), every client taking the same optimizer steps per round,
+zero-padded clients starting from nested factors, and module selection restricting which modules change."""
 
 import json
 
@@ -17,8 +18,8 @@ from fedlora.strategies.server_app import run_server
 
 FAST = ["model=tiny_llama", "num_clients=4", "local_steps=2", "train.batch_size=4", "eval.max_examples=32",
         "train.max_length=32", "strategy=fedpipe",
-        # plan for a modelled Llama-7B (tiny_llama fits anything), 4 examples x 512 tokens per round
-        "strategy.plan_model=llama-7b", "strategy.seq_len=512", "strategy.examples_per_round=4",
+        # plan for a modelled Llama-7B (tiny_llama fits anything), 512-token examples, 2 steps (local_steps) per round
+        "strategy.plan_model=llama-7b", "strategy.seq_len=512",
         "strategy.importance.warmup_steps=1", "strategy.importance.budget=0.5"]
 PROFILES = "strategy.profiles=[jetson_orin_nano_8gb,rtx3060_12gb,a100_80gb,a100_80gb]"
 
@@ -89,21 +90,44 @@ def _check_plan(cfg, run_dir, strat):
     return doc
 
 
-def test_zero_pad_mixed_profiles_plan_and_module_selection(tmp_path):
-    insp = Inspect()
+class StartFactors:
+    """Wraps ``fedlora.train.local_train``: the LoRA factors each client starts its round's training from."""
+
+    def __init__(self, original):
+        self.original, self.seen = original, {}
+
+    def __call__(self, model, *a, **kw):
+        from fedlora import adapters
+
+        st = adapters.from_peft(model)
+        pid = int(kw["seed"]) % 1000  # seed = cfg.seed * 1000 + partition id
+        self.seen[(kw["round_idx"], pid)] = {n: (f.A.clone(), f.B.clone()) for n, f in st.lora.items()}
+        return self.original(model, *a, **kw)
+
+
+def test_zero_pad_mixed_profiles_plan_and_module_selection(tmp_path, monkeypatch):
+    from fedlora import train
+
+    insp, start = Inspect(), StartFactors(train.local_train)
+    monkeypatch.setattr(train, "local_train", start)
     grid = InProcessGrid(4, faults={i: insp for i in range(4)})
     cfg, rows, strat, _ = run(tmp_path, PROFILES, "strategy.aggregation=zero_pad", "num_rounds=2", grid=grid)
     doc = _check_plan(cfg, tmp_path / "run", strat)
     plan = {c["client_id"]: c for c in doc["plan"]["clients"]}
     assert plan[0]["profile"] == "jetson_orin_nano_8gb" and plan[0]["bits"] == 4  # 7B at 16/8-bit does not fit 8 GB
-    assert plan[1]["bits"] == 8 and plan[2]["bits"] == 16
+    # slack goes to a larger batch first (the RTX takes batch 2 on a 4-bit base rather than batch 1 on 8-bit), then bits
+    assert plan[1]["batch"] > plan[0]["batch"] and (plan[2]["batch"], plan[2]["bits"]) == (16, 16)
     assert len({c["rank"] for c in plan.values()}) > 1  # mixed ranks
+    # equal optimizer steps per round (local_steps = 2), examples = steps x batch; the A100s' slack buys batches
+    assert doc["plan"]["equal"] == "steps" and doc["plan"]["steps_per_round"] == 2
+    assert all(c["steps"] == 2 and c["examples"] == 2 * c["batch"] for c in plan.values())
+    assert plan[2]["batch"] > plan[0]["batch"]
     # every client trained with its planned rank / batch / bits / steps, on a base of those bits
     assert len(insp.seen) == 8
     for s in insp.seen:
         c = plan[s["pid"]]
         assert (s["rank"], s["batch"], s["bits"], s["bundle_bits"]) == (c["rank"], c["batch"], c["bits"], c["bits"])
-        assert s["steps"] == -(-4 // c["batch"])
+        assert s["steps"] == 2
         # module selection: only the selected modules' factors travel, the others stayed at B = 0
         assert {k.rsplit(".", 1)[0] for k in s["keys"]} == s["selected"] == set(doc["selected_modules"])
         assert s["others_zero"] and all(s["others_zero"].values())
@@ -117,6 +141,38 @@ def test_zero_pad_mixed_profiles_plan_and_module_selection(tmp_path):
         assert nz == (name in doc["selected_modules"]), name
     assert all(np.isfinite(r["eval_loss"]) for r in rows) and not any(r.get("rejected") for r in rows[1:])
     assert rows[1]["modelled_round_s"] == pytest.approx(doc["plan"]["round_time_s"])
+    # nested start: in round 1 every client's A is the first r_k rows of ONE seeded A of the largest planned rank
+    # (the server's initial global, B = 0); in round 2 the clients' A are again prefixes of one matrix (the global)
+    R = max(c["rank"] for c in plan.values())
+    first = strat.fresh_state(1)
+    assert {f.rank for f in first.lora.values()} == {R}
+    for rnd in (1, 2):
+        big = next(pid for pid in range(4) if plan[pid]["rank"] == R)
+        for name in doc["selected_modules"]:
+            A_big = start.seen[(rnd, big)][name][0]
+            if rnd == 1:
+                assert torch.equal(A_big, first.lora[name].A)
+            for pid in range(4):
+                A, B = start.seen[(rnd, pid)][name]
+                r = plan[pid]["rank"]
+                assert A.shape[0] == r and torch.equal(A, A_big[:r]), (rnd, pid, name)
+                assert (rnd > 1) or not B.any()
+    assert any(plan[pid]["rank"] < R for pid in range(4))  # the prefixes are proper for some client
+
+
+def test_equal_steps_and_equal_examples_config(tmp_path):
+    """Steps per round: strategy.steps_per_round, else local_steps; strategy.examples_per_round restores the plan
+    of equal examples (the plan before issue 21); both set, or a bad value: one sentence before anything starts."""
+    base = FAST + [PROFILES]
+    tm = planning.time_model(config.load(base))
+    assert (tm.equal, tm.steps_per_round) == ("steps", 2)
+    assert planning.time_model(config.load(base + ["strategy.steps_per_round=5"])).steps(16) == 5
+    old = planning.time_model(config.load(base + ["strategy.examples_per_round=8"]))
+    assert old.equal == "examples" and [old.steps(b) for b in (1, 4, 16)] == [8, 2, 1]
+    for bad, msg in ((["strategy.steps_per_round=0"], r"strategy.steps_per_round=0 must be an integer >= 1"),
+                     (["strategy.steps_per_round=3", "strategy.examples_per_round=8"], "set only one")):
+        with pytest.raises(config.ConfigError, match=msg):
+            strategies.get("fedpipe").check_config(config.load(base + bad))
 
 
 def test_stacking_merges_exactly_into_a_4bit_base(tmp_path):

@@ -1,5 +1,6 @@
-"""FedPipe planning core: profiles, memory model vs measured peak, MILP vs brute force, importance,
-quantised LoRA training and exact merges. CPU only, tiny Llama (~1 min in all on 2 shared cores)."""
+"""FedPipe planning core: profiles, memory model vs measured peak, MILP vs brute force, equal optimizer steps per
+round (and the time model charging larger batches), importance, quantised LoRA training and exact merges. CPU only,
+tiny Llama (~1 min in all on 2 shared cores)."""
 
 from __future__ import annotations
 
@@ -142,16 +143,18 @@ def _random_profiles(rng, spec, calib, grids, k):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("mode", ["own", "stacked", "server"])
+@pytest.mark.parametrize("mode", ["own", "stacked", "server", "examples"])
 def test_milp_equals_brute_force(seed, mode):
+    """Equal steps per round (own / stacked downloads / a shared server link) and equal examples (the plan before
+    issue 21): the MILP's optimum is the brute force's."""
     spec = _toy_spec()
     calib = memory.analytic_activations(spec, 128)
     grids = plan.Grids(ranks=(2, 4, 8), batches=(1, 2, 4), bits=(16, 8, 4))
     rng = random.Random(seed * 7 + len(mode))
     profs = _random_profiles(rng, spec, calib, grids, 3)
-    kw = dict(seq_len=128, calib=calib, time_model=timing.TimeModel(examples_per_round=16,
-                                                               download="stacked" if mode == "stacked" else "own"),
-              server_mbps=rng.uniform(5, 50) if mode == "server" else None)
+    tm = timing.TimeModel(steps_per_round=4, examples_per_round=16 if mode == "examples" else None,
+                          download="stacked" if mode == "stacked" else "own")
+    kw = dict(seq_len=128, calib=calib, time_model=tm, server_mbps=rng.uniform(5, 50) if mode == "server" else None)
     milp_plan = plan.plan(profs, spec, grids, **kw)
     bf = plan.brute_force_plan(profs, spec, grids, **kw)
     assert milp_plan.status == "optimal"
@@ -163,6 +166,88 @@ def test_milp_equals_brute_force(seed, mode):
         assert milp_plan.assignment() == bf.assignment()
     for c in milp_plan.clients:
         assert c.memory_bytes <= c.budget_bytes
+        assert c.steps == tm.steps(c.batch) and c.examples == c.steps * c.batch
+
+
+PROFILE_MIX = ["jetson_orin_nano_8gb", "rtx3060_12gb", "a100_80gb"]
+
+
+def _t_step(spec, c, prof, seq):
+    """Seconds of one optimizer step of client plan ``c`` (the time model at one step per round)."""
+    return timing.compute_time(spec, c.rank, c.batch, c.bits, prof, seq, timing.TimeModel(steps_per_round=1))
+
+
+def test_equal_steps_plan_every_client_takes_the_same_steps_and_is_charged_its_batch():
+    """Default plan: every client S optimizer steps, examples = S x batch, compute = S x t_step(its batch); the
+    clients with slack spend it on a larger batch (more examples at the same steps) within the round time."""
+    spec = _toy_spec()
+    calib = memory.analytic_activations(spec, 128)
+    S = 8
+    tm = timing.TimeModel(steps_per_round=S)
+    p = plan.plan(PROFILE_MIX, spec, plan.Grids(), seq_len=128, calib=calib, time_model=tm)
+    assert p.equal == "steps" and p.steps_per_round == S and p.examples_per_round is None
+    for c, name in zip(p.clients, PROFILE_MIX):
+        prof = profiles.load_profile(name)
+        assert c.steps == S and c.examples == S * c.batch
+        assert c.compute_s == pytest.approx(S * _t_step(spec, c, prof, 128), rel=1e-12)
+        assert c.time_s == pytest.approx(c.compute_s + c.transfer_s, rel=1e-12) and c.time_s <= p.round_time_s
+    slow, mid, fast = p.clients
+    assert slow.time_s == pytest.approx(p.round_time_s)
+    assert fast.batch == max(plan.Grids().batches) and fast.examples > slow.examples
+    # the batch the fast client took is charged: at batch 1 its round would be shorter
+    one = timing.compute_time(spec, fast.rank, 1, fast.bits, profiles.load_profile("a100_80gb"), 128, tm)
+    assert one < fast.compute_s
+    table = p.table()
+    assert "steps" in table and "examples" in table and f"{S} optimizer steps per client per round" in table
+
+
+def test_uniform_plan_takes_equal_steps_too_and_fedpipe_is_no_slower():
+    """The uniform baseline under the same time model: one (rank, batch, bits), the same S steps for all, examples
+    S x batch; the MILP's round is no longer than the uniform one (beyond the bounded tie-break)."""
+    from fedlora import config
+    from fedlora.fedpipe import planning
+
+    S = 6
+    ov = ["model=tiny_llama", "strategy=fedpipe", "num_clients=3", "strategy.plan_model=llama-7b",
+          "strategy.seq_len=512", f"strategy.steps_per_round={S}", f"strategy.profiles=[{','.join(PROFILE_MIX)}]"]
+    cfg, ucfg = config.load(ov), config.load(ov + ["strategy.uniform=true"])
+    spec = planning.plan_spec(cfg)[0]
+    calib = memory.analytic_activations(spec, 512)
+    profs = planning.config_profiles(cfg)
+    fp, un = planning.make_plan(cfg, profs, spec, calib), planning.make_plan(ucfg, profs, spec, calib)
+    assert len(set(un.assignment())) == 1
+    for p in (fp, un):
+        for c, prof in zip(p.clients, profs):
+            assert c.steps == S and c.examples == S * c.batch
+            assert c.compute_s == pytest.approx(S * _t_step(spec, c, prof, 512), rel=1e-12)
+    t_lb = max(min(timing.compute_time(spec, r, b, q, pr, 512, timing.TimeModel(steps_per_round=S))
+                   for r, b, q in plan.Grids().options()) for pr in profs)
+    assert fp.round_time_s <= un.round_time_s + fp.tie_break * t_lb
+    assert sum(c.examples for c in fp.clients) > sum(c.examples for c in un.clients)
+
+
+def test_equal_examples_mode_is_the_plan_before_issue_21():
+    """``examples_per_round=E``: every client E examples in ceil(E / batch) steps, charged for those steps."""
+    spec = _toy_spec()
+    calib = memory.analytic_activations(spec, 128)
+    E = 24
+    tm = timing.TimeModel(examples_per_round=E)
+    p = plan.plan(PROFILE_MIX, spec, plan.Grids(), seq_len=128, calib=calib, time_model=tm)
+    assert p.equal == "examples" and p.examples_per_round == E and p.steps_per_round is None
+    for c, name in zip(p.clients, PROFILE_MIX):
+        assert c.steps == math.ceil(E / c.batch) and c.examples == c.steps * c.batch
+        assert c.compute_s == pytest.approx(c.steps * _t_step(spec, c, profiles.load_profile(name), 128), rel=1e-12)
+
+
+def test_utility_orders_batch_then_bits_then_rank_at_equal_steps():
+    g = plan.Grids()
+    opts = g.options()
+    u = {o: g.utility(o[0], o[2], o[1]) for o in opts}
+    assert len(set(u.values())) == len(opts) and all(0 <= v < 1 for v in u.values())
+    key = {o: (g.batches.index(o[1]), sorted(g.bits).index(o[2]), g.ranks.index(o[0])) for o in opts}
+    assert sorted(opts, key=u.get) == sorted(opts, key=key.get)  # lexicographic: batch, bits, rank
+    old = {o: g.utility(o[0], o[2]) for o in opts}  # equal examples: rank, then bits (batch not in it)
+    assert old[(32, 1, 4)] > old[(16, 16, 16)] and old[(8, 1, 16)] > old[(8, 16, 8)]
 
 
 def test_plan_prefers_larger_rank_for_clients_with_slack():
@@ -194,9 +279,16 @@ def test_infeasible_budget_raises_before_training_with_shortfall():
 def test_time_model_small_batches_and_dequant_cost_more():
     spec = _toy_spec()
     prof = profiles.load_profile("jetson_orin_nano_8gb")
-    t = {(b, q): timing.compute_time(spec, 8, b, q, prof, 128) for b in (1, 16) for q in (16, 4)}
+    E = timing.TimeModel(examples_per_round=256)  # equal examples: a small batch means more steps
+    t = {(b, q): timing.compute_time(spec, 8, b, q, prof, 128, E) for b in (1, 16) for q in (16, 4)}
     assert t[(1, 16)] > t[(16, 16)] and t[(1, 4)] > t[(16, 4)]
     assert t[(1, 4)] > t[(1, 16)]  # dequantisation traffic per step
+    S = timing.TimeModel(steps_per_round=16)  # equal steps (default): the larger batch is charged its compute
+    s = {(b, q): timing.compute_time(spec, 8, b, q, prof, 128, S) for b in (1, 16) for q in (16, 4)}
+    assert s[(16, 16)] > s[(1, 16)] and s[(16, 4)] > s[(1, 4)] and s[(1, 4)] > s[(1, 16)]
+    one = timing.TimeModel(steps_per_round=1)
+    assert s[(1, 16)] == pytest.approx(16 * timing.compute_time(spec, 8, 1, 16, prof, 128, one), rel=1e-12)
+    assert s[(16, 4)] == pytest.approx(t[(16, 4)], rel=1e-12)  # 256 examples at batch 16 are 16 steps
     assert timing.transfer_time(spec, 16, prof) == pytest.approx(2 * timing.transfer_time(spec, 8, prof))
 
 

@@ -1,5 +1,13 @@
 """The plan: a (rank, batch, bits) per client that fits its memory and minimises the round time, as a MILP
 solved with scipy's HiGHS, plus a brute-force solver of the same problem for tests (docs/fedpipe.md, "Plan").
+
+FedPipe (Fang et al., "Automated federated pipeline for parameter-efficient fine-tuning of large language
+models", 2024) plans against round time; its exact objective is not published. The progress model here: every
+client takes the same number of optimizer steps per round (:class:`~fedlora.fedpipe.timing.TimeModel`), so no
+client falls behind in optimisation; among the plans of least round time, the tie-break spends each client's
+slack on a larger batch first (more examples per step: less gradient noise at the same steps), then a
+higher-precision base, then a larger rank. With ``examples_per_round`` set (equal examples, the plan before
+issue 21) the batch does not enter the tie-break and each client takes its fastest batch.
 """
 
 from __future__ import annotations
@@ -30,9 +38,14 @@ class Grids:
     def options(self) -> list[tuple[int, int, int]]:
         return [(r, b, q) for r in sorted(self.ranks) for b in sorted(self.batches) for q in sorted(self.bits)]
 
-    def utility(self, rank: int, bits: int) -> float:
+    def utility(self, rank: int, bits: int, batch: int | None = None) -> float:
+        """Tie-break value in [0, 1), distinct for distinct options. Without ``batch`` (equal examples): rank
+        first, then bits. With it (equal steps): batch first, then bits, then rank."""
         rs, qs = sorted(set(self.ranks)), sorted(set(self.bits))
-        return (rs.index(rank) + qs.index(bits) / len(qs)) / len(rs)
+        if batch is None:
+            return (rs.index(rank) + qs.index(bits) / len(qs)) / len(rs)
+        bs = sorted(set(self.batches))
+        return (bs.index(batch) + (qs.index(bits) + rs.index(rank) / len(rs)) / len(qs)) / len(bs)
 
 
 @dataclass
@@ -47,7 +60,8 @@ class ClientPlan:
     compute_s: float
     transfer_s: float
     time_s: float
-    steps: int
+    steps: int     # optimizer steps per round
+    examples: int  # examples per round (steps x batch)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +75,9 @@ class Plan:
     solver: str
     model: str
     seq_len: int
-    examples_per_round: int
+    equal: str                       # what every client does equally per round: "steps" or "examples"
+    steps_per_round: int | None      # equal steps: the steps (else None)
+    examples_per_round: int | None   # equal examples: the examples (else None)
     download: str
     mem_fraction: float
     tie_break: float
@@ -85,14 +101,17 @@ class Plan:
 
 def plan_to_table(p: Plan) -> str:
     """Plain-text table of a plan."""
-    head = ("client", "profile", "rank", "batch", "bits", "memory GiB", "budget GiB", "compute s", "comm s", "time s")
-    rows = [(str(c.client_id), c.profile, str(c.rank), str(c.batch), str(c.bits), f"{c.memory_bytes / GiB:.3f}",
-             f"{c.budget_bytes / GiB:.3f}", f"{c.compute_s:.3f}", f"{c.transfer_s:.3f}", f"{c.time_s:.3f}")
-            for c in p.clients]
+    head = ("client", "profile", "rank", "batch", "bits", "steps", "examples", "memory GiB", "budget GiB",
+            "compute s", "comm s", "time s")
+    rows = [(str(c.client_id), c.profile, str(c.rank), str(c.batch), str(c.bits), str(c.steps), str(c.examples),
+             f"{c.memory_bytes / GiB:.3f}", f"{c.budget_bytes / GiB:.3f}", f"{c.compute_s:.3f}",
+             f"{c.transfer_s:.3f}", f"{c.time_s:.3f}") for c in p.clients]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     fmt = "  ".join("{:<%d}" % w if i < 2 else "{:>%d}" % w for i, w in enumerate(widths))
+    per = (f"{p.steps_per_round} optimizer steps per client per round (examples = steps x batch)"
+           if p.equal == "steps" else f"{p.examples_per_round} examples per client per round (steps = ceil(E / batch))")
     lines = [f"FedPipe plan for {p.model}: round time {p.round_time_s:.3f} s ({p.solver}, {p.status}); "
-             f"{p.examples_per_round} examples x {p.seq_len} tokens per round, download={p.download}",
+             f"{per}, {p.seq_len} tokens per example, download={p.download}",
              fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*r) for r in rows]
     lines += [f"note: {n}" for n in p.notes]
@@ -161,7 +180,8 @@ def _prepare(profiles, spec, grids, seq_len, calib, tm, mem_fraction, tie_break,
     down_per_rank = np.array([spec.adapted_width * tm.payload_bytes / bytes_per_s(p["downlink_mbps"]) if stacked
                               else 0.0 for p in profiles])
     up_b = np.array([upload_bytes(spec, r, tm) for r, b, q in opts])
-    util = np.array([grids.utility(r, q) for r, b, q in opts])
+    steps = tm.equal == "steps"  # the batch enters the tie-break only at equal steps
+    util = np.array([grids.utility(r, q, b if steps else None) for r, b, q in opts])
     feas = mem <= budget[:, None]
     own = comp + comm
     t_lb = max(float(own[k][feas[k]].min()) for k in range(K))
@@ -185,7 +205,10 @@ def _objective(pb: _Problem, choice: Sequence[int]) -> float:
 
 
 def _polish(pb: _Problem, choice: list[int]) -> list[int]:
-    """Keep each client's (rank, bits); take its fastest batch size that fits (never worsens the objective)."""
+    """Equal examples: keep each client's (rank, bits); take its fastest batch size that fits (the batch is not in
+    the tie-break there, so this never worsens the objective). Equal steps: the choice as it is."""
+    if pb.tm.equal == "steps":
+        return list(choice)
     out = []
     for k, o in enumerate(choice):
         r, _, q = pb.options[o]
@@ -208,17 +231,27 @@ def _finish(pb: _Problem, choice: list[int], solver: str, spec: ModelSpec, seq_l
             client_id=_client_label(p, k), profile=str(p["name"]), rank=r, batch=b, bits=q,
             memory_bytes=int(pb.mem[k, o]), budget_bytes=int(pb.budget[k]), compute_s=float(pb.comp[k, o]),
             transfer_s=float(pb.comm[k, o] + pb.down_per_rank[k] * sum_r), time_s=float(t[k]),
-            steps=math.ceil(pb.tm.examples_per_round / b)))
-    return Plan(clients, T, _objective(pb, choice), solver, spec.name, seq_len, pb.tm.examples_per_round,
-                pb.tm.download, mem_fraction, tie_break, status, list(notes))
+            steps=pb.tm.steps(b), examples=pb.tm.examples(b)))
+    tm = pb.tm
+    return Plan(clients, T, _objective(pb, choice), solver, spec.name, seq_len, tm.equal,
+                tm.steps_per_round if tm.equal == "steps" else None, tm.examples_per_round, tm.download,
+                mem_fraction, tie_break, status, list(notes))
 
 
 def plan(clients_profiles: Sequence[Mapping | str], model_spec: ModelSpec, grids: Grids | None = None, *,
          seq_len: int = 128, calib: ActivationCalibration | None = None, time_model: TimeModel | None = None,
          mem_fraction: float = 0.9, tie_break: float = 1e-3, server_mbps: float | None = None,
          time_limit: float = 60.0, memory_kw: Mapping | None = None) -> Plan:
-    """Per-client (rank, batch, bits) minimising the round time under memory budgets: the MILP of
-    docs/fedpipe.md ("Plan"), solved with ``scipy.optimize.milp``. Raises :class:`InfeasibleBudgetError` first
+    """Per-client (rank, batch, bits) minimising the round time under memory budgets, solved with
+    ``scipy.optimize.milp`` (docs/fedpipe.md, "Plan"). Binary x[k, o] per client k and grid option o, continuous T:
+
+        minimise   T - eps * sum_k sum_o u(o) x[k, o]
+        s.t.       sum_o x[k, o] = 1,   sum_o M(o) x[k, o] <= budget_k,
+                   sum_o (steps(b_o) t_step_k(o) + comm_k(o)) x[k, o] (+ stacked downloads) <= T   for every k,
+
+    steps(b) = the time model's steps per round (equal for every client by default), u the tie-break of
+    :meth:`Grids.utility` (at equal steps: batch, then bits, then rank), eps = tie_break * T_lb / K so that the
+    tie-break never costs more than ``tie_break`` x a lower bound of T. Raises :class:`InfeasibleBudgetError` first
     if a client cannot hold the 4-bit base at rank 1, batch 1 (or no grid option fits)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
@@ -307,7 +340,7 @@ def brute_force_optima(clients_profiles, model_spec, grids=None, *, rel_tol: flo
                   dict(kw.get("memory_kw") or {}))
     K = len(pb.profiles)
     feas = [[o for o in range(len(pb.options)) if pb.mem[k, o] <= pb.budget[k]] for k in range(K)]
-    # compare on the polished choices (batch is not part of the objective's preference)
+    # compare on the polished choices (equal examples: the batch is not in the tie-break; equal steps: as chosen)
     objs = [_objective(pb, _polish(pb, list(ch))) for ch in itertools.product(*feas)]
     best = min(objs)
     uniq = {tuple(_polish(pb, list(ch))) for ch, ob in zip(itertools.product(*feas), objs)

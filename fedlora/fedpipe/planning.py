@@ -37,8 +37,26 @@ def grids(cfg) -> Grids:
                  tuple(int(x) for x in g.get("bits", d.bits)))
 
 
-def examples_per_round(cfg) -> int:
-    return int(strategy_opt(cfg, "examples_per_round") or int(cfg.local_steps or 1) * int(cfg.train.batch_size))
+def _positive_int(cfg, key):
+    v = strategy_opt(cfg, key)
+    if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise ConfigError(f"strategy.{key}={v} must be an integer >= 1 (or null).")
+    return v
+
+
+def examples_per_round(cfg) -> int | None:
+    """``strategy.examples_per_round``: None (default) plans equal optimizer steps per round; a number E plans equal
+    examples per round (ceil(E / batch) steps, the plan before issue 21)."""
+    e = _positive_int(cfg, "examples_per_round")
+    if e is not None and _positive_int(cfg, "steps_per_round") is not None:
+        raise ConfigError(f"strategy.steps_per_round={cfg.strategy.steps_per_round} and strategy.examples_per_round="
+                          f"{e} contradict each other (equal steps or equal examples per round): set only one.")
+    return e
+
+
+def steps_per_round(cfg) -> int:
+    """Optimizer steps every client takes per round: ``strategy.steps_per_round``, else ``local_steps``."""
+    return int(_positive_int(cfg, "steps_per_round") or cfg.local_steps or 1)
 
 
 def seq_len(cfg) -> int:
@@ -46,7 +64,8 @@ def seq_len(cfg) -> int:
 
 
 def time_model(cfg) -> TimeModel:
-    return TimeModel(examples_per_round=examples_per_round(cfg), mfu=float(strategy_opt(cfg, "mfu", 0.4)),
+    return TimeModel(steps_per_round=steps_per_round(cfg), examples_per_round=examples_per_round(cfg),
+                     mfu=float(strategy_opt(cfg, "mfu", 0.4)),
                      download="stacked" if aggregation(cfg) == "stacking" else "own")
 
 
@@ -134,7 +153,8 @@ def make_plan(cfg, profiles, spec, calib, grid: Grids | None = None) -> Plan:
 
 def uniform_plan(cfg, profiles, spec, calib) -> Plan:
     """Baseline (``strategy.uniform=true``): one (rank, batch, bits) for every client, the one of the grid that
-    fits every client (i.e. the smallest) with the lowest modelled round time (ties: larger rank, more bits)."""
+    fits every client (i.e. the smallest) with the lowest modelled round time (ties: larger rank, more bits), under
+    the same time model (equal steps by default: then every client takes the same steps at the same batch)."""
     g = grids(cfg)
     best, first_err = None, None
     for r, b, q in g.options():

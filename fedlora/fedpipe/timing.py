@@ -1,4 +1,9 @@
 """The time model: seconds of local compute and of adapter transfer per round (docs/fedpipe.md, "Time model").
+
+What a client does per round: by default every client takes the same number of optimizer steps
+(``steps_per_round``), so a client of batch b processes steps x b examples and is charged steps x t_step(b);
+with ``examples_per_round`` set (the plan before issue 21), every client processes the same E examples in
+ceil(E / b) steps instead.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from .memory import ModelSpec, linear_weight_bytes
 
 @dataclass
 class TimeModel:
-    """Constants of the time model (docs/fedpipe.md)."""
+    """Constants of the time model (docs/fedpipe.md). ``examples_per_round`` None (default): equal optimizer steps
+    per round (``steps_per_round``); a number E: equal examples per round, ceil(E / b) steps."""
 
-    examples_per_round: int = 256
+    steps_per_round: int = 16
+    examples_per_round: int | None = None
     mfu: float = 0.4
     base_flops_coef: float = 4.0
     lora_flops_coef: float = 6.0
@@ -25,10 +32,26 @@ class TimeModel:
     payload_bytes: int = 4
     download: str = "own"          # "own" | "stacked"
 
+    @property
+    def equal(self) -> str:
+        """What every client does equally per round: ``"steps"`` or ``"examples"``."""
+        return "steps" if self.examples_per_round is None else "examples"
+
+    def steps(self, batch: int) -> int:
+        """Optimizer steps per round of a client of batch ``batch``."""
+        if self.examples_per_round is None:
+            return int(self.steps_per_round)
+        return math.ceil(self.examples_per_round / batch)
+
+    def examples(self, batch: int) -> int:
+        """Examples per round of a client of batch ``batch`` (steps x batch)."""
+        return self.steps(batch) * int(batch)
+
 
 def compute_time(spec: ModelSpec, rank: int, batch: int, bits: int, profile: Mapping, seq_len: int,
                  tm: TimeModel | None = None) -> float:
-    """Seconds of local training per round (docs/fedpipe.md, 'Time model')."""
+    """Seconds of local training per round: ``tm.steps(batch)`` steps of ``batch`` examples each, t_step as in
+    docs/fedpipe.md ('Time model'), so at equal steps a larger batch is charged its larger compute."""
     tm = tm or TimeModel()
     lin = spec._by_name()  # noqa: SLF001
     tokens = batch * seq_len
@@ -40,7 +63,7 @@ def compute_time(spec: ModelSpec, rank: int, batch: int, bits: int, profile: Map
     mem = tm.weight_passes * (wbytes + deq) + tm.adam_bytes_per_param * spec.trainable_params(rank)
     mfu = float(profile.get("mfu", tm.mfu))
     t_step = flops / (mfu * float(profile["bf16_tflops"]) * 1e12) + mem / (float(profile["mem_bandwidth_gbs"]) * 1e9)
-    return math.ceil(tm.examples_per_round / batch) * t_step
+    return tm.steps(batch) * t_step
 
 
 def bytes_per_s(mbps: float) -> float:
