@@ -1,6 +1,13 @@
 """Deployed vs simulated: the same fedlora run on a secured loopback federation and in Flower's simulation.
 
     .venv/bin/python bench/deploy.py [--out bench/results/deploy.json] [hydra overrides...]
+    .venv/bin/python bench/deploy.py --model smollm2 --nodes 1 --skip-simulated   # -> deploy_smollm2.json
+
+``--model smollm2``: SmolLM2-135M-Instruct (issue 19) instead of tiny_llama, 2 rounds of fedit at batch 8 and max
+length 96 (SMOLLM2 below), written to bench/results/deploy_smollm2.json unless --out says otherwise; ``--nodes``
+SuperNodes (default 3; num_clients and min_train_nodes follow it). ``--skip-simulated``: the deployed run alone.
+Every process started (SuperLink, SuperNodes, the ClientApps below them) is stopped by PID at the end
+(tests/federation.py ``LocalFederation.stop``) and the result records that none is left.
 
 Deployed: a SuperLink (TLS + SuperNode authentication) and 3 SuperNodes with registered keys on 127.0.0.1,
 started with `fedlora deploy superlink|supernode`, the run submitted with `flwr run . NAME` (the same path as
@@ -43,6 +50,8 @@ NOTES = ("bytes_up/bytes_down are the serialized adapter arrays the strategy sen
          "starts a fresh process (imports torch/transformers, rebuilds the model and the partition) while simulation "
          "keeps Ray actors warm after round 1 (its round 1 includes actor start-up); all on 2 shared cores, see "
          "load_average_1min.")
+SMOLLM2 = ["strategy=fedit", "model=smollm2", "num_rounds=2", "local_steps=2", "train.batch_size=8",
+           "train.max_length=96", "eval.max_examples=32", "seed=0"]
 KEYS = ("round", "num_clients", "bytes_up", "bytes_down", "round_s", "wall_s", "train_loss", "eval_loss",
         "eval_accuracy")
 
@@ -84,10 +93,21 @@ def comparison(result: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "deploy.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/deploy.json (tiny_llama), "
+                                                "deploy_<model>.json otherwise")
     ap.add_argument("--keep", help="keep the work directory here (default: a temp dir, removed)")
+    ap.add_argument("--model", choices=["tiny_llama", "smollm2"], default="tiny_llama")
+    ap.add_argument("--nodes", type=int, default=3, help="SuperNodes (= num_clients)")
+    ap.add_argument("--skip-simulated", action="store_true", help="only the deployed run")
     args, extra = ap.parse_known_args()
-    overrides = DEFAULT + [f"data.path={SST2}"] + extra
+    if args.out is None:
+        args.out = str(ROOT / "bench" / "results" / ("deploy.json" if args.model == "tiny_llama"
+                                                     else f"deploy_{args.model}.json"))
+    base = DEFAULT if args.model == "tiny_llama" else SMOLLM2
+    base = [o for o in base if not o.startswith("num_clients=")] + [f"num_clients={args.nodes}"]
+    if args.nodes < 2:
+        base.append(f"min_train_nodes={args.nodes}")
+    overrides = base + [f"data.path={SST2}"] + extra
     work = Path(args.keep or tempfile.mkdtemp(prefix="fedlora-bench-deploy-"))
     work.mkdir(parents=True, exist_ok=True)
     load = {"before": os.getloadavg()[0]}
@@ -104,7 +124,7 @@ def main() -> int:
     # Deployed ---------------------------------------------------------------------------------
     dep_dir = work / "deployed" / "run"
     t0 = time.time()
-    with LocalFederation(work / "deployed", nodes=3, data=str(SST2), profile="cpu") as fed:
+    with LocalFederation(work / "deployed", nodes=args.nodes, data=str(SST2), profile="cpu") as fed:
         fed.start()
         t_up = time.time() - t0
         t1 = time.time()
@@ -115,12 +135,15 @@ def main() -> int:
             raise SystemExit(f"deployed run ended as {info.get('status')}")
         nodes = json.loads((dep_dir / "nodes.json").read_text())
         result["config"] = {**yaml.safe_load((dep_dir / "config.yaml").read_text()), "out_dir": "RUN_DIR"}
+    started = sorted({p.pid for p in fed.procs} | {p.pid for p in fed._seen})
+    result["processes"] = {"started_pids": started, "left_running_after_stop": fed.leftovers()}
     load["after_deployed"] = os.getloadavg()[0]
     dep_rows = rows(dep_dir)
     result["deployed"] = {
         "command": ("flwr run . rehearsal --run-config " + shlex.quote(
             "hydra-overrides=" + json.dumps(" ".join(overrides + ["out_dir=RUN_DIR"]))) + " --stream"),
-        "federation": "1 SuperLink (--ssl-* certs, --enable-supernode-auth) + 3 SuperNodes (registered P-384 keys, "
+        "federation": f"1 SuperLink (--ssl-* certs, --enable-supernode-auth) + {args.nodes} SuperNode(s) "
+                      "(registered P-384 keys, "
                       "--root-certificates ca.crt, node config partition-id/num-partitions/data-path/profile) "
                       "on 127.0.0.1, started with `fedlora deploy superlink|supernode` "
                       "(bench uses LocalFederation from tests/federation.py)",
@@ -130,6 +153,20 @@ def main() -> int:
                   for n in nodes],
         "rounds": dep_rows, "totals": totals(dep_rows),
     }
+
+    result["load_average_1min"] = load
+    if args.skip_simulated:
+        result["wall_s"] = round(time.time() - t0, 1)
+        result["notes"] = ("deployed run only (--skip-simulated); every ClientApp message starts a fresh process "
+                           "that loads the model; 2 shared CPU cores, see load_average_1min")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"deployed: {result['deployed']['totals']}; processes {result['processes']}\n-> {args.out}")
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
 
     # Simulated --------------------------------------------------------------------------------
     sim_dir = work / "simulated" / "run"

