@@ -50,7 +50,8 @@ from fedlora.adapters import A_INITS  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 EPSILONS = ("1", "3", "6", "inf")
 CONTROL = "clip"  # control runs: the DP-SGD path (Poisson batches, per-example clipping, DP optimizer and lr) with sigma = 0
-STRATEGIES = ("ffa_lora", "fedit")
+STRATEGIES = ("ffa_lora", "fedit", "fedsvd")  # fedsvd (B only, like FFA-LoRA; issue 21) on request: --strategies
+NAMES = {"ffa_lora": "FFA-LoRA", "fedit": "LoRA (FedIT)", "fedsvd": "FedSVD"}
 #: The README's DP table ("FFA-LoRA vs LoRA under DP"): its command's settings, for ``--readme-table`` (options given
 #: after it on the command line win; ``--ffa-tuned`` replaces FFA-LoRA's alpha and multiplier)
 README_TABLE = ["--rounds", "12", "--steps", "4", "--batch", "1024", "--micro", "64", "--lr-fedit", "2e-2",
@@ -206,7 +207,7 @@ def centralised(a) -> dict:
         for e in a.eps:
             cfg = config.load(overrides(s, e, a.seeds[0], a))
             bundle = models.build(cfg)
-            if s == "ffa_lora":
+            if s in ("ffa_lora", "fedsvd"):  # B only (FedSVD: A orthonormal, frozen in a round)
                 adapters.train_A(bundle.model, False)
             tr, dev = data.load(cfg.data)
             tr = tr.shuffle(seed=a.seeds[0]).select(range(22000))
@@ -250,7 +251,7 @@ def table(doc: dict, seeds: list[int]) -> str:
     names = {"inf": "ε = ∞ (no DP)", CONTROL: "control: DP-SGD path, σ = 0"}
     head = "| method | " + " | ".join(names.get(e, f"ε = {e}") for e in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
-    for s in STRATEGIES:
+    for s in (n for n in STRATEGIES if any(k.startswith(f"{n}/") for k in runs)):
         cells = []
         for e in cols:
             accs = [runs[k]["final_accuracy"] for k in (f"{s}/eps={e}/seed={sd}" for sd in seeds) if k in runs]
@@ -260,7 +261,7 @@ def table(doc: dict, seeds: list[int]) -> str:
             m = 100 * float(np.mean(accs))
             spread = f" ± {100 * float(np.std(accs, ddof=1)):.1f}" if len(accs) > 1 else ""
             cells.append(f"{m:.1f}{spread} (n={len(accs)})")
-        lines.append(f"| {'FFA-LoRA' if s == 'ffa_lora' else 'LoRA (FedIT)'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {NAMES[s]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -279,7 +280,16 @@ def paired(doc: dict, seeds: list[int]) -> str:
             word, how = verdict([-d for d in diffs])
             parts.append(f"ε={e}: {sum(diffs) / len(diffs):+.1f} points (FedIT ahead in {ahead} of {len(diffs)} seeds; "
                          f"range {min(diffs):+.1f} to {max(diffs):+.1f}; FFA-LoRA vs FedIT: {word}, {how})")
-    return "FedIT minus FFA-LoRA, paired by seed: " + "; ".join(parts) + "." if parts else ""
+    out = "FedIT minus FFA-LoRA, paired by seed: " + "; ".join(parts) + "." if parts else ""
+    svd = []
+    for e in EPSILONS:  # FedSVD (when run) against FedIT the same way
+        pairs = [(runs.get(f"fedit/eps={e}/seed={sd}"), runs.get(f"fedsvd/eps={e}/seed={sd}")) for sd in seeds]
+        diffs = [100 * (g["final_accuracy"] - f["final_accuracy"]) for f, g in pairs if f and g]
+        if diffs:
+            word, how = verdict(diffs)
+            svd.append(f"ε={e}: {sum(diffs) / len(diffs):+.1f} points (range {min(diffs):+.1f} to {max(diffs):+.1f}; "
+                       f"{word}, {how})")
+    return " ".join(t for t in (out, "FedSVD minus FedIT, paired by seed: " + "; ".join(svd) + "." if svd else "") if t)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -292,7 +302,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--eps", nargs="+", default=list(EPSILONS), choices=EPSILONS + (CONTROL,),
                     help=f"'{CONTROL}': the DP-SGD path without noise (a control)")
-    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    ap.add_argument("--strategies", nargs="+", default=["ffa_lora", "fedit"], choices=STRATEGIES)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
@@ -306,6 +316,8 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--dp-optimizer", default="sgd", choices=("sgd", "adamw"), help="optimizer of the DP runs")
     ap.add_argument("--dp-lr-fedit", type=float, default=0.1, help="lr of FedIT's DP runs")
     ap.add_argument("--dp-lr-ffa", type=float, default=0.1, help="base lr of FFA-LoRA's DP runs (x --ffa-multiplier)")
+    ap.add_argument("--lr-fedsvd", type=float, default=None, help="lr of FedSVD (default: --lr-fedit, untuned)")
+    ap.add_argument("--dp-lr-fedsvd", type=float, default=None, help="lr of FedSVD's DP runs (default: --dp-lr-fedit)")
     ap.add_argument("--targets", default=None,
                     help="LoRA target modules as a PEFT regex (default: the model config's list), e.g. "
                          r"'.*layer\.5\.attention\.self\.(query|value)' for the top layer only")
@@ -334,8 +346,10 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--runs-dir", default=None, help="where the run directories go (default /tmp/fedlora_dp_experiment)")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/dp_experiment.json)")
     a = ap.parse_args(front + argv)
-    a.lr = {"fedit": a.lr_fedit, "ffa_lora": a.lr_ffa}
-    a.dp_lr = {"fedit": a.dp_lr_fedit, "ffa_lora": a.dp_lr_ffa}
+    a.lr = {"fedit": a.lr_fedit, "ffa_lora": a.lr_ffa,
+            "fedsvd": a.lr_fedit if a.lr_fedsvd is None else a.lr_fedsvd}
+    a.dp_lr = {"fedit": a.dp_lr_fedit, "ffa_lora": a.dp_lr_ffa,
+               "fedsvd": a.dp_lr_fedit if a.dp_lr_fedsvd is None else a.dp_lr_fedsvd}
     a.ffa_tuned_choice = load_tuned(a.ffa_tuned) if a.ffa_tuned else None
     a.extra = []
     if a.smoke:
