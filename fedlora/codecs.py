@@ -144,8 +144,7 @@ def decode(codec: Codec, enc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out[k] = v
             continue
         if codec.name == "fp16":
-            out[k] = _want(enc, k, np.float16, "values", codec).astype(np.float32)
-            continue
+            x = torch.from_numpy(_want(enc, k, np.float16, "values", codec).astype(np.float32))  # astype: a new array
         elif codec.name == "bf16":
             x = torch.from_numpy(_want(enc, k, np.int16, "values", codec).copy()).view(torch.bfloat16).float()
         elif codec.name == "int8":

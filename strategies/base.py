@@ -8,6 +8,7 @@ Privacy is a component the strategy holds (:mod:`fedlora.strategies.privacy`). W
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -24,7 +25,7 @@ from fedlora.messages import DIGEST_KEY
 from fedlora.validate import check_metrics, check_train_metrics, check_update, norm_outliers, update_norm
 
 from . import privacy as privacy_modes, scaffold
-from .replies import Checked, Update, attribute, error_summary, rejection  # noqa: F401 (Update: a strategy's type)
+from .replies import Checked, Update, attribute, error_summary, rejection
 
 
 @dataclass
@@ -134,7 +135,7 @@ class LoraStrategy(FedAvg):
         self.server_opt = server_opt.ServerOptimizer(server_opt.config_of(cfg))  # server.optimizer (avg: as before)
         self.scaffold = scaffold.ServerControl(cfg)  # train.scaffold: the control variate c (off: as before)
         self.codec_up, self.codec_down = codecs.of_config(cfg, "up"), codecs.of_config(cfg, "down")  # comm.*
-        self.codec_errors: dict = {}  # this round's codec errors (downlink per module, uplink per partition)
+        self.down_errors: dict[str, float] = {}  # lossy comm.down: this round's largest error per payload tensor
         # what every node needs of the run config (fedlora.config.for_clients: no server paths): sent once, in
         # the handshake, then named by its digest
         self.cfg_yaml = to_yaml(for_clients(cfg))
@@ -296,29 +297,35 @@ class LoraStrategy(FedAvg):
         """One TRAIN message per sampled node, with its payload and instructions."""
         self.start_round(server_round)
         messages, sampled, down = [], [], 0
-        self.codec_errors = {"down": {}, "up": {}}
+        self.down_errors, encoded = {}, {}
         for nid in self.sample():
             node = self.nodes[nid]
             arrs, extra = self.payload(node, server_round)
-            record = to_record(self.encode_payload(arrs))
+            record = to_record(self.encode_payload(arrs, encoded))
             down += record_bytes(record)
             sampled.append(node.partition_id)
             content = RecordDict({"arrays": record, "config": self.node_config(node, server_round, extra)})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid))
         return RoundPlan(messages, sampled, down)
 
-    def encode_payload(self, arrs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A payload as ``comm.down`` sends it; a lossy codec's relative error per module goes to
-        ``codec_errors["down"]`` (the largest over this round's payloads: the metrics line and the audit)."""
+    def encode_payload(self, arrs: dict[str, np.ndarray], encoded: dict) -> dict[str, np.ndarray]:
+        """A payload as ``comm.down`` sends it. A lossy codec's relative error per tensor goes to ``down_errors`` (the
+        largest over this round's payloads: the metrics line and the audit). ``encoded``: the round's payloads encoded
+        so far, by content, so a payload sent to many nodes (FedIT's global adapter) is encoded and checked once."""
         if not self.codec_down.lossy:
             return arrs
-        enc = codecs.encode(self.codec_down, arrs)
-        sent = codecs.decode(self.codec_down, enc)
-        errs = self.codec_errors.setdefault("down", {})
-        for k, v in arrs.items():
-            if codecs.applies_to(k):
-                errs[k] = max(errs.get(k, 0.0), codecs.relative_error({k: v}, sent))
-        return enc
+        h = hashlib.blake2b(digest_size=16)
+        for k in sorted(arrs):
+            h.update(k.encode() + b"\0" + str(arrs[k].dtype).encode() + str(arrs[k].shape).encode())
+            h.update(np.ascontiguousarray(arrs[k]).data)
+        if h.digest() not in encoded:
+            enc = codecs.encode(self.codec_down, arrs)
+            sent = codecs.decode(self.codec_down, enc)
+            for k, v in arrs.items():
+                if codecs.applies_to(k):
+                    self.down_errors[k] = max(self.down_errors.get(k, 0.0), codecs.relative_error({k: v}, sent))
+            encoded[h.digest()] = enc
+        return encoded[h.digest()]
 
     def configure_round(self, server_round: int, grid) -> RoundPlan:
         """The round's messages, through the privacy component (client-level DP: Flower's wrapper, which raises
@@ -408,8 +415,9 @@ class LoraStrategy(FedAvg):
             from flwr.common.logger import log
 
             log(WARNING, "round %d skipped: %s", server_round, skipped)
+        codec = self.codec_errors(checked.accepted)
         metrics = {**train_metrics(checked.accepted), **self.round_metrics(checked.accepted),
-                   **self.codec_metrics(checked.accepted)}
+                   **{f"codec_{d}_error": max(e.values()) for d, e in codec.items()}}
         rejected = att.rejected + checked.rejected
         for nid in dict.fromkeys(m.metadata.dst_node_id for m in sent or []):
             if nid not in att.answered:
@@ -417,22 +425,16 @@ class LoraStrategy(FedAvg):
         by_partition = {n.partition_id: n.node_id for n in self.nodes.values()}
         for r in rejected:  # a subclass's own rejections name the partition only
             r.setdefault("node_id", by_partition.get(r["node"]))
-        codec = {d: e for d, e in self.codec_errors.items() if e}
         return RoundResult(arrays, metrics, rejected, checked.bytes_up, client_states, delta, skipped, codec)
 
-    def codec_metrics(self, accepted: list[Update]) -> dict:
-        """With a lossy codec: ``codec_down_error`` (the largest relative error of a payload module this round) and
-        ``codec_up_error`` (the largest a client reported for its reply, error feedback included); the per-module and
-        per-client values stay in ``codec_errors`` for the audit."""
-        out = {}
-        if self.codec_down.lossy and self.codec_errors.get("down"):
-            out["codec_down_error"] = max(self.codec_errors["down"].values())
-        if self.codec_up.lossy:
-            up = {u.node.partition_id: float(u.metrics["codec_error"]) for u in accepted if "codec_error" in u.metrics}
-            self.codec_errors["up"] = up
-            if up:
-                out["codec_up_error"] = max(up.values())
-        return out
+    def codec_errors(self, accepted: list[Update]) -> dict:
+        """With a lossy codec, this round's relative errors: ``down`` per payload tensor (the largest over the
+        payloads), ``up`` per partition (what each accepted client reported for its reply, error feedback included).
+        Only the non-empty ones; the metrics line takes the largest of each (``codec_down_error``,
+        ``codec_up_error``), the audit all of them."""
+        up = {u.node.partition_id: float(u.metrics["codec_error"]) for u in accepted
+              if self.codec_up.lossy and "codec_error" in u.metrics}
+        return {d: e for d, e in (("down", self.down_errors if self.codec_down.lossy else {}), ("up", up)) if e}
 
     # ------------------------------------------------------------------ Flower's interface
     def configure_train(self, server_round, arrays, config, grid):
