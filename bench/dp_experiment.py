@@ -265,31 +265,34 @@ def table(doc: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def _minus_fedit(runs: dict, name: str, e: str, seeds: list[int]) -> list[float]:
+    """``name``'s final accuracy minus FedIT's at ε = ``e``, in points, for each seed where both ran."""
+    pairs = [(runs.get(f"fedit/eps={e}/seed={sd}"), runs.get(f"{name}/eps={e}/seed={sd}")) for sd in seeds]
+    return [100 * (g["final_accuracy"] - f["final_accuracy"]) for f, g in pairs if f and g]
+
+
 def paired(doc: dict, seeds: list[int]) -> str:
     """FedIT minus FFA-LoRA, seed by seed (same data, same partition): the comparison the issue asks about, with
     :func:`fedlora.verdicts.verdict` on FFA-LoRA minus FedIT (2-4 seeds: "better"/"worse" only when every seed
-    agrees; from 5 seeds a paired t-test)."""
+    agrees; from 5 seeds a paired t-test); then FedSVD minus FedIT the same way, when it ran."""
     from fedlora.verdicts import verdict
 
-    runs, parts = doc["runs"], []
+    runs, parts, svd = doc["runs"], [], []
     for e in EPSILONS:
-        pairs = [(runs.get(f"fedit/eps={e}/seed={sd}"), runs.get(f"ffa_lora/eps={e}/seed={sd}")) for sd in seeds]
-        diffs = [100 * (f["final_accuracy"] - g["final_accuracy"]) for f, g in pairs if f and g]
+        diffs = [-d for d in _minus_fedit(runs, "ffa_lora", e, seeds)]  # FedIT minus FFA-LoRA
         if diffs:
             ahead = sum(d > 0 for d in diffs)
             word, how = verdict([-d for d in diffs])
             parts.append(f"ε={e}: {sum(diffs) / len(diffs):+.1f} points (FedIT ahead in {ahead} of {len(diffs)} seeds; "
                          f"range {min(diffs):+.1f} to {max(diffs):+.1f}; FFA-LoRA vs FedIT: {word}, {how})")
-    out = "FedIT minus FFA-LoRA, paired by seed: " + "; ".join(parts) + "." if parts else ""
-    svd = []
-    for e in EPSILONS:  # FedSVD (when run) against FedIT the same way
-        pairs = [(runs.get(f"fedit/eps={e}/seed={sd}"), runs.get(f"fedsvd/eps={e}/seed={sd}")) for sd in seeds]
-        diffs = [100 * (g["final_accuracy"] - f["final_accuracy"]) for f, g in pairs if f and g]
+        diffs = _minus_fedit(runs, "fedsvd", e, seeds)
         if diffs:
             word, how = verdict(diffs)
             svd.append(f"ε={e}: {sum(diffs) / len(diffs):+.1f} points (range {min(diffs):+.1f} to {max(diffs):+.1f}; "
                        f"{word}, {how})")
-    return " ".join(t for t in (out, "FedSVD minus FedIT, paired by seed: " + "; ".join(svd) + "." if svd else "") if t)
+    out = ["FedIT minus FFA-LoRA, paired by seed: " + "; ".join(parts) + "." if parts else "",
+           "FedSVD minus FedIT, paired by seed: " + "; ".join(svd) + "." if svd else ""]
+    return " ".join(t for t in out if t)
 
 
 def parse_args(argv: list[str] | None = None):
