@@ -27,7 +27,7 @@ else
 fi
 # issue 19: SmolLM2-135M-Instruct, a small federated run (2 clients, 2 rounds of 5 local steps, batch 8, length 96, in
 # one process) with kernels=triton vs peft: train tokens/s and torch.cuda.max_memory_allocated, under fedlora's bf16
-# autocast (where the fused forward falls back to PEFT) and with bf16 weights and autocast off -> $OUT/smollm2_gpu.json
+# autocast (the fused forward runs in bf16: 'fused (autocast)' calls) and with bf16 weights and autocast off -> $OUT/smollm2_gpu.json
 if "$PY" -c "import flwr, triton; from fedlora import models; models.smollm2_path()" >/dev/null 2>&1; then
   timeout 300 "$PY" bench/smollm2.py gpu --out "$OUT" 2>&1 | tee "$OUT/smollm2_gpu.log" || rc=1
 else

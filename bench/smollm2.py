@@ -440,7 +440,7 @@ def cmd_gpu(args) -> None:
                       "q,k,v,o; tokens = non-padding tokens of the training batches; train_s = the clients' own "
                       "local-training time; the peak includes the server's evaluation model (same process)",
            "precisions": {"autocast": "fedlora's CUDA default: fp32 weights, bf16 autocast (the fused forward "
-                                      "falls back to PEFT under autocast: see fused_call_stats)",
+                                      "runs in bf16: fused_call_stats counts 'fused (autocast)')",
                           "bf16_weights": "model.dtype=bfloat16 and autocast off, so the Triton kernels run"},
            "runs": runs, "ok": all("error" not in r for r in runs.values())}
     out["machine"] = _machine(t0, load0)

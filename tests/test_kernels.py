@@ -369,3 +369,41 @@ def test_trainable_base_weight_is_refused():
     W.requires_grad_(False)
     with pytest.raises(ValueError, match="frozen"):
         tb.grouped_lora_linear(x, [W], [b.requires_grad_()], [A], [B], [1.0])
+
+
+def _autocast_step(kernels: str, autocast: bool):
+    """Logits and LoRA gradients of one forward/backward of the tiny Llama (fp32 weights), with or without CPU bf16
+    autocast (fedlora's CUDA default is fp32 weights under bf16 autocast: the same recipe)."""
+    from fedlora.kernels import apply_fused_lora
+    from fedlora.kernels.peft_integration import call_stats
+
+    model = _tiny_llama(dropout=0.0)
+    _randomise_B(model)
+    apply_fused_lora(model, mode=kernels)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    return out.logits.float().detach(), grads, call_stats(model)
+
+
+def test_autocast_runs_fused_in_the_autocast_dtype():
+    """Under bf16 autocast the fused forward no longer falls back to PEFT: it runs in bf16 (x, W, bias, A, B cast,
+    as every F.linear of PEFT's forward is), the fp32 factors get fp32 gradients, and it is as close to PEFT under
+    autocast as PEFT under autocast is to fp32 (bf16 rounding, summed in another order)."""
+    ref_logits, ref_grads, _ = _autocast_step("peft", autocast=False)
+    peft_logits, peft_grads, _ = _autocast_step("peft", autocast=True)
+    fused_logits, fused_grads, stats = _autocast_step("torch", autocast=True)
+    assert stats["fused (autocast)"] == 14 and "fused" not in stats and not any("autocast to" in k for k in stats)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    bf16_noise = rel(peft_logits, ref_logits)
+    assert 1e-4 < bf16_noise < 2e-2  # autocast really computed in bf16
+    assert rel(fused_logits, peft_logits) < 3 * bf16_noise
+    for n, g in fused_grads.items():
+        assert g.dtype == torch.float32, n
+        noise = rel(peft_grads[n], ref_grads[n])
+        assert rel(g, peft_grads[n]) < max(3 * noise, 2e-2), n

@@ -9,12 +9,14 @@ bias are frozen. The swap is an instance attribute ``forward`` (``functools.part
 
 At every call the fused forward re-checks the cheap runtime conditions and otherwise calls PEFT's own
 ``Linear.forward``: adapters disabled or merged, extra arguments (``adapter_names``), a changed active
-adapter, autocast, hooks on the layer's LoRA submodules (Opacus per-sample gradients hook ``lora_A``/``lora_B``
-and must see them run), input dtype different from the base weight's.
+adapter, hooks on the layer's LoRA submodules (Opacus per-sample gradients hook ``lora_A``/``lora_B``
+and must see them run), input dtype different from the base weight's (without autocast). Under autocast the
+fused kernel runs in autocast's dtype: x, W, bias, A and B are cast to it, as every F.linear of PEFT's forward is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections import Counter
@@ -151,14 +153,38 @@ def _runtime_reason(layer, x, args, kwargs) -> str | None:
         return "hooks on LoRA submodules"
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         return "input is not a tensor"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast"
     base = layer.get_base_layer()
-    if x.dtype != base.weight.dtype or x.device != base.weight.device:
+    cast = _autocast_dtype(x)
+    if cast is not None:  # autocast: x, W, bias, A and B are all cast to its dtype, as F.linear would cast them
+        if x.device != base.weight.device:
+            return "input device differs from the base weight's"
+        if not {x.dtype, base.weight.dtype} <= _AUTOCAST_FROM or cast not in _DTYPES[_call_backend(layer)]:
+            return f"autocast to {cast} from {x.dtype} input and {base.weight.dtype} weight"
+    elif x.dtype != base.weight.dtype or x.device != base.weight.device:
         return "input dtype/device differs from the base weight's"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return "base weight or bias trainable"
     return None
+
+
+_AUTOCAST_FROM = {torch.float32, torch.float16, torch.bfloat16}  # what autocast casts (never float64)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes a linear layer in for ``x``'s device, or None when autocast is off there."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def _cast(t, cast: torch.dtype | None):
+    """``t`` in autocast's dtype (None and non-tensors unchanged). Differentiable: fp32 LoRA factors get fp32 grads."""
+    return t.to(cast) if cast is not None and isinstance(t, torch.Tensor) else t
+
+
+def _kernel_context(x: torch.Tensor, cast: torch.dtype | None):
+    """Autocast off inside the kernel call when the inputs were cast by hand (so one dtype runs throughout, as every
+    F.linear of PEFT's forward does under autocast); nothing otherwise."""
+    return torch.autocast(x.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
 
 
 def _dropout_p(layer, name: str) -> float:
@@ -170,8 +196,8 @@ def _call_backend(layer) -> str:
     return layer.__dict__[_FUSED_ATTR]
 
 
-def _backend_for(backend: str, x: torch.Tensor) -> str:
-    if backend == "triton" and x.dtype in _DTYPES["triton"]:
+def _backend_for(backend: str, x: torch.Tensor, cast: torch.dtype | None = None) -> str:
+    if backend == "triton" and (cast or x.dtype) in _DTYPES["triton"]:
         from . import triton_backend
 
         if x.is_cuda or triton_backend.interpreting():
@@ -190,12 +216,14 @@ def _fused_forward(layer, x, *args, **kwargs):
     name = layer.active_adapters[0]
     base = layer.get_base_layer()
     p = _dropout_p(layer, name)
-    backend = _backend_for(_call_backend(layer), x)
-    stats["fused"] += 1
-    return backend_module(backend).lora_linear(
-        x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-        float(layer.scaling[name]), p, _seed(p, None),
-    )
+    cast = _autocast_dtype(x)
+    backend = _backend_for(_call_backend(layer), x, cast)
+    stats["fused" if cast is None else "fused (autocast)"] += 1
+    with _kernel_context(x, cast):
+        return backend_module(backend).lora_linear(
+            _cast(x, cast), _cast(base.weight, cast), _cast(base.bias, cast), _cast(layer.lora_A[name].weight, cast),
+            _cast(layer.lora_B[name].weight, cast), float(layer.scaling[name]), p, _seed(p, None),
+        )
 
 
 def fused_group_forward(layers, x) -> tuple:
@@ -212,7 +240,8 @@ def fused_group_forward(layers, x) -> tuple:
         return tuple(layer(x) for layer in layers)
     names = [layer.active_adapters[0] for layer in layers]
     ps = {_dropout_p(layer, n) for layer, n in zip(layers, names)}
-    backends = {_backend_for(_call_backend(layer), x) for layer in layers}
+    cast = _autocast_dtype(x)
+    backends = {_backend_for(_call_backend(layer), x, cast) for layer in layers}
     if len(ps) != 1 or len(backends) != 1:
         return tuple(layer(x) for layer in layers)
     from . import _seed, backend_module
@@ -220,13 +249,15 @@ def fused_group_forward(layers, x) -> tuple:
     p = ps.pop()
     bases = [layer.get_base_layer() for layer in layers]
     for layer in layers:
-        layer.__dict__.setdefault(_STATS_ATTR, Counter())["fused (group)"] += 1
-    return tuple(backend_module(backends.pop()).grouped_lora_linear(
-        x, [b.weight for b in bases], [b.bias for b in bases],
-        [layer.lora_A[n].weight for layer, n in zip(layers, names)],
-        [layer.lora_B[n].weight for layer, n in zip(layers, names)],
-        [float(layer.scaling[n]) for layer, n in zip(layers, names)], p, _seed(p, None),
-    ))
+        layer.__dict__.setdefault(_STATS_ATTR, Counter())["fused (group)" if cast is None else
+                                                           "fused (group, autocast)"] += 1
+    with _kernel_context(x, cast):
+        return tuple(backend_module(backends.pop()).grouped_lora_linear(
+            _cast(x, cast), [_cast(b.weight, cast) for b in bases], [_cast(b.bias, cast) for b in bases],
+            [_cast(layer.lora_A[n].weight, cast) for layer, n in zip(layers, names)],
+            [_cast(layer.lora_B[n].weight, cast) for layer, n in zip(layers, names)],
+            [float(layer.scaling[n]) for layer, n in zip(layers, names)], p, _seed(p, None),
+        ))
 
 
 # ---------------------------------------------------------------------------------------------------------
