@@ -39,6 +39,8 @@ CASES = {
     "hetlora": ["strategy=hetlora"] + HET,
     "fedpipe_stacking": FEDPIPE + ["strategy.aggregation=stacking"],
     "fedpipe_zero_pad": FEDPIPE + ["strategy.aggregation=zero_pad"],
+    # the default plan (equal optimizer steps per round, issue 21) with nested zero-padded factors
+    "fedpipe_steps": [o for o in FEDPIPE if "examples_per_round" not in o] + ["strategy.aggregation=zero_pad"],
     "fedit_dp_sgd": ["strategy=fedit", "privacy=dp_sgd", "privacy.reproducible=true", "privacy.target_epsilon=null",
                      "privacy.noise_multiplier=1.0"],
     "ffa_lora_client_dp": ["strategy=ffa_lora", "privacy=client_level", "privacy.reproducible=true",
