@@ -1,6 +1,9 @@
 """Message codecs: how the adapter tensors of a message are encoded on the wire (``comm.up``: clients' replies,
 ``comm.down``: the server's payloads). Like NVIDIA FLARE's quantisation filters, a codec encodes the message's
-tensors themselves (the factors and the head a node sends or receives), not a difference.
+tensors themselves (the factors and the head a node sends or receives), not a difference. FLoRA's merges into the
+base go through ``comm.down`` too (keys marked ``coded_``): the server merges the decode(encode(x)) of what it sends,
+which every client decodes bit for bit (the codecs are deterministic), so all bases stay the same; every other merge
+goes as fp32 (:func:`applies_to`).
 
   fp32   exact (the default: what fedlora always sent)
   fp16   IEEE half precision (torch dtype); relative error per element <= 2^-11 (normal range)
@@ -54,10 +57,17 @@ def of_config(cfg, direction: str) -> Codec:
                  int(comm.get("blocksize", 64)))
 
 
+#: the kind prefix of a merge array that a codec encodes (``merge.<v>.<module>.coded_A``, ``coded_B``, ``coded_dense``)
+CODED_MERGE = "coded_"
+
+
 def applies_to(key: str) -> bool:
-    """Whether a message key is an adapter tensor a codec encodes (factors and the head). Everything else (FLoRA's
-    and FedEx-LoRA's merges into the base, which must stay exact for every base to stay in sync) goes as fp32."""
-    return key.endswith((".lora_A", ".lora_B")) or key.startswith("extra.")
+    """Whether a message key is a tensor a codec encodes: the adapter's factors and head, and the merges the server
+    marked coded (FLoRA with a lossy ``comm.down``: its :class:`fedlora.merges.MergeLog` merges decode(encode(x)) of
+    each array x it sends, exactly what every client decodes). Every other merge (FedEx-LoRA's, FedPipe's) goes as
+    fp32: a merge must reach every base as the server merged it for the bases to stay in sync."""
+    return (key.endswith((".lora_A", ".lora_B")) or key.startswith("extra.")
+            or (key.startswith("merge.") and key.rsplit(".", 1)[-1].startswith(CODED_MERGE)))
 
 
 def _bnb():

@@ -17,7 +17,7 @@ from .algebra import _average_extra, _average_trained, _check, _stacked, normali
 
 __all__ = [
     "svd_of_sum", "flexlora_global", "flexlora", "hetlora", "truncate", "orthonormal_refactor", "fedsvd",
-    "numerical_rank", "tolerance_rank", "tolerance_factors", "dense_is_smaller",
+    "numerical_rank", "tolerance_rank", "tolerance_factors", "dense_is_smaller", "refactor_product", "factored_norm",
 ]
 
 
@@ -222,3 +222,38 @@ def tolerance_factors(delta: torch.Tensor, tol: float) -> tuple[LoraFactors, int
 def dense_is_smaller(rank: int, m: int, n: int) -> bool:
     """True when rank-r factors of an m x n update hold at least as many numbers as the update: r(m + n) >= m n."""
     return int(rank) * (int(m) + int(n)) >= int(m) * int(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Re-factorising a product given as factors (FLoRA's downlink)
+# ----------------------------------------------------------------------------------------------
+def refactor_product(B: torch.Tensor, A: torch.Tensor, tol: float = 0.0, rtol: float = 1e-10,
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """B A (B: m x R, A: R x n) re-factorised at a smaller rank without forming the m x n product: the
+    low-rank SVD of :func:`svd_of_sum` (reduced QR B = Q_B R_B and A^T = Q_A R_A, SVD of the small core
+    R_B R_A^T = U' S V'^T, so B A = (Q_B U') S (Q_A V')^T), cut at k singular values:
+
+    * ``tol`` = 0 (default): the numerical rank (:func:`numerical_rank`, values above ``rtol`` times the largest),
+      so B' A' = B A to rounding, e.g. FLoRA's stacked update of K clients sharing directions, or of sum r_k > m;
+    * ``tol`` > 0: the smallest k whose discarded tail is within a relative Frobenius tolerance,
+      ||B' A' - B A||_F = ||S[k:]|| <= tol ||B A||_F (:func:`tolerance_rank`, Eckart-Young: the best rank-k).
+
+    Returns float64 ``(B', A', k)`` with the singular values all on B' (B' = U_k S_k, A' = V_k^T with orthonormal
+    rows), as :func:`tolerance_factors` and :func:`orthonormal_refactor` do. k >= 1 when R >= 1 (a zero product keeps
+    one zero column rather than empty arrays). Cost O(R^2 (m + n) + R^3), memory O(R (m + n))."""
+    Bd, Ad = B.double(), A.double()
+    QB, RB = torch.linalg.qr(Bd)  # m x min(m, R), min(m, R) x R
+    QA, RA = torch.linalg.qr(Ad.T)  # n x min(n, R), min(n, R) x R
+    Uc, S, Vhc = torch.linalg.svd(RB @ RA.T, full_matrices=False)
+    k = tolerance_rank(S, tol) if tol > 0 else numerical_rank(S, rtol)
+    k = min(max(k, 1), S.numel())
+    return QB @ (Uc[:, :k] * S[:k]), Vhc[:k] @ QA.T, k
+
+
+def factored_norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    """||B A||_F from the factors (B: m x R, A: R x n) without the m x n product: ||R_B R_A^T||_F of the reduced QRs
+    B = Q_B R_B, A^T = Q_A R_A (orthonormal Q's keep the norm), in float64. With B = [B_1, -B_2] and A = [A_1; A_2]
+    it is the distance ||B_1 A_1 - B_2 A_2||_F, free of the cancellation of a difference of Gram traces."""
+    _, RB = torch.linalg.qr(B.double())
+    _, RA = torch.linalg.qr(A.double().T)
+    return float(torch.linalg.norm(RB @ RA.T))

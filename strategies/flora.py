@@ -4,8 +4,17 @@ log (:class:`~fedlora.strategies.rank_rules.Stacking`).
 
 Every round each client draws a fresh A from its own seed (``fl.a_seed`` per partition, not nested): stacking
 is exact whatever the A's are, so nothing is gained by sharing one. Round metrics besides the rule's
-(``base_version``, ``base_sync_error``, ``export_rank``): ``downlink_ratio`` = this round's payload bytes over
-what FedIT would send the same clients at their ranks (r_k(m+n) per module plus the head; raw tensor bytes).
+(``base_version``, ``base_sync_error``, ``export_rank``, ``downlink_rank``, ``downlink_error``): ``downlink_ratio`` =
+this round's payload bytes over what FedIT would send the same clients at their ranks (r_k(m+n) per module plus the
+head), both as ``comm.down`` encodes them (raw tensor bytes under fp32).
+
+Downlink (issue 18): the stacked update of K clients has rank Σ r_k (10 clients of rank 8: 80 per module, ~10× FedIT's
+downlink). Each round it is re-factorised once before it is logged and sent (:func:`fedlora.merges.compact`: QR of
+the stacked factors and an SVD of the small core, never m×n) at its numerical rank when
+``strategy.downlink_tolerance`` = 0 (default: exact to rounding), else at the smallest rank whose discarded tail is
+within that relative Frobenius error of the round's update (lossy, in [0, 1)); a module whose kept rank r' has
+r'(m+n) > m n goes dense. The log holds exactly what is sent (and, under a lossy ``comm.down``, merges what clients
+decode), so server and clients keep the same base; clients that missed rounds still get every missed merge.
 
 Export (:meth:`Stacking.export <fedlora.strategies.rank_rules.Stacking.export>`): the merged total of every module
 re-factorised at the smallest rank whose discarded tail is within ``strategy.export_tolerance`` (relative Frobenius,
@@ -14,12 +23,17 @@ default 1e-6) of it; modules where those factors are no smaller than the dense u
 
 from logging import INFO
 
+import numpy as np
 from flwr.common.logger import log
 
+from fedlora import codecs
 from fedlora.adapters import array_bytes
 
 from .base import LoraStrategy
 from .rank_rules import EXPORT_TOLERANCE, Stacking
+
+#: default ``strategy.downlink_tolerance``: each round's merge at its numerical rank (exact to rounding)
+DOWNLINK_TOLERANCE = 0.0
 
 
 class FLoRA(LoraStrategy):
@@ -33,17 +47,29 @@ class FLoRA(LoraStrategy):
 
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)
-        self.rule = Stacking(export_tolerance=self.tolerance(cfg))
+        self.rule = Stacking(export_tolerance=self.tolerance(cfg), downlink_tolerance=self.downlink_tolerance(cfg),
+                             codec=self.codec_down)
         self.state = Stacking.served(initial)
         self.downlink = (0, 0, 0)  # (round, payload bytes, FedIT-equivalent bytes) of the round being sent
+        self.fedit_bytes: dict[int, int] = {}  # rank -> bytes of FedIT's factors under comm.down
 
     def payload(self, node, server_round):
         arrays = self.rule.payload(self.state, node)
-        fedit = 4 * sum(node.rank * (m + n) for m, n in self.shapes.values()) + array_bytes(
-            {k: v for k, v in arrays.items() if k.startswith("extra.")})
+        extra = {k: v for k, v in arrays.items() if k.startswith("extra.")}
+        fedit = self.fedit_factor_bytes(node.rank) + array_bytes(codecs.encode(self.codec_down, extra))
         rnd, sent, equiv = self.downlink if self.downlink[0] == server_round else (server_round, 0, 0)
-        self.downlink = (rnd, sent + array_bytes(arrays), equiv + fedit)
+        self.downlink = (rnd, sent + array_bytes(codecs.encode(self.codec_down, arrays)), equiv + fedit)
         return arrays, {}
+
+    def fedit_factor_bytes(self, rank: int) -> int:
+        """Bytes of FedIT's A and B at ``rank`` for every module, as ``comm.down`` sends them (4 r (m+n) at fp32)."""
+        if not self.codec_down.lossy:
+            return 4 * sum(rank * (m + n) for m, n in self.shapes.values())
+        if rank not in self.fedit_bytes:  # a codec's size depends on the shapes only
+            ones = {f"{name}.{kind}": np.ones(shape, np.float32) for name, (m, n) in self.shapes.items()
+                    for kind, shape in (("lora_A", (rank, n)), ("lora_B", (m, rank)))}
+            self.fedit_bytes[rank] = array_bytes(codecs.encode(self.codec_down, ones))
+        return self.fedit_bytes[rank]
 
     def on_status(self, node, status, metrics):
         self.rule.on_status(node, status, metrics)
@@ -62,9 +88,14 @@ class FLoRA(LoraStrategy):
     def tolerance(cfg) -> float:
         return cfg.strategy.get("export_tolerance", EXPORT_TOLERANCE)
 
+    @staticmethod
+    def downlink_tolerance(cfg) -> float:
+        """``strategy.downlink_tolerance`` (0: every round's merge sent at its numerical rank, exact to rounding)."""
+        return cfg.strategy.get("downlink_tolerance", DOWNLINK_TOLERANCE)
+
     @classmethod
     def check_config(cls, cfg) -> None:
-        """Also refuse an ``export_tolerance`` outside [0, 1)."""
+        """Also refuse an ``export_tolerance`` or a ``downlink_tolerance`` outside [0, 1)."""
         super().check_config(cfg)
         from fedlora.config import ConfigError
 
@@ -72,6 +103,10 @@ class FLoRA(LoraStrategy):
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
             raise ConfigError(f"strategy.export_tolerance={tol} must be a number in [0, 1) (the relative Frobenius "
                               "error allowed in the exported adapter, e.g. 1e-6).")
+        tol = cls.downlink_tolerance(cfg)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+            raise ConfigError(f"strategy.downlink_tolerance={tol} must be a number in [0, 1) (the relative Frobenius "
+                              "error allowed in each round's merge as sent, 0 for its numerical rank, e.g. 1e-3).")
 
     def export_adapter(self):
         exported = self.rule.export(self.state, self.shapes)

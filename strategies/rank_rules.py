@@ -21,17 +21,27 @@ class Stacking:
     current base; the server stacks the factors (:func:`fedlora.algebra.flora_stack`, exact:
     B_s A_s = Σ p_k s_k B_k A_k) and merges the result into the base. The merges form a versioned log
     (:class:`fedlora.merges.MergeLog`): a client that missed rounds first receives exactly the merges it lacks,
-    so with partial participation every client still trains on the server's base."""
+    so with partial participation every client still trains on the server's base.
+
+    ``downlink_tolerance`` (FLoRA's ``strategy.downlink_tolerance``; None: log the stacked factors as they are, as
+    FedPipe and FedEx-LoRA do): each round's stacked update is re-factorised once before it is logged
+    (:func:`fedlora.merges.compact`: its numerical rank at 0, else the smallest rank within that relative Frobenius
+    error), and the log holds exactly that, so the server's base, export and digest are what clients merge.
+    ``codec``: a lossy ``comm.down`` the merges also go through (the log adds decode(encode(x)) of what it sends)."""
 
     # node_version is not checkpointed: after a restart the handshake tells what each client holds
     persistent = ("log", "digests")
 
-    def __init__(self, export_tolerance: float = EXPORT_TOLERANCE):
+    def __init__(self, export_tolerance: float = EXPORT_TOLERANCE, downlink_tolerance: float | None = None,
+                 codec=None):
         self.log = merges.MergeLog()
         self.digests = [0.0]  # base digest after each version
         self.node_version: dict[int, int] = {}  # partition id -> merges it holds (as last reported)
         self.export_tolerance = float(export_tolerance)
+        self.downlink_tolerance = None if downlink_tolerance is None else float(downlink_tolerance)
+        self.codec = codec if codec is not None and codec.lossy else None
         self.export_info: dict = {}  # what the last export kept (export_summary)
+        self.round_info: dict = {}  # downlink_rank / downlink_error of the merge just logged
 
     @staticmethod
     def served(initial: AdapterState) -> AdapterState:
@@ -42,7 +52,8 @@ class Stacking:
     def payload(self, state: AdapterState, node, parts: tuple[str, ...] = ("extra",)) -> dict:
         """The merges ``node`` lacks, plus ``parts`` of ``state`` (FLoRA: the head only; its clients draw a fresh
         A, seeded per client and round, with B = 0; FedEx-LoRA: the whole global adapter)."""
-        arrays = self.log.payload(since=self.node_version.get(node.partition_id, node.base_version))
+        arrays = self.log.payload(since=self.node_version.get(node.partition_id, node.base_version),
+                                  coded=self.codec is not None)
         arrays.update(to_arrays(state, parts=parts))
         return arrays
 
@@ -52,23 +63,35 @@ class Stacking:
             self.node_version[node.partition_id] = int(metrics.get("base-version", 0))
 
     def aggregate(self, state: AdapterState, states, weights, updates) -> dict:
-        """Merge the stacked update into the log; ``state``'s head becomes the round's; returns the delta."""
+        """Merge the stacked update into the log; ``state``'s head becomes the round's; returns the merged update
+        (the logged entry: the stacked factors, or their re-factorisation with a ``downlink_tolerance``)."""
         stacked = algebra.flora_stack(states, weights)
-        self.merge(stacked.lora, updates)
+        merged = self.merge(stacked.lora, updates)
         state.extra = stacked.extra
-        return stacked.lora
+        return merged
 
-    def merge(self, update: dict[str, LoraFactors], updates) -> None:
-        """Append ``update`` to the log as the next version (what the replying clients held is noted first)."""
+    def merge(self, update: dict[str, LoraFactors], updates) -> dict[str, LoraFactors]:
+        """Append ``update`` to the log as the next version (what the replying clients held is noted first); with a
+        ``downlink_tolerance`` it is re-factorised first (:func:`fedlora.merges.compact`). Returns what was logged."""
         for u in updates:
             self.node_version[u.node.partition_id] = int(u.metrics.get("base-version", 0))
-        self.log.append(update)
+        if self.downlink_tolerance is not None:
+            update, info = merges.compact(update, self.downlink_tolerance)
+            norm = sum(x[2] ** 2 for x in info.values()) ** 0.5
+            self.round_info = {"downlink_rank": sum(x[0] for x in info.values()) / max(1, len(info)),
+                               "downlink_error": sum(x[1] ** 2 for x in info.values()) ** 0.5 / norm if norm else 0.0}
+        self.log.append(update, self.codec)
         self.digests.append(merges.base_digest(self.log.total))
+        return self.log.entries[-1]
 
     def round_metrics(self, updates) -> dict:
-        """How far each client's merged base is from the server's at the version it trained on, and the rank
-        :meth:`export` would give the merged total (:meth:`export_rank`)."""
-        return {**self.sync_metrics(updates), "export_rank": self.export_rank()}
+        """How far each client's merged base is from the server's at the version it trained on, the rank
+        :meth:`export` would give the merged total (:meth:`export_rank`) and, with a ``downlink_tolerance``, the
+        round's merge as sent: ``downlink_rank`` (its rank, mean over modules) and ``downlink_error``
+        (||B'A' − B_s A_s|| / ||B_s A_s|| over all modules, float32 factors before any codec: the codec's own is
+        ``codec_down_error``)."""
+        info, self.round_info = self.round_info, {}
+        return {**self.sync_metrics(updates), "export_rank": self.export_rank(), **info}
 
     def sync_metrics(self, updates) -> dict:
         """``base_version`` and ``base_sync_error``: the largest relative gap between a client's base digest and
