@@ -59,6 +59,7 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, NodeInfo]:
     scale = float(cfg.model.lora.alpha) / float(cfg.model.lora.r)  # one scale for all ranks
     nodes, holder = {}, {}  # node id -> NodeInfo; partition id -> the node id that claimed it first
     att = attribute(grid.send_and_receive(msgs, timeout=timeout), msgs, {})  # replies matched to their message
+    asked = set(ids)  # a set: 1,000s of nodes are looked up once per reply
     for lost in att.rejected:  # e.g. the SuperLink answering for a node that stopped sending heartbeats
         log(WARNING, "node %s failed the handshake: %s", lost["node_id"], lost["reason"])
     for rep in att.replies:
@@ -67,7 +68,7 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, NodeInfo]:
             log(WARNING, "node %s failed the handshake: %s", nid, rep.error.reason)
             continue
         m = dict(rep.content["metrics"]) if "metrics" in rep.content else {}
-        if nid not in ids or nid in nodes:
+        if nid not in asked or nid in nodes:
             reason = "it was not asked, or it answered twice"
         else:
             reason = check_handshake(m) if "metrics" in rep.content else "the handshake has no metrics"
