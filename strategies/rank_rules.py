@@ -20,20 +20,27 @@ class Stacking:
     """FLoRA (Wang et al., NeurIPS 2024): each round every client trains a fresh LoRA of its own rank on the
     current base; the server stacks the factors (:func:`fedlora.algebra.flora_stack`, exact:
     B_s A_s = Σ p_k s_k B_k A_k) and merges the result into the base. The merges form a versioned log
-    (:class:`fedlora.merges.MergeLog`): a client that missed rounds first receives exactly the merges it lacks,
-    so with partial participation every client still trains on the server's base.
+    (:class:`fedlora.merges.MergeLog`): a client that missed rounds first receives what it lacks (the missed merges,
+    or per module one combined catch-up when that is smaller), so with partial participation every client still
+    trains on the server's base.
 
     ``downlink_tolerance`` (FLoRA's ``strategy.downlink_tolerance``; None: log the stacked factors as they are, as
     FedPipe and FedEx-LoRA do): each round's stacked update is re-factorised once before it is logged
     (:func:`fedlora.merges.compact`: its numerical rank at 0, else the smallest rank within that relative Frobenius
     error), and the log holds exactly that, so the server's base, export and digest are what clients merge.
-    ``codec``: a lossy ``comm.down`` the merges also go through (the log adds decode(encode(x)) of what it sends)."""
+    ``codec``: a lossy ``comm.down`` the merges also go through (the log adds decode(encode(x)) of what it sends).
+
+    ``catch_up`` (default :attr:`CATCH_UP`): a node that missed merges gets, per module, the cheapest of the merges one
+    by one, the module's merged base and the factored sum of the missed merges (:meth:`fedlora.merges.MergeLog.
+    payload`: issue 18's cap, at most one float64 m×n per module however many rounds it sat out); False: one by one."""
 
     # node_version is not checkpointed: after a restart the handshake tells what each client holds
     persistent = ("log", "digests")
+    #: default of ``catch_up`` (a switch for comparisons: False sends the catch-up one merge at a time)
+    CATCH_UP = True
 
     def __init__(self, export_tolerance: float = EXPORT_TOLERANCE, downlink_tolerance: float | None = None,
-                 codec=None):
+                 codec=None, catch_up: bool | None = None):
         self.log = merges.MergeLog()
         self.digests = [0.0]  # base digest after each version
         self.node_version: dict[int, int] = {}  # partition id -> merges it holds (as last reported)
@@ -42,6 +49,7 @@ class Stacking:
         self.codec = codec if codec is not None and codec.lossy else None
         self.export_info: dict = {}  # what the last export kept (export_summary)
         self.round_info: dict = {}  # downlink_rank / downlink_error of the merge just logged
+        self.catch_up = self.CATCH_UP if catch_up is None else bool(catch_up)
 
     @staticmethod
     def served(initial: AdapterState) -> AdapterState:
@@ -50,10 +58,12 @@ class Stacking:
                             initial.extra)
 
     def payload(self, state: AdapterState, node, parts: tuple[str, ...] = ("extra",)) -> dict:
-        """The merges ``node`` lacks, plus ``parts`` of ``state`` (FLoRA: the head only; its clients draw a fresh
-        A, seeded per client and round, with B = 0; FedEx-LoRA: the whole global adapter)."""
+        """The merges ``node`` lacks (per module one combined catch-up when that is smaller, see ``catch_up``), plus
+        ``parts`` of ``state`` (FLoRA: the head only; its clients draw a fresh A, seeded per client and round, with
+        B = 0; FedEx-LoRA: the whole global adapter). The log caches the merge arrays per version held until the next
+        merge, so the nodes of a round at the same version share them."""
         arrays = self.log.payload(since=self.node_version.get(node.partition_id, node.base_version),
-                                  coded=self.codec is not None)
+                                  coded=self.codec is not None, codec=self.codec, combine=self.catch_up)
         arrays.update(to_arrays(state, parts=parts))
         return arrays
 

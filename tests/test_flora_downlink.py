@@ -7,6 +7,7 @@ import json
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,7 +188,8 @@ def _federate(rule, rounds, ranks, codec=Codec(), sample=None, common=None, nois
 def test_partial_participation_and_catch_up_keep_every_base_on_the_servers(tol, codec):
     """Six rounds, two of four clients each, then every client catches up from its own version v < V to V: each
     ends on exactly the server's base (the log's total, bit for bit: both add received(decode(encode(sent))) in
-    version order) and digest; the total is the sum of the logged entries as sent."""
+    version order, or the node takes the merged base; to rounding after a factored sum) and digest; the total is
+    the sum of the logged entries as sent."""
     c = Codec(codec)
     rule = Stacking(downlink_tolerance=tol, codec=c)
     sample = lambda rnd: [rnd % 4, (rnd * 3 + 1) % 4] if rnd % 4 != (rnd * 3 + 1) % 4 else [rnd % 4, (rnd + 2) % 4]
@@ -196,12 +198,18 @@ def test_partial_participation_and_catch_up_keep_every_base_on_the_servers(tol, 
     assert V == 6 and any(v < V - 1 for _, v in bases.values())  # some client missed more than one merge
     for pid, (delta, v) in bases.items():
         payload = rule.payload(AdapterState({}), SimpleNamespace(partition_id=pid, base_version=0))
-        assert {int(k.split(".")[1]) for k in payload if k.startswith("merge.")} == set(range(v + 1, V + 1))
+        got = merges.steps(payload)
+        assert {u for s in got for u in range(s.first, s.last + 1)} == set(range(v + 1, V + 1))
+        summed = {s.name for s in got if s.first < s.last and not s.replace}  # a factored sum: exact to rounding
         delta, v = merges.apply(delta, v, _wire(c, payload))
         assert v == V and set(delta) == set(rule.log.total)
         for name in delta:
-            assert torch.equal(delta[name], rule.log.total[name]), (pid, name)
-        assert merges.base_digest(delta) == rule.digests[-1] == merges.base_digest(rule.base_delta())
+            if name in summed:
+                assert _rel(delta[name], rule.log.total[name]) <= 1e-12, (pid, name)
+            else:
+                assert torch.equal(delta[name], rule.log.total[name]), (pid, name)
+        assert rule.digests[-1] == merges.base_digest(rule.base_delta())
+        assert merges.base_digest(delta) == (pytest.approx(rule.digests[-1], rel=1e-12) if summed else rule.digests[-1])
     if not c.lossy:  # the total is the sum of the entries as logged (= as sent)
         for name, total in rule.log.total.items():
             assert _rel(sum(e[name].delta() for e in rule.log.entries), total) <= 1e-6
@@ -262,6 +270,163 @@ def test_a_positive_tolerance_sends_fewer_bytes_within_its_error():
     assert max(e0) <= 1e-6 and 0 < max(e1) <= 0.05 * (1 + 1e-6)
 
 
+# ------------------------------------------------------------------------------------------------ capped catch-up
+def _late_joiners(rnd):
+    """Clients 0 and 1 train every round; from round 7 on one more joins each round, having missed rnd merges."""
+    return [0, 1] if rnd < 6 else [0, 1, rnd - 4]
+
+
+def _one_version(arrays, v):
+    return {k: a for k, a in arrays.items() if k.startswith(f"{merges.PREFIX}{v}.")}
+
+
+def _catch_up_bytes(rule, since, codec, combine=True):
+    coded = codec.lossy
+    arrays = rule.log.payload(since, coded=coded, codec=codec if coded else None, combine=combine)
+    return arrays, array_bytes(codecs.encode(codec, arrays))
+
+
+@pytest.mark.parametrize("tol, codec", [(0.0, "fp32"), (0.05, "fp32"), (0.0, "int8"), (0.0, "bf16")])
+def test_a_late_client_gets_at_most_one_combined_update_per_module(tol, codec):
+    """Ten rounds in which clients 2..5 join late (after 6..9 merges): every client ends each catch-up on the server's
+    base (digest within 1e-12, checked in _federate), the run sends fewer bytes than one merge at a time (same
+    merges, same totals), and from every version v < V the catch-up is no larger than the missed merges one by one
+    nor than one float64 m×n per module; it brings a client that merged 1..v one by one to the server's base."""
+    c = Codec(codec)
+    ranks = [8] * 6
+    new, old = Stacking(downlink_tolerance=tol, codec=c), Stacking(downlink_tolerance=tol, codec=c, catch_up=False)
+    _, sent_new = _federate(new, 10, ranks, codec=c, sample=_late_joiners, seed=9)
+    _, sent_old = _federate(old, 10, ranks, codec=c, sample=_late_joiners, seed=9)
+    for name, total in old.log.total.items():
+        assert torch.equal(new.log.total[name], total)
+    assert sent_new < sent_old
+    V, cap = new.log.version, sum(8 * m * n for m, n in SHAPES.values())
+    held, combined = {}, 0
+    for since in range(V):
+        arrays, b_new = _catch_up_bytes(new, since, c)
+        old_arrays, b_old = _catch_up_bytes(old, since, c, combine=False)
+        assert b_new <= b_old and b_new <= cap, since
+        combined += any("-" in k.split(".")[1] for k in arrays)
+        delta, v = merges.apply(dict(held), since, _wire(c, arrays))
+        assert v == V and set(delta) == set(new.log.total)
+        assert merges.base_digest(delta) == pytest.approx(new.digests[-1], rel=1e-12, abs=1e-12), since
+        for name, total in new.log.total.items():
+            assert _rel(delta[name], total) <= 1e-12, (since, name)
+        held, v = merges.apply(held, since, _wire(c, _one_version(old_arrays, since + 1)))
+        assert v == since + 1
+    assert combined >= 1
+    _, b0 = _catch_up_bytes(new, 0, c)
+    _, b0_old = _catch_up_bytes(old, 0, c, combine=False)
+    assert b0 < b0_old if codec != "int8" else b0 <= b0_old  # int8 merges cost ~1 byte a number: ~8 merges to win
+
+
+@pytest.mark.parametrize("codec", ["fp32", "bf16"])
+def test_a_rank_deficient_catch_up_travels_as_the_factored_sum(codec):
+    """Clients whose B's share one column (every merge rank 1, and so is their sum): a client that missed eight
+    merges gets per module the float64 rank-1 factors of their sum (what clients decode of each, bf16 included),
+    smaller than the merges one by one and than the merged base, and lands on the server's base to rounding."""
+    c = Codec(codec)
+    common = {name: torch.ones(m, 2) for name, (m, n) in SHAPES.items()}
+    rule = Stacking(downlink_tolerance=0.0, codec=c)
+    _federate(rule, 8, [3, 4, 5], codec=c, sample=lambda rnd: [0, 1], common=common, noise=0.0, seed=11)
+    arrays, b = _catch_up_bytes(rule, 0, c)
+    _, b_old = _catch_up_bytes(rule, 0, c, combine=False)
+    assert b < b_old and b < sum(8 * m * n for m, n in SHAPES.values())
+    for name, (m, n) in SHAPES.items():
+        A, B = arrays[f"merge.1-8.{name}.A"], arrays[f"merge.1-8.{name}.B"]
+        assert A.shape == (1, n) and B.shape == (m, 1) and A.dtype == B.dtype == np.float64
+    assert all(k.startswith("merge.1-8.") for k in arrays)
+    assert not any(codecs.applies_to(k) for k in arrays)  # combined catch-ups pass a lossy codec uncoded
+    delta, v = merges.apply({}, 0, _wire(c, arrays))
+    assert v == 8 and merges.base_digest(delta) == pytest.approx(rule.digests[-1], rel=1e-12)
+    for name, total in rule.log.total.items():
+        assert _rel(delta[name], total) <= 1e-12
+
+
+def test_the_catch_up_is_built_once_per_version_and_round(monkeypatch):
+    """Nodes of a round at the same version share one payload's arrays (built once: the log's call count does not
+    move, the arrays are the same objects); the merged base is the same array for every version held; no payload
+    recomputes a merge's wire form (its dense product included: q goes dense); a new merge starts afresh, and the
+    merged base sent before it still holds the old total."""
+    g = torch.Generator().manual_seed(12)
+    rule = Stacking(downlink_tolerance=0.0)
+    for _ in range(5):
+        rule.aggregate(AdapterState({}), [_client(g, 16), _client(g, 16)], [1.0, 2.0], [])
+    log = rule.log
+    q = "layers.0.q"
+    assert set(log.sent(1)[q]) == {"dense"} and log.sent(1) is log.sent(1)
+    calls = []
+    wire = merges.wire
+    monkeypatch.setattr(merges, "wire", lambda f: calls.append(f) or wire(f))
+    first = log.payload(0)
+    built = log._memo().computed
+    again = log.payload(0)
+    assert again is not first and again.keys() == first.keys() and all(again[k] is first[k] for k in first)
+    assert log._memo().computed == built > 0
+    node = SimpleNamespace(partition_id=7, base_version=1)
+    from_one = rule.payload(AdapterState({}), node)
+    assert from_one[f"merge.2-5.{q}.base"] is first[f"merge.1-5.{q}.base"]
+    assert log.payload(4)[f"merge.5.{q}.dense"] is log.sent(5)[q]["dense"]
+    assert not calls
+    base5 = torch.from_numpy(first[f"merge.1-5.{q}.base"].copy())
+    assert torch.equal(base5, log.total[q])
+    rule.aggregate(AdapterState({}), [_client(g, 16), _client(g, 16)], [1.0, 2.0], [])
+    assert len(calls) == len(SHAPES)  # the new merge's wire form, once per module, on append
+    after = log.payload(0)
+    assert torch.equal(torch.from_numpy(after[f"merge.1-6.{q}.base"]), log.total[q])
+    assert torch.equal(torch.from_numpy(first[f"merge.1-5.{q}.base"]), base5)
+    with pytest.raises(ValueError):  # the merged base is the server's total: read-only
+        first[f"merge.1-5.{q}.base"][0, 0] = 1.0
+
+
+def test_a_combined_catch_up_still_refuses_a_gap():
+    """A factored sum of merges a..b is taken only at version a - 1 (before: a gap; inside: the node holds part of
+    it); a merged base also from inside a..b, never across a gap; a payload mixing merges one by one (the q's) and
+    a merged base (layers.0.v: smaller, so cheaper as a base after fewer merges) lands exactly on the server's base;
+    a one-by-one payload with a merge missing is refused as before; parse_payload reads only one-version merges."""
+    common = {name: torch.ones(m, 2) for name, (m, n) in SHAPES.items()}
+    summed = Stacking(downlink_tolerance=0.0)
+    _federate(summed, 6, [3, 4], sample=lambda rnd: [0, 1], common=common, noise=0.0, seed=13)
+    g = torch.Generator().manual_seed(14)
+    based = Stacking(downlink_tolerance=0.0)
+    for _ in range(6):
+        based.aggregate(AdapterState({}), [_client(g, 8), _client(g, 8)], [1.0, 2.0], [])
+
+    def held(rule, v):  # a node that merged 1..v one by one
+        return merges.apply({}, 0, {k: a for k, a in rule.log.payload(0, combine=False).items()
+                                    if int(k.split(".")[1]) <= v})[0]
+
+    for rule, kinds in ((summed, {"A", "B"}), (based, {"base"})):
+        arrays = rule.log.payload(2)
+        assert {k.rsplit(".", 1)[1] for k in arrays} == kinds and all(k.startswith("merge.3-6.") for k in arrays)
+        with pytest.raises(merges.OutOfSync, match="merge version 3 arrived while the client is at version 1"):
+            merges.apply(held(rule, 1), 1, arrays)
+        delta, v = merges.apply(held(rule, 2), 2, arrays)
+        assert v == 6 and all(_rel(delta[n], t) <= 1e-12 for n, t in rule.log.total.items())
+        assert merges.apply(dict(delta), 6, arrays) == (delta, 6)  # already there
+        if kinds == {"base"}:
+            delta, v = merges.apply(held(rule, 4), 4, arrays)
+            assert v == 6 and all(torch.equal(delta[n], t) for n, t in rule.log.total.items())
+        else:
+            with pytest.raises(merges.OutOfSync, match="holds part of them"):
+                merges.apply(held(rule, 4), 4, arrays)
+        with pytest.raises(ValueError, match="combined catch-up"):
+            merges.parse_payload(arrays)
+    mixing = Stacking(downlink_tolerance=0.0)  # rank-8 merges: 4 of them cost less than q's base, more than v's
+    for _ in range(6):
+        mixing.aggregate(AdapterState({}), [_client(g, 4), _client(g, 4)], [1.0, 2.0], [])
+    mixed = mixing.log.payload(2)
+    assert set(mixed) == {f"merge.{v}.layers.{i}.q.{k}" for v in (3, 4, 5, 6) for i in (0, 1) for k in "AB"} | \
+        {"merge.3-6.layers.0.v.base"}
+    delta, v = merges.apply(held(mixing, 2), 2, mixed)
+    assert v == 6 and all(torch.equal(delta[n], t) for n, t in mixing.log.total.items())
+    with pytest.raises(merges.OutOfSync):
+        merges.apply(held(mixing, 1), 1, mixed)
+    plain = based.log.payload(2, combine=False)
+    with pytest.raises(merges.OutOfSync, match="a merge is missing"):
+        merges.apply(held(based, 2), 2, {k: a for k, a in plain.items() if not k.startswith("merge.4.")})
+
+
 # ------------------------------------------------------------------------------------------------ config and runs
 def test_downlink_tolerance_is_configured_and_checked():
     from fedlora.strategies.flora import FLoRA
@@ -304,3 +469,33 @@ def test_a_flora_run_reports_the_downlink_rank_and_stays_in_sync(tmp_path, extra
     assert rows[2]["base_sync_error"] <= 1e-9
     if extra:
         assert rows[2]["codec_down_error"] > 0
+
+
+def test_a_partial_flora_run_sends_capped_catch_ups_and_stays_in_sync(tmp_path, monkeypatch):
+    """tiny_llama FLoRA, 6 clients of rank 16, 2 a round (fraction_train 0.34; seed 6 samples two clients in round 4
+    that missed 3 merges each), with the capped catch-up and without it (Stacking.CATCH_UP): the same clients, the
+    same losses (both land every node bit for bit on the server's base: base_sync_error 0 <= 1e-9), and round 4
+    sends each of them its 4 modules' merged bases (float64 64×64) instead of 3 dense merges a module: fewer bytes
+    down. (At 3 rounds no node can have missed more than 2 merges, which never cost more than a float64 base.)"""
+    from harness import InProcessGrid
+
+    from fedlora.strategies.server_app import run_server
+
+    args = ["model=tiny_llama", "strategy=flora", "num_clients=6", "fraction_train=0.34",
+            "client_ranks=[16,16,16,16,16,16]", "num_rounds=4", "local_steps=1", "train.batch_size=4",
+            "eval.max_examples=8", "train.max_length=32", "min_train_nodes=2", "seed=6"]
+    rows = {}
+    for catch_up in (True, False):
+        monkeypatch.setattr(Stacking, "CATCH_UP", catch_up)
+        run_server(InProcessGrid(6), config.load(args), tmp_path / str(catch_up), echo=lambda *_: None)
+        rows[catch_up] = [json.loads(x) for x in (tmp_path / str(catch_up) / "metrics.jsonl").read_text().splitlines()]
+    new, old = rows[True], rows[False]
+    assert len(new) == len(old) == 5
+    for a, b in zip(new[1:], old[1:]):
+        assert a["sampled"] == b["sampled"] and len(a["sampled"]) == 2 and not a["rejected"]
+        assert a["base_sync_error"] <= 1e-9 and b["base_sync_error"] <= 1e-9
+        assert a["bytes_down"] <= b["bytes_down"]
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-9)
+    assert new[4]["bytes_down"] < old[4]["bytes_down"]
+    assert new[4]["bytes_down"] <= 2 * (4 * 8 * 64 * 64 + 1024)  # two nodes: one float64 base per module
+    assert sum(r["bytes_down"] for r in new) < sum(r["bytes_down"] for r in old)
