@@ -24,6 +24,16 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # FlexLoRA
 # ----------------------------------------------------------------------------------------------
+def _product_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U, S, Vh) of B A (B: m x R, A: R x n) without the m x n product, in float64: B = Q_B R_B and
+    A^T = Q_A R_A (reduced QR), the SVD of the small core R_B R_A^T = U' S V'^T, U = Q_B U', Vh = V'^T Q_A^T.
+    Cost O(R^2 (m + n) + R^3)."""
+    QB, RB = torch.linalg.qr(B.double())
+    QA, RA = torch.linalg.qr(A.double().T)
+    Uc, S, Vhc = torch.linalg.svd(RB @ RA.T, full_matrices=False)
+    return QB @ Uc, S, Vhc @ QA.T
+
+
 def svd_of_sum(states: Sequence[AdapterState], weights: Sequence[float], dense: bool = False,
                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Thin SVD (U, S, Vh) of W_g = sum_k p_k s_k B_k A_k = B_s A_s per module.
@@ -39,10 +49,7 @@ def svd_of_sum(states: Sequence[AdapterState], weights: Sequence[float], dense: 
         if dense:
             U, S, Vh = torch.linalg.svd(B_s @ A_s, full_matrices=False)
         else:
-            QB, RB = torch.linalg.qr(B_s)
-            QA, RA = torch.linalg.qr(A_s.T)
-            Uc, S, Vhc = torch.linalg.svd(RB @ RA.T)
-            U, Vh = QB @ Uc, Vhc @ QA.T
+            U, S, Vh = _product_svd(B_s, A_s)
         out[name] = (U, S, Vh)
     return out
 
@@ -160,10 +167,8 @@ def orthonormal_refactor(state: AdapterState) -> AdapterState:
         if r > min(m, n):
             raise ValueError(f"module {name!r}: rank {r} exceeds min(out, in) = {min(m, n)}, so its product has no "
                              f"rank-{r} orthonormal factorisation; use a rank of at most {min(m, n)}.")
-        QB, RB = torch.linalg.qr(f.B.double())
-        QA, RA = torch.linalg.qr(f.A.double().T)
-        Uc, S, Vhc = torch.linalg.svd(RB @ RA.T)
-        A, B = Vhc @ QA.T, (QB @ Uc) * S
+        U, S, Vh = _product_svd(f.B, f.A)
+        A, B = Vh, U * S
         lora[name] = LoraFactors(A.to(f.A.dtype).contiguous(), B.to(f.B.dtype).contiguous(), f.scale)
     return AdapterState(lora, dict(state.extra))
 
@@ -241,13 +246,10 @@ def refactor_product(B: torch.Tensor, A: torch.Tensor, tol: float = 0.0, rtol: f
     Returns float64 ``(B', A', k)`` with the singular values all on B' (B' = U_k S_k, A' = V_k^T with orthonormal
     rows), as :func:`tolerance_factors` and :func:`orthonormal_refactor` do. k >= 1 when R >= 1 (a zero product keeps
     one zero column rather than empty arrays). Cost O(R^2 (m + n) + R^3), memory O(R (m + n))."""
-    Bd, Ad = B.double(), A.double()
-    QB, RB = torch.linalg.qr(Bd)  # m x min(m, R), min(m, R) x R
-    QA, RA = torch.linalg.qr(Ad.T)  # n x min(n, R), min(n, R) x R
-    Uc, S, Vhc = torch.linalg.svd(RB @ RA.T, full_matrices=False)
+    U, S, Vh = _product_svd(B, A)
     k = tolerance_rank(S, tol) if tol > 0 else numerical_rank(S, rtol)
     k = min(max(k, 1), S.numel())
-    return QB @ (Uc[:, :k] * S[:k]), Vhc[:k] @ QA.T, k
+    return U[:, :k] * S[:k], Vh[:k], k
 
 
 def factored_norm(B: torch.Tensor, A: torch.Tensor) -> float:

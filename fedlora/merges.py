@@ -88,11 +88,6 @@ def _through(codec: codecs.Codec | None, parts: dict[str, np.ndarray]) -> tuple[
     return {kind: dec[key] for kind, key in keys.items()}, int(sum(a.nbytes for a in enc.values()))
 
 
-def decoded(codec: codecs.Codec | None, parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``parts`` as a client decodes them under ``codec`` (decode(encode(x)); unchanged without a lossy codec)."""
-    return _through(codec, parts)[0]
-
-
 def compact(update: dict[str, LoraFactors], tol: float = 0.0
             ) -> tuple[dict[str, LoraFactors], dict[str, tuple[int, float, float]]]:
     """FLoRA's downlink: every module's stacked update s·B_s A_s re-factorised once (:func:`fedlora.lowrank.
@@ -138,7 +133,7 @@ _MEMOS: "weakref.WeakKeyDictionary[MergeLog, _Memo]" = weakref.WeakKeyDictionary
 
 class MergeLog:
     """Server side: the log of merged updates (what is sent, float32) and their running (float64) sum (what every
-    base merges: :func:`received` of :func:`wire`, through :func:`decoded` when the log's merges are coded).
+    base merges: :func:`received` of :func:`wire`, through :func:`_through` when the log's merges are coded).
     Its only attributes are ``entries`` and ``total`` (what a checkpoint saves); the caches live in a side table."""
 
     def __init__(self):

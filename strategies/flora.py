@@ -58,8 +58,15 @@ class FLoRA(LoraStrategy):
         extra = {k: v for k, v in arrays.items() if k.startswith("extra.")}
         fedit = self.fedit_factor_bytes(node.rank) + array_bytes(codecs.encode(self.codec_down, extra))
         rnd, sent, equiv = self.downlink if self.downlink[0] == server_round else (server_round, 0, 0)
-        self.downlink = (rnd, sent + array_bytes(codecs.encode(self.codec_down, arrays)), equiv + fedit)
+        self.downlink = (rnd, sent, equiv + fedit)
         return arrays, {}
+
+    def encode_payload(self, arrs, encoded):
+        """The base's encoding (one per distinct payload a round), whose bytes ``downlink_ratio`` counts as sent."""
+        enc = super().encode_payload(arrs, encoded)
+        rnd, sent, equiv = self.downlink
+        self.downlink = (rnd, sent + array_bytes(enc), equiv)
+        return enc
 
     def fedit_factor_bytes(self, rank: int) -> int:
         """Bytes of FedIT's A and B at ``rank`` for every module, as ``comm.down`` sends them (4 r (m+n) at fp32)."""
@@ -99,14 +106,12 @@ class FLoRA(LoraStrategy):
         super().check_config(cfg)
         from fedlora.config import ConfigError
 
-        tol = cls.tolerance(cfg)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
-            raise ConfigError(f"strategy.export_tolerance={tol} must be a number in [0, 1) (the relative Frobenius "
-                              "error allowed in the exported adapter, e.g. 1e-6).")
-        tol = cls.downlink_tolerance(cfg)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
-            raise ConfigError(f"strategy.downlink_tolerance={tol} must be a number in [0, 1) (the relative Frobenius "
-                              "error allowed in each round's merge as sent, 0 for its numerical rank, e.g. 1e-3).")
+        for key, tol, what in (("export_tolerance", cls.tolerance(cfg), "in the exported adapter, e.g. 1e-6"),
+                               ("downlink_tolerance", cls.downlink_tolerance(cfg),
+                                "in each round's merge as sent, 0 for its numerical rank, e.g. 1e-3")):
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+                raise ConfigError(f"strategy.{key}={tol} must be a number in [0, 1) (the relative Frobenius error "
+                                  f"allowed {what}).")
 
     def export_adapter(self):
         exported = self.rule.export(self.state, self.shapes)
