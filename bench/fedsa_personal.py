@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -96,7 +95,9 @@ def score(run_dir: Path, held, labels: list[np.ndarray]) -> dict:
 
 
 def last(run_dir: Path, key: str):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from fedlora.report import read_metrics
+
+    rows = read_metrics(run_dir)
     vals = [r[key] for r in rows if r.get(key) is not None]
     return vals[-1] if vals else None
 
@@ -132,10 +133,12 @@ def main() -> int:
               "  ".join(f"{n} mix {r['mix']:.4f} slices {r['slices']:.4f} test {r['test_accuracy']:.4f}"
                         for n, r in row["runs"].items()), flush=True)
 
+    from fedlora.report import mean_sd
+
     def over_seeds(get):
         vals = [v for v in (get(r) for r in per_seed.values()) if v is not None]
-        return {"mean": statistics.fmean(vals) if vals else None,
-                "sd": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals)}
+        mean, sd = mean_sd(vals)
+        return {"mean": mean, "sd": sd, "n": len(vals)}
 
     summary = {"personal_accuracy": over_seeds(lambda r: r["personal_accuracy"]),
                "majority": over_seeds(lambda r: r["majority"])}
@@ -149,7 +152,7 @@ def main() -> int:
             from fedlora.verdicts import verdict
 
             word, how = verdict(diffs, 0.05) if len(diffs) > 1 else ("one seed", "")
-            summary[f"personal_minus_{name}_mix"] = {"diffs": diffs, "mean": statistics.fmean(diffs),
+            summary[f"personal_minus_{name}_mix"] = {"diffs": diffs, "mean": mean_sd(diffs)[0],
                                                      "verdict": word, "verdict_how": how}
     out = {"command": "python bench/fedsa_personal.py " + " ".join(sys.argv[1:]), "folder": str(a.folder),
            "wall_s": round(time.time() - t0, 1), "per_seed": per_seed, "summary": summary}

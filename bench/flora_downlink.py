@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fedlora import checkpoint, codecs, merges  # noqa: E402
 from fedlora.adapters import to_arrays  # noqa: E402
+from fedlora.report import read_metrics  # noqa: E402
 from fedlora.strategies.base import record_bytes, to_record  # noqa: E402
 
 TOLERANCES = (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 5e-2, 1e-1, 2e-1)
@@ -93,7 +94,7 @@ def main() -> None:
     run = ROOT / args.run
     ck = checkpoint.load(run)
     summary = json.loads((run / "summary.json").read_text())
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run)
     clients, rounds = int(summary["num_clients"]), int(summary["num_rounds"])
     assert summary["strategy"] == "flora" and ck["round"] == rounds, "a completed FLoRA run is needed"
     log = ck["strategy"]["rule"]["log"]

@@ -63,7 +63,7 @@ def child(strategy: str, clients: int, fraction: float, rounds: int, extra: list
     import harness  # noqa: E402
 
     import fedlora.clients.client_app as ca
-    from fedlora import config, data, models
+    from fedlora import config, data, models, report
     from fedlora.strategies import base, server_app
     from fedlora.simulation import quiet_libraries
 
@@ -152,7 +152,7 @@ def child(strategy: str, clients: int, fraction: float, rounds: int, extra: list
     rss0 = rss_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         summary = server_app.run_server(grid, cfg, Path(tmp) / "run", echo=lambda *_: None)
-        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        rows = report.read_metrics(Path(tmp) / "run")
     t_end = time.time()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     client_held = sum(held_bytes(c.state) for c in grid.contexts.values())
