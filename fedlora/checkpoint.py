@@ -41,7 +41,9 @@ from .merges import MergeLog
 NAME, PREV = "checkpoint.fedlora", "checkpoint.prev.fedlora"
 OLD_NAMES = ("checkpoint.pt", "checkpoint.prev.pt")  # pickles written by fedlora before this format
 MAGIC, OLD_MAGIC = b"FEDLORA-CKPT2\n", b"FEDLORA-CKPT1\n"
-#: the only classes a checkpoint rebuilds (without calling their ``__init__``), with the attributes saved for them
+#: the only classes a checkpoint rebuilds (without calling their ``__init__``), with the attributes saved for them.
+#: A class may also name, in ``TRANSIENT``, attributes it keeps only in memory (caches): they are not saved, and a
+#: rebuilt object gets them as None.
 CLASSES = {"AdapterState": (AdapterState, ("lora", "extra")), "LoraFactors": (LoraFactors, ("A", "B", "scale")),
            "MergeLog": (MergeLog, ("entries", "total"))}
 _TAG_OF = {cls: tag for tag, (cls, _) in CLASSES.items()}
@@ -120,7 +122,7 @@ class _Encoder:
         if kind in _TAG_OF:
             tag = _TAG_OF[kind]
             attrs = CLASSES[tag][1]
-            if set(vars(obj)) != set(attrs):
+            if set(vars(obj)) - set(getattr(kind, "TRANSIENT", ())) != set(attrs):
                 raise TypeError(f"cannot checkpoint a {tag} with attributes {sorted(vars(obj))}: "
                                 f"fedlora.checkpoint.CLASSES saves {list(attrs)}")
             return {"$": tag, "attrs": {a: self(getattr(obj, a)) for a in attrs}}
@@ -313,6 +315,7 @@ class _Decoder:
         if set(attrs) != set(names):
             raise Corrupt(f"malformed {tag!r} entry (attributes {sorted(attrs)}, expected {list(names)})")
         obj = cls.__new__(cls)
+        vars(obj).update({a: None for a in getattr(cls, "TRANSIENT", ())})
         vars(obj).update({a: self(v) for a, v in attrs.items()})
         return obj
 

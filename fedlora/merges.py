@@ -46,7 +46,6 @@ only from version a − 1 (a base span also from inside a..b) and raises :class:
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,30 +124,28 @@ class _Memo:
         self.payloads: dict[tuple, dict[str, np.ndarray]] = {}
         self.decoded: dict[int, dict[str, dict[str, np.ndarray]]] = {}
         self.bases: dict[str, np.ndarray] = {}
-        self.computed = 0  # combined catch-ups built since the last merge (a test's call count)
-
-
-_MEMOS: "weakref.WeakKeyDictionary[MergeLog, _Memo]" = weakref.WeakKeyDictionary()
 
 
 class MergeLog:
     """Server side: the log of merged updates (what is sent, float32) and their running (float64) sum (what every
     base merges: :func:`received` of :func:`wire`, through :func:`_through` when the log's merges are coded).
-    Its only attributes are ``entries`` and ``total`` (what a checkpoint saves); the caches live in a side table."""
+    A checkpoint saves ``entries`` and ``total``; the caches (``memo``, transient) are rebuilt on demand."""
+
+    TRANSIENT = ("memo",)
 
     def __init__(self):
         self.entries: list[dict[str, LoraFactors]] = []  # entries[v-1] = merge of version v
         self.total: dict[str, torch.Tensor] = {}
+        self.memo: _Memo | None = None
 
     @property
     def version(self) -> int:
         return len(self.entries)
 
     def _memo(self) -> _Memo:
-        memo = _MEMOS.get(self)
-        if memo is None:
-            memo = _MEMOS[self] = _Memo()
-        return memo
+        if self.memo is None:
+            self.memo = _Memo()
+        return self.memo
 
     def sent(self, v: int) -> dict[str, dict[str, np.ndarray]]:
         """Per module, the float32 arrays merge ``v`` travels as (:func:`wire`), computed once per logged entry
@@ -227,7 +224,6 @@ class MergeLog:
                 B, A, k = lowrank.refactor_product(
                     torch.cat([torch.from_numpy(d["B"].astype(np.float64)) for d in dec], 1),
                     torch.cat([torch.from_numpy(d["A"].astype(np.float64)) for d in dec], 0))
-                memo.computed += 1
                 if 8 * k * (m + n) < best:
                     best, form = 8 * k * (m + n), (B.contiguous().numpy(), A.contiguous().numpy())
             if form is None:
@@ -237,7 +233,6 @@ class MergeLog:
                     a = self.total[name].numpy()  # a view of the total at V (append replaces, never modifies, it)
                     a.flags.writeable = False
                     memo.bases[name] = a
-                    memo.computed += 1
                 out[span + f"{name}.{BASE}"] = memo.bases[name]
             else:
                 out[span + f"{name}.B"], out[span + f"{name}.A"] = form
