@@ -29,6 +29,8 @@ dtype only as dot operands. fp32 inputs use ``input_precision="ieee"`` (no TF32)
 
 from __future__ import annotations
 
+import functools
+
 import os
 
 import torch
@@ -64,18 +66,34 @@ def interpreting() -> bool:
 DOT_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python: host code, where triton.cdiv (a constexpr function) costs microseconds a call."""
+    return -(-a // b)
+
+
 def block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(int(r)))
+    return max(16, 1 << (int(r) - 1).bit_length())  # the next power of two (triton.next_power_of_2, on the host)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sms_of(device.index if device.index is not None else torch.cuda.current_device())
     return 4
 
 
 def _config(kind: str, dtype: torch.dtype, device: torch.device) -> dict:
-    if interpreting() or device.type != "cuda":
+    """The launch configuration (read-only: cached per kind, dtype, target and CONFIG_OVERRIDE)."""
+    return _config_of(kind, dtype, interpreting() or device.type != "cuda", tuple(sorted(CONFIG_OVERRIDE.items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _config_of(kind: str, dtype: torch.dtype, generic: bool, override: tuple) -> dict:
+    if generic:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     elif kind == "out":  # GEMM: output tile BLOCK_M×BLOCK_N, reduction step BLOCK_K (A100/H100-class defaults)
         wide = dtype != torch.float32
@@ -87,7 +105,7 @@ def _config(kind: str, dtype: torch.dtype, device: torch.device) -> dict:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=3)
     else:  # "s", "da": bandwidth-bound skinny products
         cfg = dict(BLOCK_M=64, BLOCK_K=64 if dtype != torch.float32 else 32, GROUP_M=1, num_warps=4, num_stages=3)
-    cfg.update({k: v for k, v in CONFIG_OVERRIDE.items() if k in cfg or k == "SPLIT"})
+    cfg.update({k: v for k, v in override if k in cfg or k == "SPLIT"})
     return cfg
 
 
@@ -95,7 +113,7 @@ def _split(cfg: dict, programs: int, steps: int, device) -> int:
     """How many ways to split a reduction so that there are ≥ 2 programs per SM (fixed, not tuned)."""
     if "SPLIT" in cfg:
         return max(1, min(int(cfg["SPLIT"]), steps))
-    want = triton.cdiv(2 * _num_sms(device), max(programs, 1))
+    want = _cdiv(2 * _num_sms(device), max(programs, 1))
     return max(1, min(want, steps, 16))
 
 
@@ -141,11 +159,11 @@ def s_forward(x2, A_stack, p: float, seed: int) -> torch.Tensor:
     G, BR, _ = A_stack.shape
     cfg = _config("s", x2.dtype, x2.device)
     BM, BK = cfg["BLOCK_M"], cfg["BLOCK_K"]
-    split = _split(cfg, triton.cdiv(M, BM), triton.cdiv(K, BK), x2.device)
+    split = _split(cfg, _cdiv(M, BM), _cdiv(K, BK), x2.device)
     part = torch.empty(split, G, M, BR, dtype=torch.float32, device=x2.device)
     meta = dict(G=G, HAS_DROPOUT=p > 0, OFFS64=_offs64(M, K), PRECISION=_precision(x2.dtype),
                 BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=BR, SPLIT_K=split)
-    _launch(s_fwd_kernel, "s_fwd", (triton.cdiv(M, BM), split),
+    _launch(s_fwd_kernel, "s_fwd", (_cdiv(M, BM), split),
             (x2, A_stack, part, M, K, seed, p, *x2.stride(), *A_stack.stride(), *part.stride()), meta, cfg)
     S = part[0] if split == 1 else part.sum(0)
     if p > 0:
@@ -161,7 +179,7 @@ def out_forward(x2, W, bias, S_g, B, scale: float) -> torch.Tensor:
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     meta = dict(HAS_BIAS=bias is not None, PRECISION=_precision(x2.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                 BLOCK_R=S_g.shape[1], GROUP_M=cfg["GROUP_M"])
-    _launch(out_fwd_kernel, "out_fwd", (triton.cdiv(M, BM) * triton.cdiv(N, BN),),
+    _launch(out_fwd_kernel, "out_fwd", (_cdiv(M, BM) * _cdiv(N, BN),),
             (x2, W, bias if bias is not None else W, S_g, B, y, M, N, K, R, float(scale),
              *x2.stride(), *W.stride(), *S_g.stride(), *B.stride(), *y.stride()), meta, cfg)
     return y
@@ -173,8 +191,8 @@ def dy_backward(dy2, B, S_g, scale: float, p: float):
     R, BR = B.shape[1], S_g.shape[1]
     cfg = _config("dy", dy2.dtype, dy2.device)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    num_m = triton.cdiv(M, BM)
-    split = _split(cfg, num_m, triton.cdiv(N, BN), dy2.device)
+    num_m = _cdiv(M, BM)
+    split = _split(cfg, num_m, _cdiv(N, BN), dy2.device)
     dsp = torch.empty(split, M, BR, dtype=torch.float32, device=dy2.device)
     dbp = torch.empty(num_m, N, BR, dtype=torch.float32, device=dy2.device)
     meta = dict(PRECISION=_precision(dy2.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR, SPLIT_N=split)
@@ -193,7 +211,7 @@ def dx_backward(dy2, W, dS_g, A_g, dx, seed: int, p: float, accumulate: bool) ->
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     meta = dict(HAS_DROPOUT=p > 0, ACCUMULATE=accumulate, OFFS64=_offs64(M, K), PRECISION=_precision(dy2.dtype),
                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, BLOCK_R=dS_g.shape[1], GROUP_M=cfg["GROUP_M"])
-    _launch(dx_bwd_kernel, "dx_bwd", (triton.cdiv(M, BM) * triton.cdiv(K, BK),),
+    _launch(dx_bwd_kernel, "dx_bwd", (_cdiv(M, BM) * _cdiv(K, BK),),
             (dy2, W, dS_g, A_g, dx, M, N, K, seed, p,
              *dy2.stride(), *W.stride(), *dS_g.stride(), *A_g.stride(), *dx.stride()), meta, cfg)
 
@@ -204,11 +222,11 @@ def da_backward(dS, x2, p: float, seed: int) -> torch.Tensor:
     K = x2.shape[1]
     cfg = _config("da", x2.dtype, x2.device)
     BM, BK = cfg["BLOCK_M"], cfg["BLOCK_K"]
-    split = _split(cfg, triton.cdiv(K, BK), triton.cdiv(M, BM), x2.device)
+    split = _split(cfg, _cdiv(K, BK), _cdiv(M, BM), x2.device)
     part = torch.empty(split, G, BR, K, dtype=torch.float32, device=x2.device)
     meta = dict(G=G, HAS_DROPOUT=p > 0, OFFS64=_offs64(M, K), PRECISION=_precision(x2.dtype),
                 BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=BR, SPLIT_M=split)
-    _launch(da_bwd_kernel, "da_bwd", (triton.cdiv(K, BK), split),
+    _launch(da_bwd_kernel, "da_bwd", (_cdiv(K, BK), split),
             (dS, x2, part, M, K, seed, p, *dS.stride(), *x2.stride(), *part.stride()), meta, cfg)
     return part[0] if split == 1 else part.sum(0)
 
@@ -216,7 +234,7 @@ def da_backward(dS, x2, p: float, seed: int) -> torch.Tensor:
 def dropout_keep(seed: int, m: int, k: int, p: float, device="cpu") -> torch.Tensor:
     """The keep mask (bool [m, k]) the kernels use for ``seed``: ``tl.rand(seed, row·k + col) >= p``."""
     out = torch.empty(m, k, dtype=torch.int8, device=device)
-    mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](out, m, k, int(seed), float(p), OFFS64=_offs64(m, k),
+    mask_kernel[(_cdiv(m, 32), _cdiv(k, 32))](out, m, k, int(seed), float(p), OFFS64=_offs64(m, k),
                                                             BLOCK_M=32, BLOCK_K=32)
     return out.bool()
 
@@ -246,7 +264,8 @@ class TritonLoraFunction(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
         BR = block_r(max(a.shape[0] for a in As))
-        S = s_forward(x2, _stack_A(As, BR, x.dtype), p, seed)  # [G, M, BR] fp32
+        A_stack = _stack_A(As, BR, x.dtype)  # small (G × BR × K): kept for backward's dx
+        S = s_forward(x2, A_stack, p, seed)  # [G, M, BR] fp32
         outs = []
         for g in range(G):
             W = Ws[g]
@@ -255,14 +274,14 @@ class TritonLoraFunction(torch.autograd.Function):
             y = out_forward(x2, W, bs[g], S[g], Bs[g], scales[g])
             outs.append(y.view(*x.shape[:-1], W.shape[0]))
         need_A = any(ctx.needs_input_grad[4 + 4 * g + 2] for g in range(G))
-        ctx.save_for_backward(x if need_A else None, S, *params)  # x only if some dA is needed
+        ctx.save_for_backward(x if need_A else None, S, A_stack, *params)  # x only if some dA is needed
         ctx.scales, ctx.p, ctx.seed, ctx.G, ctx.BR = tuple(float(s) for s in scales), float(p), int(seed), G, BR
         ctx.x_shape, ctx.x_meta = x.shape, (x.dtype, x.device)
         return outs[0] if G == 1 else tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
-        x, S, *params = ctx.saved_tensors
+        x, S, A_stack, *params = ctx.saved_tensors
         G, p, seed, BR = ctx.G, ctx.p, ctx.seed, ctx.BR
         Ws, As, Bs = params[0::4], params[2::4], params[3::4]
         dtype, device = ctx.x_meta
@@ -270,7 +289,7 @@ class TritonLoraFunction(torch.autograd.Function):
         M = S.shape[1]
         need_x = ctx.needs_input_grad[0]
         grads: list = [None] * (4 * G)
-        dS = torch.zeros(G, M, BR, dtype=torch.float32, device=device)
+        dS = None if G == 1 else torch.zeros(G, M, BR, dtype=torch.float32, device=device)
         dy2s = []
         for g, dy in enumerate(dys):
             if dy is None:
@@ -281,10 +300,14 @@ class TritonLoraFunction(torch.autograd.Function):
                 dy2 = dy2.contiguous()
             dy2s.append(dy2)
             dS_g, dB_g = dy_backward(dy2, Bs[g], S[g], ctx.scales[g], p)
-            dS[g].copy_(dS_g)
+            if G == 1:
+                dS = dS_g.unsqueeze(0)  # one adapter: its dS is the stack (no zero fill, no copy)
+            else:
+                dS[g].copy_(dS_g)
             if ctx.needs_input_grad[4 + 4 * g + 3]:
                 grads[4 * g + 3] = dB_g.to(Bs[g].dtype)
-        A_stack = _stack_A(As, BR, dtype)
+        if dS is None:  # one adapter and no gradient for its output
+            dS = torch.zeros(1, M, BR, dtype=torch.float32, device=device)
         dx = None
         if need_x:
             live = [g for g in range(G) if dy2s[g] is not None]
