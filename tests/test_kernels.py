@@ -371,30 +371,31 @@ def test_trainable_base_weight_is_refused():
         tb.grouped_lora_linear(x, [W], [b.requires_grad_()], [A], [B], [1.0])
 
 
-def _autocast_step(kernels: str, autocast: bool):
-    """Logits and LoRA gradients of one forward/backward of the tiny Llama (fp32 weights), with or without CPU bf16
-    autocast (fedlora's CUDA default is fp32 weights under bf16 autocast: the same recipe)."""
+def _autocast_step(kernels: str, autocast: bool, device: str = "cpu", batch: tuple = (2, 16)):
+    """Logits and LoRA gradients of one forward/backward of the tiny Llama (fp32 weights) on ``device``, with or
+    without bf16 autocast (fedlora's CUDA default is fp32 weights under bf16 autocast: the same recipe)."""
     from fedlora.kernels import apply_fused_lora
     from fedlora.kernels.peft_integration import call_stats
 
     model = _tiny_llama(dropout=0.0)
     _randomise_B(model)
+    model.to(device)
     apply_fused_lora(model, mode=kernels)
-    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    ids = torch.randint(0, 1000, batch, generator=torch.Generator().manual_seed(3)).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
     return out.logits.float().detach(), grads, call_stats(model)
 
 
-def test_autocast_runs_fused_in_the_autocast_dtype():
-    """Under bf16 autocast the fused forward no longer falls back to PEFT: it runs in bf16 (x, W, bias, A, B cast,
-    as every F.linear of PEFT's forward is), the fp32 factors get fp32 gradients, and it is as close to PEFT under
-    autocast as PEFT under autocast is to fp32 (bf16 rounding, summed in another order)."""
-    ref_logits, ref_grads, _ = _autocast_step("peft", autocast=False)
-    peft_logits, peft_grads, _ = _autocast_step("peft", autocast=True)
-    fused_logits, fused_grads, stats = _autocast_step("torch", autocast=True)
+def check_fused_under_autocast(kernels: str, device: str = "cpu", batch: tuple = (2, 16)) -> None:
+    """``kernels`` under bf16 autocast runs fused in bf16 on every adapted layer (no fallback to PEFT), gives fp32
+    gradients to the fp32 factors, and is as close to PEFT under autocast as PEFT under autocast is to fp32 (bf16
+    rounding, summed in another order). Also run on CUDA with kernels=triton by test_kernels_cuda.py."""
+    ref_logits, ref_grads, _ = _autocast_step("peft", False, device, batch)
+    peft_logits, peft_grads, _ = _autocast_step("peft", True, device, batch)
+    fused_logits, fused_grads, stats = _autocast_step(kernels, True, device, batch)
     assert stats["fused (autocast)"] == 14 and "fused" not in stats and not any("autocast to" in k for k in stats)
 
     def rel(a, b):
@@ -407,3 +408,9 @@ def test_autocast_runs_fused_in_the_autocast_dtype():
         assert g.dtype == torch.float32, n
         noise = rel(peft_grads[n], ref_grads[n])
         assert rel(g, peft_grads[n]) < max(3 * noise, 2e-2), n
+
+
+def test_autocast_runs_fused_in_the_autocast_dtype():
+    """Under CPU bf16 autocast the fused torch forward no longer falls back to PEFT: it runs in bf16 (x, W, bias, A,
+    B cast, as every F.linear of PEFT's forward is), within PEFT's own bf16 noise (check_fused_under_autocast)."""
+    check_fused_under_autocast("torch")

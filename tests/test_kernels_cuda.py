@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from test_kernels_triton import _depth, _problem, _reference_with_mask, _run  # the interpreter suite's helpers
 from tolerances import U16, assert_within, f32_tol, magnitude
 
 pytestmark = pytest.mark.skipif(
@@ -26,41 +27,10 @@ LOW = {torch.float32: (0, U16), torch.float16: (4, U16), torch.bfloat16: (4, 2.0
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _depth(m, k, n, r, groups=1):
-    return m + k + n + r + 8 * groups
-
-
-def _problem(m_shape, k, n, r, dtype, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*m_shape, k, generator=g).to(DEV, dtype).requires_grad_()
-    W = (torch.randn(n, k, generator=g) / k**0.5).to(DEV, dtype)
-    b = torch.randn(n, generator=g).to(DEV, dtype) if bias else None
-    A = (torch.randn(r, k, generator=g) / k**0.5).to(DEV).requires_grad_()  # fp32 master factors
-    B = (torch.randn(n, r, generator=g) * 0.5).to(DEV).requires_grad_()
-    dy = torch.randn(*m_shape, n, generator=g).to(DEV, dtype)
-    return x, W, b, A, B, dy
-
-
-def _run(fn, x, A, B, dy):
-    y = fn(x, A, B)
-    return (y, *torch.autograd.grad(y, (x, A, B), dy))
-
-
 def _check(got, want, mags, depth, what, dtype):
     low, u_low = LOW[dtype]
     for i, (u, v, mag) in enumerate(zip(got, want, mags)):
         assert_within(u, v, f32_tol(depth, mag.detach(), sides=1, low=low, u_low=u_low), f"{what} [{i}]")
-
-
-def _reference_with_mask(x, W, b, A, B, dy, s, keep, p):
-    """float64 maths with an explicit keep mask."""
-    xr, Ar, Br = (t.detach().double().requires_grad_() for t in (x, A, B))
-    k = x.shape[-1]
-    xd = xr * keep.view(*x.shape[:-1], k).double() / (1 - p)
-    y = xr @ W.double().T + s * (xd @ Ar.T) @ Br.T
-    if b is not None:
-        y = y + b.double()
-    return (y, *torch.autograd.grad(y, (xr, Ar, Br), dy.double()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -71,7 +41,7 @@ def test_compiled_matches_float64(dtype, shape):
     from fedlora.kernels import triton_backend as trb
 
     m_shape, k, n, r = shape
-    x, W, b, A, B, dy = _problem(m_shape, k, n, r, dtype, bias=k != 1024)
+    x, W, b, A, B, dy = _problem(m_shape, k, n, r, dtype, bias=k != 1024, device=DEV)
     got = _run(lambda x, A, B: trb.lora_linear(x, W, b, A, B, 0.5), x, A, B, dy)
     ref = lambda x, W, b, A, B, dy: _run(lambda x, A, B: tb.lora_linear(x, W, b, A, B, 0.5), x, A, B, dy)  # noqa: E731
     xr, Ar, Br = (t.detach().double().requires_grad_() for t in (x, A, B))
@@ -90,7 +60,7 @@ def test_compiled_dropout_one_mask_forward_and_backward(dtype):
 
     m_shape, k, n, r, p, seed = (3, 300), 264, 130, 8, 0.3, 4242
     m = 900
-    x, W, b, A, B, dy = _problem(m_shape, k, n, r, dtype)
+    x, W, b, A, B, dy = _problem(m_shape, k, n, r, dtype, device=DEV)
     got = _run(lambda x, A, B: trb.lora_linear(x, W, b, A, B, 1.5, p, seed), x, A, B, dy)
     keep = trb.dropout_keep(seed, m, k, p, DEV)
     assert keep.device.type == DEV and torch.equal(keep, trb.dropout_keep(seed, m, k, p, DEV))
@@ -136,41 +106,10 @@ def test_compiled_grouped_qkv(dtype):
     _check(got, want, mags, _depth(m, k, sum(widths), sum(ranks), groups=3), f"{dtype} outputs, dx, dA, dB", dtype)
 
 
-def _llama_step(kernels: str, autocast: bool):
-    """Logits and LoRA gradients of one forward/backward of test_kernels.py's tiny Llama on the device, fp32
-    weights, with or without bf16 autocast (fedlora's CUDA default)."""
-    from test_kernels import _randomise_B, _tiny_llama
-
-    from fedlora.kernels import apply_fused_lora
-    from fedlora.kernels.peft_integration import call_stats
-
-    model = _tiny_llama(dropout=0.0)
-    _randomise_B(model)
-    model.to(DEV)
-    apply_fused_lora(model, mode=kernels)
-    ids = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(3)).to(DEV)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
-    return out.logits.float().detach(), grads, call_stats(model)
-
-
 def test_triton_under_bf16_autocast_matches_peft():
     """kernels=triton under bf16 autocast runs the compiled kernels in bf16 (14 'fused (autocast)' calls, no
     fallback to PEFT), gives fp32 gradients to the fp32 factors, and is as close to PEFT under autocast as PEFT
-    under autocast is to fp32."""
-    ref_logits, ref_grads, _ = _llama_step("peft", autocast=False)
-    peft_logits, peft_grads, _ = _llama_step("peft", autocast=True)
-    fused_logits, fused_grads, stats = _llama_step("triton", autocast=True)
-    assert stats["fused (autocast)"] == 14 and "fused" not in stats, stats
+    under autocast is to fp32: test_kernels.py's check, on the device with a larger batch."""
+    from test_kernels import check_fused_under_autocast
 
-    def rel(a, b):
-        return ((a - b).norm() / b.norm()).item()
-
-    bf16_noise = rel(peft_logits, ref_logits)
-    assert 1e-4 < bf16_noise < 2e-2
-    assert rel(fused_logits, peft_logits) < 3 * bf16_noise
-    for n, g in fused_grads.items():
-        assert g.dtype == torch.float32, n
-        assert rel(g, peft_grads[n]) < max(3 * rel(peft_grads[n], ref_grads[n]), 2e-2), n
+    check_fused_under_autocast("triton", DEV, (4, 64))

@@ -60,14 +60,14 @@ def _fresh_config():
     trb.CONFIG_OVERRIDE.clear()
 
 
-def _problem(m_shape, k, n, r, dtype, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*m_shape, k, generator=g).to(dtype).requires_grad_()
-    W = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    A = (torch.randn(r, k, generator=g) / k**0.5).requires_grad_()  # fp32 master factors
-    B = (torch.randn(n, r, generator=g) * 0.5).requires_grad_()
-    dy = torch.randn(*m_shape, n, generator=g).to(dtype)
+def _problem(m_shape, k, n, r, dtype, bias=True, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on every device
+    x = torch.randn(*m_shape, k, generator=g).to(device, dtype).requires_grad_()
+    W = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    A = (torch.randn(r, k, generator=g) / k**0.5).to(device).requires_grad_()  # fp32 master factors
+    B = (torch.randn(n, r, generator=g) * 0.5).to(device).requires_grad_()
+    dy = torch.randn(*m_shape, n, generator=g).to(device, dtype)
     return x, W, b, A, B, dy
 
 

@@ -30,7 +30,6 @@ dtype only as dot operands. fp32 inputs use ``input_precision="ieee"`` (no TF32)
 from __future__ import annotations
 
 import functools
-
 import os
 
 import torch
