@@ -319,6 +319,8 @@ def validate(cfg: DictConfig) -> None:
     _number_in(cfg, "simulation.num_cpus", 1, integer=True, null=True, hint=": null uses every core")
     if cfg.partitioner.name == "label_skew":
         _check_label_skew(cfg)
+    if cfg.partitioner.name == "dirichlet" and "redraws" in cfg.partitioner:  # (a run saved before the key: 10)
+        _number_in(cfg, "partitioner.redraws", 0, integer=True, hint=" (times a failed Dirichlet draw starts again)")
     from . import privacy
 
     try:
