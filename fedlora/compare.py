@@ -1,6 +1,6 @@
 """``fedlora compare``: several strategies on identical partitions, seeds, model and budget, over one or more
-seeds, then tables (``comparison.md``, ``comparison.csv``, ``comparison_seeds.csv``) and two plots
-(``accuracy_vs_round.png``, ``accuracy_vs_bytes.png``).
+seeds, then tables (``comparison.md``, ``comparison.csv``, ``comparison_seeds.csv``, ``comparison_rounds.csv``) and
+plots (``accuracy_vs_round.png``, ``accuracy_vs_bytes.png``, ``cross_term_error_vs_round.png``).
 
   fedlora compare strategies=[fedit,flora,ffa_lora,lora_fair] seeds=[0,1,2] [run overrides] [target=0.8]
   fedlora compare preset=heterogeneous
@@ -45,7 +45,10 @@ seed, then write
                              seed's difference, >= 5 seeds by a paired t-test at 5%); the difference to the
                              centralised row; a strategy refused for this setting is a "not run: <reason>" row
   OUT/comparison_seeds.csv   one row per (seed, strategy)
+  OUT/comparison_rounds.csv  one row per (strategy, round): test and validation accuracy and the cross-term error
+                             of strategies that average factors, mean and sample sd over seeds
   OUT/accuracy_vs_round.png, accuracy_vs_bytes.png    one line per strategy, a band of ± one sd over seeds
+  OUT/cross_term_error_vs_round.png                   the same for the cross-term error, where runs report it
 
   strategies=[a,b,...]   strategies to compare (default: compare.strategies in the config:
                          fedit, flora, ffa_lora, lora_fair; preset=heterogeneous picks its own). STRATEGY@TAG is

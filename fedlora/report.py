@@ -349,19 +349,21 @@ def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) ->
         w.writerows(rows)
 
 
-def _curve(run_dir: Path, xkey: str) -> dict:
-    """round -> (x, eval accuracy) of one run; x is the round or the cumulative MB (up + down) after it."""
+def _curve(run_dir: Path, xkey: str, ykey: str = "eval_accuracy") -> dict:
+    """round -> (x, y) of one run, at the rounds that report ``ykey`` (default the test accuracy); x is the round or
+    the cumulative MB (up + down) after it."""
     tot, out = 0, {}
     for r in read_metrics(run_dir):
         tot += r.get("bytes_up", 0) + r.get("bytes_down", 0)
-        if r.get("eval_accuracy") is not None:
-            out[r["round"]] = (r["round"] if xkey == "round" else tot / 1e6, r["eval_accuracy"])
+        if r.get(ykey) is not None:
+            out[r["round"]] = (r["round"] if xkey == "round" else tot / 1e6, r[ykey])
     return out
 
 
-def band(run_dirs: list[Path], xkey: str) -> tuple[list, list, list]:
-    """xs, mean accuracy and its sample sd (0 with one run) over the runs, at the rounds every run evaluated."""
-    curves = [_curve(d, xkey) for d in run_dirs]
+def band(run_dirs: list[Path], xkey: str, ykey: str = "eval_accuracy") -> tuple[list, list, list]:
+    """xs, the mean of ``ykey`` (default the test accuracy) and its sample sd (0 with one run) over the runs, at the
+    rounds every run reported it."""
+    curves = [_curve(d, xkey, ykey) for d in run_dirs]
     rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     xs, ys, sds = [], [], []
     for rnd in rounds:
@@ -372,10 +374,40 @@ def band(run_dirs: list[Path], xkey: str) -> tuple[list, list, list]:
     return xs, ys, sds
 
 
+#: per-round figures averaged over seeds in ``comparison_rounds.csv``: test and validation accuracy, and the
+#: aggregation's cross-term error ‖s B̄Ā − ΔW*‖/‖ΔW*‖ of the strategies that average factors (empty for the others)
+ROUND_FIGURES = ["eval_accuracy", "val_accuracy", "cross_term_error"]
+ROUND_COLUMNS = ["strategy", "round", "seeds"] + [c for f in ROUND_FIGURES for c in (f, f + "_sd")]
+
+
+def round_rows(runs: dict[str, list[Path]]) -> list[dict]:
+    """One row per (strategy, round that every one of its runs reached): each of :data:`ROUND_FIGURES` as the mean
+    and sample sd over the runs (one per seed), or None where some run did not report it that round."""
+    rows = []
+    for name, dirs in runs.items():
+        per_run = [{r["round"]: r for r in read_metrics(d)} for d in dirs]
+        for rnd in sorted(set.intersection(*(set(m) for m in per_run))):
+            row = {"strategy": name, "round": rnd, "seeds": len(dirs)}
+            for k in ROUND_FIGURES:
+                vals = [m[rnd].get(k) for m in per_run]
+                row[k], row[k + "_sd"] = (None, None) if None in vals else mean_sd(vals)
+            rows.append(row)
+    return rows
+
+
+def _band_line(ax, xs, ys, sds, with_band: bool, **style) -> None:
+    """One strategy's mean line on ``ax``, with a band of ± one sd when it averages several seeds."""
+    (line,) = ax.plot(xs, ys, marker="o", ms=3, **style)
+    if with_band:
+        ax.fill_between(xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+
+
 def plots(out: Path, runs: dict[str, list[Path]]) -> None:
     """``accuracy_vs_round.png`` and ``accuracy_vs_bytes.png`` in ``out``: one line per strategy (the mean over
     its run directories, one per seed) with a band of ± one sample sd. The centralised run moves no bytes: on the
-    bytes plot it is a dashed horizontal line at its final accuracy."""
+    bytes plot it is a dashed horizontal line at its final accuracy. ``cross_term_error_vs_round.png`` likewise,
+    for the strategies whose runs report a cross-term error."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,10 +424,7 @@ def plots(out: Path, runs: dict[str, list[Path]]) -> None:
                 ax.axhline(ys[-1], ls="--", color="grey", label=f"{name} (ceiling)")
                 continue
             style = {"ls": "--", "color": "grey", "label": f"{name} (ceiling)"} if name == CENTRALISED else {}
-            (line,) = ax.plot(xs, ys, marker="o", ms=3, **({"label": name} | style))
-            if len(dirs) > 1:
-                ax.fill_between(xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)],
-                                color=line.get_color(), alpha=0.2, linewidth=0)
+            _band_line(ax, xs, ys, sds, len(dirs) > 1, **({"label": name} | style))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy" + (" (mean ± sd over seeds)" if any(len(d) > 1 for d in runs.values())
                                          else ""))
@@ -404,13 +433,25 @@ def plots(out: Path, runs: dict[str, list[Path]]) -> None:
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
+    crossed = {n: d for n, d in runs.items() if band(d, "round", "cross_term_error")[0]}
+    if crossed:  # next to accuracy: when the averaged factors' cross terms are large, and whether accuracy pays
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, dirs in crossed.items():
+            _band_line(ax, *band(dirs, "round", "cross_term_error"), len(dirs) > 1, label=name)
+        ax.set_xlabel("round")
+        ax.set_ylabel("cross-term error ‖sB̄Ā − ΔW*‖ / ‖ΔW*‖")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "cross_term_error_vs_round.png", dpi=120)
+        plt.close(fig)
 
 
 def write_comparison(out: Path, seed_rows: list[dict], target: float, setting: str,
                      baseline: str | None = None) -> str:
     """From one row per (seed, strategy) (:data:`COLUMNS`; ``run_dir`` relative to ``out``): ``comparison_seeds.csv``,
     ``comparison.csv`` (:func:`aggregate`), ``comparison.md`` (``setting``: one sentence on what was compared) and,
-    when some run finished, the plots; returns the markdown table."""
+    when some run finished, ``comparison_rounds.csv`` (:func:`round_rows`) and the plots; returns the markdown table."""
     out = Path(out)
     write_csv(out / "comparison_seeds.csv", seed_rows, COLUMNS)
     rows = aggregate(seed_rows, baseline)
@@ -422,5 +463,6 @@ def write_comparison(out: Path, seed_rows: list[dict], target: float, setting: s
         if _counts(r) and r.get("run_dir"):
             runs.setdefault(r["strategy"], []).append(out / r["run_dir"])
     if runs:
+        write_csv(out / "comparison_rounds.csv", round_rows(runs), ROUND_COLUMNS)
         plots(out, runs)
     return table

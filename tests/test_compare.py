@@ -129,6 +129,33 @@ def test_tables_and_plots_from_run_directories(tmp_path):
     assert xs == [0, 1, 2] and ys[2] == pytest.approx(0.82) and sds[2] == pytest.approx(0.02)
     assert (tmp_path / "accuracy_vs_round.png").stat().st_size > 0
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 0
+    rounds = {(r["strategy"], r["round"]): r for r in read_csv(tmp_path / "comparison_rounds.csv")}
+    assert len(rounds) == 12 and rounds[("fedit", "2")]["seeds"] == "3"
+    assert float(rounds[("fedit", "2")]["eval_accuracy"]) == pytest.approx(0.82)
+    assert float(rounds[("fedit", "2")]["eval_accuracy_sd"]) == pytest.approx(0.02)
+    assert rounds[("fedit", "2")]["cross_term_error"] == ""  # no run reported one
+    assert not (tmp_path / "cross_term_error_vs_round.png").exists()
+
+
+def test_cross_term_error_per_round_next_to_accuracy(tmp_path):
+    """Runs that report a cross-term error: its per-round mean and sd over seeds beside the accuracy, a plot; a round
+    that some seed's run did not report stays empty rather than averaging the others."""
+    errs = {0: [None, 0.6, 0.2], 1: [None, 0.4, None], 2: [None, 0.5, 0.3]}
+    dirs = []
+    for s, e in errs.items():
+        d = fake_run(tmp_path / f"seed_{s}/fedit", [0.5, 0.7, 0.8 + s / 100])
+        rows = report.read_metrics(d)
+        for r, v in zip(rows, e):
+            if v is not None:
+                r["cross_term_error"] = v
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(d)
+    rows = {r["round"]: r for r in report.round_rows({"fedit": dirs})}
+    assert rows[1]["cross_term_error"] == pytest.approx(0.5) and rows[1]["cross_term_error_sd"] == pytest.approx(0.1)
+    assert rows[2]["cross_term_error"] is None and rows[0]["cross_term_error"] is None
+    assert rows[2]["eval_accuracy"] == pytest.approx(0.81) and rows[2]["seeds"] == 3
+    report.plots(tmp_path, {"fedit": dirs})
+    assert (tmp_path / "cross_term_error_vs_round.png").stat().st_size > 0
 
 
 def test_one_seed_keeps_plain_values(tmp_path):
