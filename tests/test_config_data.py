@@ -54,6 +54,14 @@ def test_sst2_local_folder_and_partitions_are_seeded():
     assert len(data.partition(cfg2, 2)) != len(data.partition(cfg, 2))
 
 
+def test_drift_preset_composes_as_documented():
+    cfg = config.load(["preset=drift"])
+    assert (cfg.partitioner.name, cfg.partitioner.alpha, cfg.local_steps) == ("dirichlet", 0.1, 50)
+    assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.round_timeout) == (16, 32, 3600)
+    assert config.load(["preset=drift", "round_timeout=900"]).round_timeout == 900  # the command line wins
+    assert config.load(["preset=drift", "partitioner=iid"]).partitioner.name == "iid"
+
+
 def test_dirichlet_redraws_where_flwr_gives_up():
     """Dirichlet(0.1) over SST-2's 2 labels and 10 clients: flwr-datasets' 11 draws all leave some client under
     min_partition_size for seed 1 (the drift preset failed there); fedlora starts again from derived seeds, so every
