@@ -121,7 +121,7 @@ def run_one(ov: list[str], out_dir: Path, final_eval: int | None = None) -> dict
     from harness import InProcessGrid
 
     from fedlora import strategies
-    from fedlora import config, data, models
+    from fedlora import batching, config, data, models
     from fedlora.strategies.server_app import evaluate_global, run_server
 
     cfg = config.load(ov)
@@ -144,7 +144,7 @@ def run_one(ov: list[str], out_dir: Path, final_eval: int | None = None) -> dict
     full = config.load(ov + [f"eval.max_examples={final_eval or 'null'}"])
     bundle = models.cached(full)
     _, test = data.load(full.data)
-    collator = data.Collator(bundle.tokenizer, bundle.task, int(full.train.max_length), full.data.get("label_words"))
+    collator = batching.Collator(bundle.tokenizer, bundle.task, int(full.train.max_length), full.data.get("label_words"))
     final = evaluate_global(bundle, captured["strategy"], test, collator, full)
     return {
         "final_accuracy": final["eval_accuracy"], "final_loss": final["eval_loss"], "dev_examples": len(test),
@@ -172,12 +172,12 @@ def noise_table(a) -> dict:
 def probe(lrs: list[float], steps: int = 30, batch: int = 32) -> dict:
     """Centralised, non-private learning speed (balanced SST-2 train, one model): which AdamW lr learns within
     the few steps a run has. Dev accuracy on the first 160 dev examples every 10 steps."""
-    from fedlora import config, data, models, train
+    from fedlora import batching, config, data, models, train
 
     cfg = config.load(["model=minilm", "num_clients=2"])
     b = models.build(cfg)
     train_ds, test = data.load(cfg.data)
-    col = data.Collator(b.tokenizer, b.task, 64, None)
+    col = batching.Collator(b.tokenizer, b.task, 64, None)
     init = {k: v.detach().clone() for k, v in b.model.state_dict().items()}
     sub = test.select(range(160))
     out = {}
@@ -199,7 +199,7 @@ def centralised(a) -> dict:
     """The same model, optimizer and DP-SGD steps without federation or label skew: one model trained on a shuffled
     22,000-row sample of SST-2 train (the size of one client) for rounds x steps steps in one go, then evaluated on
     the whole dev split. Separates what DP costs at this compute from what the label-skewed federation adds."""
-    from fedlora import adapters, config, data, models, train
+    from fedlora import adapters, batching, config, data, models, train
     from fedlora import privacy as P
 
     out = {}
@@ -211,7 +211,7 @@ def centralised(a) -> dict:
                 adapters.train_A(bundle.model, False)
             tr, dev = data.load(cfg.data)
             tr = tr.shuffle(seed=a.seeds[0]).select(range(22000))
-            col = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), None)
+            col = batching.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), None)
             steps, lr = a.rounds * a.steps, float(cfg.train.lr) * float(cfg.strategy.get("lr_multiplier", 1.0))
             common = dict(steps=steps, batch_size=a.batch, lr=lr, step_offset=0, total_steps=steps, task=bundle.task,
                           micro_batch_size=a.micro)

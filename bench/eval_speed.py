@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedlora import config, data, models, train  # noqa: E402
+from fedlora import batching, config, data, models, train  # noqa: E402
 
 
 def main(argv: list[str]) -> dict:
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> dict:
     cfg = config.load(argv)
     bundle = models.build(cfg)
     _, validation, test = data.split(cfg)
-    coll = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+    coll = batching.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     res = {"model": cfg.model.name, "test_rows": len(test), "validation_rows": len(validation),
            "batch_size": int(cfg.eval.batch_size), "load_avg_before": os.getloadavg()[0]}
     for by_length in (False, True):

@@ -73,12 +73,12 @@ def majority(labels: list[np.ndarray]) -> float:
 def score(run_dir: Path, held, labels: list[np.ndarray]) -> dict:
     """A run's exported global model: per-class test accuracy, its mix-weighted figure and its accuracy on the
     slices."""
-    from fedlora import config, data, train
+    from fedlora import batching, config, data, train
     from fedlora.generate import load
 
     cfg = config.from_yaml((run_dir / "config.yaml").read_text())
     model, tok = load(run_dir)
-    collator = data.Collator(tok, cfg.model.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+    collator = batching.Collator(tok, cfg.model.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     test = data.split(cfg)[2]
     y_test = np.asarray(test["label"])
     classes = sorted(set(y_test.tolist()))

@@ -41,14 +41,14 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    from fedlora import config, data, models, train
+    from fedlora import batching, config, data, models, train
     from fedlora import privacy as P
 
     cfg = config.load(["model=minilm"])
     bundle = models.build(cfg)
     tr, _ = data.load(cfg.data)
     tr = tr.shuffle(seed=0).select(range(20000))
-    col = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), None)
+    col = batching.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), None)
     start = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
     dp = P.DPConfig(noise_multiplier=0.9, target_delta=1e-5)
 

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedlora import adapters, config, data, models, preflight, train  # noqa: E402
+from fedlora import adapters, batching, config, data, models, preflight, train  # noqa: E402
 from fedlora.report import read_metrics  # noqa: E402
 from fedlora.simulation import quiet_libraries, simulate  # noqa: E402
 
@@ -33,7 +33,7 @@ DEFAULTS = ["model=tiny_llama", "num_clients=8", "local_steps=20", "num_rounds=4
 
 def plain_round(cfg, bundle, rnd: int) -> float:
     """The local training of one round, all clients one after the other, no Flower."""
-    coll = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+    coll = batching.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     init = adapters.from_peft(bundle.model)
     t0 = time.perf_counter()
     for pid in range(int(cfg.num_clients)):

@@ -136,7 +136,7 @@ def cmd_kernels(args) -> None:
     import numpy as np
     import torch
 
-    from fedlora import config, data, models, train
+    from fedlora import batching, config, data, models, train
     from fedlora.kernels import apply_fused_lora, is_fused, remove_fused_lora
     from fedlora.kernels.peft_integration import call_stats
 
@@ -146,7 +146,7 @@ def cmd_kernels(args) -> None:
     bundle = models.build(cfg)
     model, tok = bundle.model, bundle.tokenizer
     train_ds, _, _ = data.split(cfg)
-    coll = data.Collator(tok, "causal-lm", int(cfg.train.max_length), cfg.data.label_words)
+    coll = batching.Collator(tok, "causal-lm", int(cfg.train.max_length), cfg.data.label_words)
     rng = np.random.default_rng(0)
     n = args.warmup + args.steps
     batches = [coll([train_ds[int(j)] for j in rng.choice(len(train_ds), 8, replace=False)]) for _ in range(n)]
@@ -263,7 +263,7 @@ def _cli_run(overrides: list[str], work: Path, name: str) -> dict:
 def cmd_dp(args) -> None:
     import torch
 
-    from fedlora import config, data, models, privacy, train
+    from fedlora import batching, config, data, models, privacy, train
 
     t0, load0 = time.time(), os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="fedlora-smollm2-dp-"))
@@ -282,7 +282,7 @@ def cmd_dp(args) -> None:
     bundle = models.build(cfg)
     train_ds, _, _ = data.split(cfg)
     ds = train_ds.select(range(args.rows))
-    coll = data.Collator(bundle.tokenizer, "causal-lm", 96, cfg.data.label_words)
+    coll = batching.Collator(bundle.tokenizer, "causal-lm", 96, cfg.data.label_words)
     dp_cfg = privacy.dp_config(cfg)
     kw = dict(steps=1, batch_size=8, lr=float(cfg.train.lr), total_steps=100, task="causal-lm")
     times: dict[str, list] = {"no_dp": [], "dp_sgd": []}

@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedlora import adapters, config, data, merges, models, privacy, train
+from fedlora import adapters, batching, config, data, merges, models, privacy, train
 from fedlora.messages import CONFIG_KEY, DIGEST_KEY, NEEDS_CONFIG
 
 from . import comm, scaffold as node_scaffold
@@ -122,7 +122,7 @@ def importance_reply(msg: Message, context: Context, cfg, node: NodeSettings) ->
         for layer in adapters.lora_layers(bundle.model).values():
             for b in layer.lora_B.values():
                 b.weight.zero_()
-    collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+    collator = batching.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     steps = int(conf["fl.importance-steps"])
     batches = [{k: v.to(bundle.device) for k, v in collator([ds[int(j)] for j in idx]).items()}
                for idx in train.batch_indices(len(ds), int(conf["fl.batch_size"]), steps,
@@ -282,8 +282,8 @@ def keep_personal(state: adapters.AdapterState, conf, context: Context, bundle, 
     return out
 
 
-def collator_of(bundle: models.Bundle, cfg) -> data.Collator:
-    return data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+def collator_of(bundle: models.Bundle, cfg) -> batching.Collator:
+    return batching.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
 
 
 def train_fn(msg: Message, context: Context, node_defaults=None) -> Message:
@@ -333,7 +333,7 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
     bs = int(conf.get("fl.batch_size", cfg.train.batch_size))  # FedPipe assigns batch size and steps per client
     steps = int(cfg.local_steps) if not cfg.local_epochs else max(1, math.ceil(len(ds) / bs * float(cfg.local_epochs)))
     steps = int(conf.get("fl.local_steps", steps))
-    collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+    collator = batching.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     pid = node.partition_id
     dp_metrics = {}
     if privacy.mode_of(cfg) == "dp_sgd":

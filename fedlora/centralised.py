@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import config, data, models, report, rundir, train
+from . import batching, config, data, models, report, rundir, train
 
 DEFAULT_LR_GRID = (3e-4, 1e-3, 3e-3)
 
@@ -107,7 +107,7 @@ def train_at(cfg, lr: float, splits: dict, plan: dict, initial: dict | None = No
     AdamW for all ``plan["total_steps"]`` steps, batches drawn once from the pooled rows and cut into rounds.
     ``initial``: round 0's figures if already measured (the starting model is the same for every lr)."""
     bundle = models.build(cfg)
-    collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+    collator = batching.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     pooled, spr, total, seed = splits["pooled"], plan["steps_per_round"], plan["total_steps"], int(cfg.seed)
     params = [p for p in bundle.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.train.weight_decay))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import config, data
+from . import batching, config, data
 from .rundir import check_fresh, claim_run_dir, default_run_dir
 
 #: What ``resume=RUN_DIR key=value ...`` may change of the saved config: how many rounds (``num_rounds``; under
@@ -223,7 +223,7 @@ def _check_model(model_yaml: str, label_words: tuple | None) -> None:
             f"model.lora.target_modules={shown} {why} in model={mc.name}: name some of its linear layers "
             f"({', '.join(linear[:10])}), a regular expression over full module names, or all-linear.") from None
     if label_words and mc.task == "causal-lm":
-        data.Collator(tok, "causal-lm", 8, list(label_words))  # DataError: label words that share a first token
+        batching.Collator(tok, "causal-lm", 8, list(label_words))  # DataError: label words that share a first token
 
 
 def refuse_group_overrides(overrides: list[str]) -> None:

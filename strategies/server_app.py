@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
-from fedlora import adapters, checkpoint, config, data, models, rundir, train
+from fedlora import adapters, batching, checkpoint, config, data, models, rundir, train
 from fedlora.report import Recorder
 from fedlora.validate import check_handshake
 
@@ -214,7 +214,7 @@ def _run(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False) -> di
     recorder = None if resume else Recorder(run_dir, config.to_yaml(cfg), int(cfg.num_rounds), echo=echo)
     bundle = models.build(cfg)
     _, validation, test = data.split(cfg)  # validation: server-only, never dealt to a client
-    collator = data.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
+    collator = batching.Collator(bundle.tokenizer, bundle.task, int(cfg.train.max_length), cfg.data.get("label_words"))
     initial = adapters.from_peft(bundle.model)
     shapes = {n: (l.out_features, l.in_features) for n, l in adapters.lora_layers(bundle.model).items()}
     strategy = get_strategy(cfg.strategy.name)(cfg, initial, shapes)

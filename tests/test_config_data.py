@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from conftest import ROOT, SST2, fedlora_cmd
 
-from fedlora import config, data
+from fedlora import batching, config, data
 from fedlora.config import ConfigError
 
 
@@ -171,7 +171,7 @@ def test_local_training_is_reproducible_whatever_ran_before():
     bundle = models.build(cfg)
     tr, _ = data.load(cfg.data)
     ds = tr.select(range(64))
-    coll = data.Collator(bundle.tokenizer, bundle.task, 16, cfg.data.get("label_words"))
+    coll = batching.Collator(bundle.tokenizer, bundle.task, 16, cfg.data.get("label_words"))
     start = adapters.from_peft(bundle.model)
 
     def one(noise_draws: int):

@@ -423,12 +423,12 @@ def test_importance_scores_cover_every_lora_target_of_minilm():
     """FedPipe's warm-up scores every module PEFT adapts (MiniLM's defaults include the pooler)."""
     from peft import PeftModel  # noqa: F401
 
-    from fedlora import adapters, config, data, models, train
+    from fedlora import adapters, batching, config, data, models, train
 
     cfg = config.load(["model=minilm", "strategy=fedpipe", "num_clients=2"])
     b = models.build(cfg)
     tr, _ = data.load(cfg.data)
-    col = data.Collator(b.tokenizer, b.task, 32, None)
+    col = batching.Collator(b.tokenizer, b.task, 32, None)
     scores = importance.importance_scores(b.model, [col([tr[i] for i in range(4)])], 1,
                                  targets=list(cfg.model.lora.target_modules),
                                  loss_fn=lambda m, batch: train.model_loss(m, batch, b.task))

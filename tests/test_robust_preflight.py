@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, fedlora_cmd
 
-from fedlora import checkpoint, config, data, preflight, train
+from fedlora import batching, checkpoint, config, data, preflight, train
 from fedlora.config import ConfigError
 
 BASE = ["model=tiny_llama", "num_rounds=1", "num_clients=2"]
@@ -216,7 +216,7 @@ def test_robust_3_unlabelled_test_rows_are_dropped_with_a_count(tmp_path):
     from fedlora import models
 
     bundle = models.build(cfg)
-    coll = data.Collator(bundle.tokenizer, bundle.task, 32, cfg.data.label_words)
+    coll = batching.Collator(bundle.tokenizer, bundle.task, 32, cfg.data.label_words)
     res = train.evaluate(bundle.model, test, coll, task=bundle.task, batch_size=4)
     assert 0.0 <= res["eval_accuracy"] <= 1.0 and res["eval_loss"] > 0
     with pytest.raises(data.DataError, match=r"label -1 is not a class id in \[0, 2\)"):
@@ -225,7 +225,7 @@ def test_robust_3_unlabelled_test_rows_are_dropped_with_a_count(tmp_path):
         coll([{"text": "a third class", "label": 2}])
 
     # seq-cls: the same split evaluates; a -1 row is refused by the collator, never fed to cross-entropy
-    seq = data.Collator(_Tok(), "seq-cls", 16)
+    seq = batching.Collator(_Tok(), "seq-cls", 16)
     res = train.evaluate(_tiny_seq_cls(), test, seq, task="seq-cls", batch_size=4)
     assert 0.0 <= res["eval_accuracy"] <= 1.0
     with pytest.raises(data.DataError, match="label -1 is not a class id"):

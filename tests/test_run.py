@@ -10,7 +10,7 @@ from conftest import ROOT, fedlora_cmd, tagged_env, tagged_pids
 from safetensors.torch import load_file
 from tolerances import assert_within, f32_tol
 
-from fedlora import adapters, config, data, models, train
+from fedlora import adapters, batching, config, data, models, train
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_saved_adapter_reloads_with_plain_peft(run_dir):
     base, tok = models.build_base(cfg.model, int(cfg.seed))
     model = PeftModel.from_pretrained(base, str(out / "adapter"))
     _, test = data.load(cfg.data)
-    coll = data.Collator(tok, cfg.model.task, cfg.train.max_length, cfg.data.label_words)
+    coll = batching.Collator(tok, cfg.model.task, cfg.train.max_length, cfg.data.label_words)
     res = train.evaluate(model, test, coll, task=cfg.model.task, max_examples=cfg.eval.max_examples)
     summary = json.loads((out / "summary.json").read_text())
     assert abs(res["eval_accuracy"] - summary["final_eval_accuracy"]) <= 0.002

@@ -13,7 +13,7 @@ import torch
 from harness import InProcessGrid
 from omegaconf import OmegaConf
 
-from fedlora import cli, config, data, generate, models, prompts, train
+from fedlora import batching, cli, config, data, generate, models, prompts, train
 from fedlora.config import ConfigError
 from fedlora.strategies.server_app import run_server
 
@@ -59,7 +59,7 @@ def test_smollm2_chat_template_wraps_prompts_and_keeps_it_when_cut(smol):
     assert len(cut) == 64 and cut[-len(whole) + 40:] == whole[-len(whole) + 40:]  # the question and the turn kept
     assert tok.decode(cut[:3]).startswith("<|im_start|>system")
     # the collator: the label word is the assistant's answer, then <|im_end|>; the loss on those tokens only
-    batch = data.Collator(tok, "causal-lm", 96, ["negative", "positive"])([{"text": "a gorgeous, witty film",
+    batch = batching.Collator(tok, "causal-lm", 96, ["negative", "positive"])([{"text": "a gorgeous, witty film",
                                                                           "label": 1}])
     ids, labels, pos = batch["input_ids"][0].tolist(), batch["labels"][0].tolist(), int(batch["answer_pos"][0])
     assert ids[:pos + 1] == whole and ids[pos + 1:] == tok("positive", add_special_tokens=False)["input_ids"] + [2]
@@ -93,7 +93,7 @@ def test_smollm2_federated_run_reloads_with_plain_peft(smol, run_dir):
 
     model = PeftModel.from_pretrained(copy.deepcopy(base), str(run_dir / "adapter")).eval()
     _, _, test = data.split(cfg)
-    collator = data.Collator(tok, "causal-lm", int(cfg.train.max_length), cfg.data.label_words)
+    collator = batching.Collator(tok, "causal-lm", int(cfg.train.max_length), cfg.data.label_words)
     res = train.evaluate(model, test, collator, task="causal-lm", batch_size=int(cfg.eval.batch_size),
                          max_examples=cfg.eval.max_examples)
     assert abs(res["eval_accuracy"] - rows[-1]["eval_accuracy"]) <= 0.002

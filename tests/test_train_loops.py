@@ -152,13 +152,13 @@ def test_evaluation_in_length_order_gives_the_same_figures_with_less_padding():
     the order). So the two means differ by at most 2 gamma_{16+4}(u32) relative, on any machine."""
     from tolerances import float64_model, gamma
 
-    from fedlora import config, data, models
+    from fedlora import batching, config, data, models
 
     cfg = config.load(["model=minilm", "data.max_train_examples=200", "train.max_length=32"])  # pads per batch
     bundle = models.build(cfg)
     float64_model(bundle.model)
     _, validation, test = data.split(cfg)
-    coll = data.Collator(bundle.tokenizer, bundle.task, 32, cfg.data.get("label_words"))
+    coll = batching.Collator(bundle.tokenizer, bundle.task, 32, cfg.data.get("label_words"))
     kw = dict(task=bundle.task, batch_size=16, max_examples=120)
     a = train.evaluate(bundle.model, test, coll, by_length=True, **kw)
     b = train.evaluate(bundle.model, test, coll, by_length=False, **kw)
