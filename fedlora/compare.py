@@ -394,8 +394,10 @@ def cmd_compare(argv: list[str]) -> int:
     rows = compare(argv, names, target, out, verbose, seeds=seeds, own=own)
     setting = " ".join(t for t in (describe(base, seeds), describe_own(own)) if t)
     table = report.write_comparison(out, rows, target, setting, baseline)
-    print("\n" + table + f"\n\nwritten: {out}/comparison.md, comparison.csv, comparison_seeds.csv, "
-          "accuracy_vs_round.png, accuracy_vs_bytes.png")
+    written = [f for f in ("comparison.md", "comparison.csv", "comparison_seeds.csv", "comparison_rounds.csv",
+                           "accuracy_vs_round.png", "accuracy_vs_bytes.png", "cross_term_error_vs_round.png")
+               if (Path(out) / f).exists()]
+    print("\n" + table + f"\n\nwritten: {out}/{', '.join(written)}")
     failed = [r for r in rows if report.failed(r)]
     if failed:  # tabulated and marked, but the comparison did not do what was asked of it
         print("error: " + "; ".join(f"seed {r['seed']}, {r['strategy']}: {r['note']}" for r in failed),
