@@ -377,17 +377,17 @@ def _partitions_cached(data_yaml: str, part_yaml: str, num_partitions: int, seed
     # clients their rows back in Python's format.
     train = train.with_format("arrow")
     part_cfg = OmegaConf.create(part_yaml)
+    if part_cfg.name == "dirichlet":
+        return _draw_dirichlet(part_cfg, train, num_partitions, seed)
     part = make_partitioner(part_cfg, num_partitions, seed)
     part.dataset = train
-    if part_cfg.name == "dirichlet":
-        part = _draw_dirichlet(part, part_cfg, train, num_partitions, seed)
     return part
 
 
-def _draw_dirichlet(part, part_cfg, train, num_partitions: int, seed: int):
-    """Deal the Dirichlet partitions now. flwr-datasets draws at most 11 times for every client to get
-    min_partition_size rows, then raises; at a small alpha over few classes (alpha 0.1, 2 labels, 10 clients: about
-    one draw in eight fits) that fails for some seeds. As NIID-Bench's sampler (Li et al., ICDE 2022), which redraws
+def _draw_dirichlet(part_cfg, train, num_partitions: int, seed: int):
+    """A Dirichlet partitioner of ``train``, its partitions dealt. flwr-datasets draws at most 11 times for every
+    client to get min_partition_size rows, then raises; at a small alpha over few classes (alpha 0.1, 2 labels,
+    10 clients: about one draw in eight fits) that fails for some seeds. As NIID-Bench's sampler (Li et al., ICDE 2022), which redraws
     until it fits, fedlora starts it again from a seed derived from (seed, k), k = 1..redraws: deterministic per seed,
     and a seed whose first partitioner fits keeps its partitions."""
     import warnings
@@ -396,10 +396,9 @@ def _draw_dirichlet(part, part_cfg, train, num_partitions: int, seed: int):
 
     redraws = int(part_cfg.get("redraws", 10))
     for k in range(redraws + 1):
-        if k:
-            derived = int(np.random.SeedSequence([seed, 0xD1C, k]).generate_state(1)[0])
-            part = make_partitioner(part_cfg, num_partitions, derived)
-            part.dataset = train
+        part = make_partitioner(part_cfg, num_partitions,
+                                int(np.random.SeedSequence([seed, 0xD1C, k]).generate_state(1)[0]) if k else seed)
+        part.dataset = train
         try:
             with warnings.catch_warnings():  # the per-draw "not satisfied" warnings: the redraws handle them
                 warnings.filterwarnings("ignore", message="The specified min_partition_size")

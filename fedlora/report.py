@@ -425,26 +425,28 @@ def plots(out: Path, runs: dict[str, list[Path]]) -> None:
                 continue
             style = {"ls": "--", "color": "grey", "label": f"{name} (ceiling)"} if name == CENTRALISED else {}
             _band_line(ax, xs, ys, sds, len(dirs) > 1, **({"label": name} | style))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy" + (" (mean ± sd over seeds)" if any(len(d) > 1 for d in runs.values())
-                                         else ""))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-    crossed = {n: d for n, d in runs.items() if band(d, "round", "cross_term_error")[0]}
+        _save(fig, ax, out / fname, xlabel, "test accuracy" + (
+            " (mean ± sd over seeds)" if any(len(d) > 1 for d in runs.values()) else ""))
+    curves = {n: band(d, "round", "cross_term_error") for n, d in runs.items()}
+    crossed = {n: c for n, c in curves.items() if c[0]}  # the strategies whose runs report the error
     if crossed:  # next to accuracy: when the averaged factors' cross terms are large, and whether accuracy pays
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, dirs in crossed.items():
-            _band_line(ax, *band(dirs, "round", "cross_term_error"), len(dirs) > 1, label=name)
-        ax.set_xlabel("round")
-        ax.set_ylabel("cross-term error ‖sB̄Ā − ΔW*‖ / ‖ΔW*‖")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "cross_term_error_vs_round.png", dpi=120)
-        plt.close(fig)
+        for name, curve in crossed.items():
+            _band_line(ax, *curve, len(runs[name]) > 1, label=name)
+        _save(fig, ax, out / "cross_term_error_vs_round.png", "round", "cross-term error ‖sB̄Ā − ΔW*‖ / ‖ΔW*‖")
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str) -> None:
+    """Label, grid and legend ``ax``, write ``fig`` to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_comparison(out: Path, seed_rows: list[dict], target: float, setting: str,
