@@ -13,11 +13,15 @@ goes as fp32 (:func:`applies_to`).
   topk   the ``topk_fraction`` largest-magnitude entries of each tensor (values in fp32, indices int32); the rest 0
 
 Blocks, scales and maps are bitsandbytes' (``quantize_blockwise``/``quantize_4bit`` and their inverses) and torch's
-dtypes, not arithmetic written here. An encoded tensor ``k`` is the array ``k`` plus companions ``k#absmax``,
-``k#shape`` or ``k#idx``; everything crosses the wire, so the bytes a message is counted at include the scales.
-:func:`decode` checks what it reads and raises :class:`CodecError` (one sentence) on a malformed payload, so a bad
-reply is refused, never a crash. :func:`encode_with_feedback` is error feedback: what the codec dropped is added to
-the next encoding of the same tensor. No Flower here.
+dtypes, not arithmetic written here. An encoded tensor ``k`` is the array ``k`` (and ``k#idx`` for top-k); the block
+scales and the shapes of all the message's encoded tensors travel as two message-level arrays, ``#absmax`` (float32)
+and ``#shape`` (int64: each tensor's ndim, then its sizes), in the sorted order of the tensors' keys. One array per
+scale or shape would carry a serialization header each (Flower's arrays are ``.npy`` bytes, 128-byte headers), which
+at 4 bits per value and 64 values per block cost more than the scales themselves. Everything crosses the wire, so
+the bytes a message is counted at include the scales, shapes and headers. :func:`decode` checks what it reads and
+raises :class:`CodecError` (one sentence naming the tensor) on a malformed payload, so a bad reply is refused, never
+a crash. :func:`encode_with_feedback` is error feedback: what the codec dropped is added to the next encoding of the
+same tensor. No Flower here.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import numpy as np
 import torch
 
 CODECS = ("fp32", "fp16", "bf16", "int8", "nf4", "topk")
-SEP = "#"  # key of a companion array: <tensor key>#absmax, #shape, #idx
+SEP = "#"  # in a companion's key: <tensor key>#idx (top-k), and the message-level #absmax and #shape
+ABSMAX, SHAPES = SEP + "absmax", SEP + "shape"  # every encoded tensor's block scales / shapes, in sorted key order
 
 
 class CodecError(ValueError):
@@ -84,96 +89,126 @@ def _int8_map() -> torch.Tensor:
 
 def encode(codec: Codec, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` (float tensors) as the codec sends them; keys :func:`applies_to` rejects pass unchanged."""
+    if codec.name not in CODECS:
+        raise ValueError(f"unknown codec {codec.name!r}: one of {', '.join(CODECS)}")
     if codec.name == "fp32":
         return dict(arrays)
-    out = {}
-    for k, v in arrays.items():
-        if not applies_to(k):
-            out[k] = v
-            continue
-        x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+    out, scales, shapes = dict(arrays), [], []
+    for k in sorted(k for k in arrays if applies_to(k)):
+        x = torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32))
         if codec.name == "fp16":
             out[k] = x.half().numpy()
         elif codec.name == "bf16":
             out[k] = x.bfloat16().view(torch.int16).numpy()
         elif codec.name == "int8":
             q, state = _bnb().quantize_blockwise(x.flatten(), code=_int8_map(), blocksize=codec.blocksize)
-            out[k], out[k + SEP + "absmax"] = q.reshape(x.shape).numpy(), state.absmax.float().numpy()
+            out[k] = q.reshape(x.shape).numpy()
+            scales.append(state.absmax.float().numpy())
         elif codec.name == "nf4":
             q, state = _bnb().quantize_4bit(x.flatten(), blocksize=codec.blocksize, quant_type="nf4")
-            out[k], out[k + SEP + "absmax"] = q.flatten().numpy(), state.absmax.float().numpy()
-            out[k + SEP + "shape"] = np.asarray(x.shape, dtype=np.int64)
-        elif codec.name == "topk":
+            out[k] = q.flatten().numpy()
+            scales.append(state.absmax.float().numpy())
+            shapes.append([x.dim(), *x.shape])
+        else:  # topk
             flat = x.flatten()
             kept = min(flat.numel(), max(1, math.ceil(codec.topk_fraction * flat.numel()))) if flat.numel() else 0
             idx = torch.topk(flat.abs(), kept, sorted=False).indices.sort().values
             out[k], out[k + SEP + "idx"] = flat[idx].numpy(), idx.to(torch.int32).numpy()
-            out[k + SEP + "shape"] = np.asarray(x.shape, dtype=np.int64)
-        else:
-            raise ValueError(f"unknown codec {codec.name!r}: one of {', '.join(CODECS)}")
+            shapes.append([x.dim(), *x.shape])
+    if codec.name in ("int8", "nf4"):
+        out[ABSMAX] = np.concatenate(scales).astype(np.float32) if scales else np.zeros(0, np.float32)
+    if codec.name in ("nf4", "topk"):
+        out[SHAPES] = np.asarray([d for s in shapes for d in s], dtype=np.int64)
     return out
 
 
-def _want(enc: dict, key: str, dtype, what: str, codec: Codec) -> np.ndarray:
+def _want(enc: dict, key: str, dtype, what: str, codec: Codec, tensor: str | None = None) -> np.ndarray:
     a = enc.get(key)
     if a is None:
-        raise CodecError(f"{key.split(SEP)[0]}: the {codec.name} payload lacks its {what} ({key})")
-    if a.dtype != dtype:
-        raise CodecError(f"{key}: {a.dtype} where the {codec.name} codec sends {np.dtype(dtype)}")
+        raise CodecError(f"{tensor or key.split(SEP)[0]}: the {codec.name} payload lacks its {what} ({key})")
+    if a.dtype != dtype or a.ndim != (1 if SEP in key else a.ndim):
+        raise CodecError(f"{tensor + ': ' if tensor else ''}{key} is {a.dtype} of shape {a.shape} where the "
+                         f"{codec.name} codec sends {np.dtype(dtype)}" + (" in one dimension" if SEP in key else ""))
     return a
 
 
-def _shape(enc: dict, k: str, codec: Codec) -> tuple[int, ...]:
-    s = _want(enc, k + SEP + "shape", np.int64, "shape", codec)
-    if s.ndim != 1 or len(s) > 4 or (s < 0).any() or (s > 2**31).any():
+class _Stream:
+    """A cursor over a message-level companion (``#absmax`` or ``#shape``): each encoded tensor, in sorted key
+    order, takes its part; what is left over at the end is an error too."""
+
+    def __init__(self, enc: dict, key: str, dtype, what: str, codec: Codec, first: str):
+        self.a, self.at, self.key, self.what = _want(enc, key, dtype, what, codec, first), 0, key, what
+
+    def take(self, k: str, n: int) -> np.ndarray:
+        if self.at + n > len(self.a):
+            raise CodecError(f"{k}: {self.key} ends after {len(self.a)} values, before this tensor's {self.what} "
+                             f"(values {self.at}..{self.at + n - 1})")
+        self.at += n
+        return self.a[self.at - n:self.at]
+
+    def done(self, last: str) -> None:
+        if self.at != len(self.a):
+            raise CodecError(f"{last}: {self.key} holds {len(self.a)} values where the payload's tensors (the last "
+                             f"in key order is this one) take {self.at}")
+
+
+def _shape(shapes: _Stream, k: str) -> tuple[int, ...]:
+    ndim = int(shapes.take(k, 1)[0])
+    if not 0 <= ndim <= 4:
+        raise CodecError(f"{k}: {ndim} dimensions in {SHAPES} (a tensor has 0 to 4)")
+    s = shapes.take(k, ndim)
+    if (s < 0).any() or (s > 2**31).any():
         raise CodecError(f"{k}: shape {s.tolist()} is not a tensor shape")
     return tuple(int(d) for d in s)
 
 
-def _absmax(enc: dict, k: str, n: int, codec: Codec) -> torch.Tensor:
-    a = _want(enc, k + SEP + "absmax", np.float32, "block scales", codec)
-    blocks = math.ceil(n / codec.blocksize)
-    if a.shape != (blocks,) or not np.isfinite(a).all() or (a < 0).any():
-        raise CodecError(f"{k}: {a.shape[0] if a.ndim == 1 else a.shape} block scales for {n} values in blocks of "
-                         f"{codec.blocksize} (want {blocks}, finite and >= 0)")
+def _absmax(scales: _Stream, k: str, n: int, codec: Codec) -> torch.Tensor:
+    a = scales.take(k, math.ceil(n / codec.blocksize))
+    if not np.isfinite(a).all() or (a < 0).any():
+        raise CodecError(f"{k}: its {len(a)} block scales in {ABSMAX} are not all finite and >= 0")
     return torch.from_numpy(a.copy())
 
 
 def decode(codec: Codec, enc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float32 tensors an encoded message carries (inverse of :func:`encode`). A missing or extra companion,
     a wrong dtype, size or index raises :class:`CodecError` naming the tensor."""
+    if codec.name not in CODECS:
+        raise ValueError(f"unknown codec {codec.name!r}: one of {', '.join(CODECS)}")
     if codec.name == "fp32":
         return dict(enc)
-    out = {}
-    for k, v in enc.items():
-        if SEP in k:
-            if k.split(SEP, 1)[0] not in enc:
-                raise CodecError(f"{k}: a companion array without its tensor {k.split(SEP, 1)[0]}")
-            continue
-        if not applies_to(k):
-            out[k] = v
-            continue
+    coded = sorted(k for k in enc if SEP not in k and applies_to(k))
+    first, last = (coded[0], coded[-1]) if coded else ("the payload", "the payload")
+    streams = {ABSMAX: codec.name in ("int8", "nf4"), SHAPES: codec.name in ("nf4", "topk")}
+    for k in enc:
+        if k in streams:
+            if not streams[k]:
+                raise CodecError(f"{first}: {k} in a {codec.name} payload, which sends none")
+        elif SEP in k and (k.split(SEP, 1)[0] not in enc or not k.endswith(SEP + "idx") or codec.name != "topk"):
+            raise CodecError(f"{k}: a companion array without its tensor {k.split(SEP, 1)[0]} under {codec.name}")
+    scales = _Stream(enc, ABSMAX, np.float32, "block scales", codec, first) if streams[ABSMAX] else None
+    shapes = _Stream(enc, SHAPES, np.int64, "shapes", codec, first) if streams[SHAPES] else None
+    out = {k: v for k, v in enc.items() if SEP not in k}
+    for k in coded:
         if codec.name == "fp16":
             x = torch.from_numpy(_want(enc, k, np.float16, "values", codec).astype(np.float32))  # astype: a new array
         elif codec.name == "bf16":
             x = torch.from_numpy(_want(enc, k, np.int16, "values", codec).copy()).view(torch.bfloat16).float()
         elif codec.name == "int8":
             q = torch.from_numpy(_want(enc, k, np.uint8, "values", codec).copy())
-            absmax = _absmax(enc, k, q.numel(), codec)
-            x = _bnb().dequantize_blockwise(q.flatten(), absmax=absmax, code=_int8_map(),
-                                            blocksize=codec.blocksize).reshape(q.shape)
+            x = _bnb().dequantize_blockwise(q.flatten(), absmax=_absmax(scales, k, q.numel(), codec),
+                                            code=_int8_map(), blocksize=codec.blocksize).reshape(q.shape)
         elif codec.name == "nf4":
-            shape = _shape(enc, k, codec)
+            shape = _shape(shapes, k)
             n = math.prod(shape)
             q = torch.from_numpy(_want(enc, k, np.uint8, "values", codec).copy())
             if q.shape != ((n + 1) // 2,):
                 raise CodecError(f"{k}: {q.numel()} bytes of 4-bit values for a tensor of {n} (want {(n + 1) // 2})")
             F = _bnb()
-            state = F.QuantState(absmax=_absmax(enc, k, n, codec), shape=torch.Size([n]), blocksize=codec.blocksize,
+            state = F.QuantState(absmax=_absmax(scales, k, n, codec), shape=torch.Size([n]), blocksize=codec.blocksize,
                                  code=F.get_4bit_type("nf4", device="cpu"), quant_type="nf4", dtype=torch.float32)
             x = F.dequantize_4bit(q.reshape(-1, 1), state).reshape(shape) if n else torch.zeros(shape)
-        elif codec.name == "topk":
-            shape = _shape(enc, k, codec)
+        else:  # topk
+            shape = _shape(shapes, k)
             n = math.prod(shape)
             vals = _want(enc, k, np.float32, "values", codec)
             idx = _want(enc, k + SEP + "idx", np.int32, "indices", codec)
@@ -184,9 +219,10 @@ def decode(codec: Codec, enc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             x = torch.zeros(n)
             x[torch.from_numpy(idx.astype(np.int64))] = torch.from_numpy(vals.copy())
             x = x.reshape(shape)
-        else:
-            raise ValueError(f"unknown codec {codec.name!r}: one of {', '.join(CODECS)}")
         out[k] = x.numpy()
+    for stream in (scales, shapes):
+        if stream is not None:
+            stream.done(last)
     return out
 
 
