@@ -63,7 +63,17 @@ MODELS = {
     "minilm": ["model=minilm", "num_rounds=8", "strategy.steps_per_round=32", "train.max_length=64",
                "eval.max_examples=300"],
 }
-SETTINGS = {"fedpipe": [], "uniform": ["strategy.uniform=true"]}
+SETTINGS = {"fedpipe": [], "uniform": ["strategy.uniform=true"],
+            # diagnostic: FedPipe's plan with the rank grid cut to the uniform setting's rank (bases and batches as
+            # planned), to tell what the planned ranks cost or earn from what the planned bases do
+            "fedpipe_rank4": ["strategy.grids.ranks=[4]"],
+            # diagnostic: every client at rank 32 (the plan's bases and batches for that rank): is rank 32 itself
+            # what costs, or the mix of ranks 4 and 32?
+            "fedpipe_rank32": ["strategy.grids.ranks=[32]"],
+            # both settings with rank-stabilised scales (model.lora.rank_scaling=rslora: s_k = s sqrt(8 / r_k))
+            "fedpipe_rslora": ["model.lora.rank_scaling=rslora"],
+            "uniform_rslora": ["strategy.uniform=true", "model.lora.rank_scaling=rslora"]}
+DEFAULT_SETTINGS = ["fedpipe", "uniform"]
 
 
 def overrides(fed: str, model: str, setting: str, seed: int) -> list[str]:
@@ -115,7 +125,7 @@ def plans_only(fed: str, model: str) -> dict:
     from fedlora.fedpipe.memory import analytic_activations
 
     out = {}
-    for setting in SETTINGS:
+    for setting in DEFAULT_SETTINGS:
         cfg = config.load(overrides(fed, model, setting, 0))
         n = len(planning.trained_spec(cfg).adapted)
         k = math.ceil(float(cfg.strategy.importance.budget) * n)
@@ -145,7 +155,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["minilm"], choices=list(MODELS))
     ap.add_argument("--federations", nargs="+", default=["mixed"], choices=list(FEDERATIONS))
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
@@ -184,18 +194,19 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def summarise(runs: dict, fed: str, model: str) -> dict | None:
-    """Per seed accuracies of both settings, mean ± std, and the paired verdict over seeds with both."""
+def summarise(runs: dict, fed: str, model: str, setting: str = "fedpipe") -> dict | None:
+    """Per seed accuracies of ``setting`` and uniform, mean ± std, and the paired verdict over seeds with both."""
     from fedlora.verdicts import verdict
 
     acc = {s: {int(k.rsplit("/", 1)[1]): r["final_eval_accuracy"] for k, r in runs.items()
                if k.startswith(f"{fed}/{model}/{s}/")} for s in SETTINGS}
-    paired = sorted(set(acc["fedpipe"]) & set(acc["uniform"]))
-    if not any(acc.values()):
+    base = "uniform_rslora" if setting.endswith("_rslora") else "uniform"  # the baseline with the same scales
+    paired = sorted(set(acc[setting]) & set(acc[base]))
+    if not acc[setting] and not acc[base]:
         return None
-    diffs = [acc["fedpipe"][s] - acc["uniform"][s] for s in paired]
+    diffs = [acc[setting][s] - acc[base][s] for s in paired]
     word, how = verdict(diffs) if diffs else ("no verdict", "no paired seed")
-    return {"acc": acc, "paired": paired, "diffs": diffs, "verdict": word, "how": how}
+    return {"acc": acc, "base": base, "paired": paired, "diffs": diffs, "verdict": word, "how": how}
 
 
 def _ms(xs: list[float]) -> str:
@@ -233,14 +244,16 @@ def write_md(res: dict, path: Path) -> None:
             L.append(f"| {fm} | {s} | {seed} | {r['modelled_round_s']:.3f} | {r['examples_per_round']} | "
                      f"{r['final_eval_accuracy']:.4f} | {r['final_eval_loss']:.4f} | {r['bytes_up'] / 1024:.0f} KiB | "
                      f"{r['wall_s'] / 60:.1f} |")
-        L += ["", "| federation/model | fedpipe mean ± std | uniform mean ± std | paired diffs (fedpipe − uniform) "
-              "| verdict |", "|---|---|---|---|---|"]
+        L += ["", "| federation/model | setting | mean ± std | baseline (uniform, same scales) mean ± std | paired diffs "
+              "(setting − baseline) "
+              "| verdict |", "|---|---|---|---|---|---|"]
         for fm in keys:
-            sm = summarise(runs, *fm.split("/"))
-            if sm:
-                L.append(f"| {fm} | {_ms(list(sm['acc']['fedpipe'].values()))} | "
-                         f"{_ms(list(sm['acc']['uniform'].values()))} | "
-                         f"{', '.join(f'{d:+.4f}' for d in sm['diffs']) or '-'} | {sm['verdict']} ({sm['how']}) |")
+            for setting in (x for x in SETTINGS if not x.startswith("uniform")):
+                sm = summarise(runs, *fm.split("/"), setting)
+                if sm and sm["acc"][setting]:
+                    L.append(f"| {fm} | {setting} | {_ms(list(sm['acc'][setting].values()))} | "
+                             f"{_ms(list(sm['acc'][sm['base']].values()))} | "
+                             f"{', '.join(f'{d:+.4f}' for d in sm['diffs']) or '-'} | {sm['verdict']} ({sm['how']}) |")
         L += ["", "Accuracy by round (round 0 = before training):", ""]
         L += [f"- {k}: " + ", ".join("-" if x is None else f"{x:.3f}" for x in r["eval_accuracy_by_round"])
               for k, r in sorted(runs.items())]
@@ -255,7 +268,7 @@ def write_md(res: dict, path: Path) -> None:
         L += ["", f"## Plans only: {fm} (modelled llama-7b; no training)", "",
               f"Modelled round: fedpipe {f:.3f} s, uniform {u:.3f} s ({(1 - f / u) * 100:+.1f}% shorter with "
               f"fedpipe).", ""]
-        for s in SETTINGS:
+        for s in DEFAULT_SETTINGS:
             L += ["```", pl[s]["table"], "```", ""]
     path.write_text("\n".join(L) + "\n")
 

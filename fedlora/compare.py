@@ -94,7 +94,8 @@ def _parse_list(text: str) -> list[str]:
 #: comparison stays one of strategies, not of settings. ``strategy.`` covers every key of the strategy's own config;
 #: the drift controls (FedProx, SCAFFOLD) and ``server.`` (the server optimizer) are how a variant differs.
 TUNABLE = ("train.lr", "train.weight_decay", "train.scheduler", "train.warmup_steps", "train.max_grad_norm",
-           "train.prox_mu", "train.scaffold", "model.lora.alpha", "model.lora.dropout", "server.", "strategy.")
+           "train.prox_mu", "train.scaffold", "model.lora.alpha", "model.lora.dropout", "model.lora.rank_scaling",
+           "server.", "strategy.")
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*(?:@[A-Za-z0-9_-]+)?"  # a strategy, or a variant STRATEGY@TAG
 _OWN = re.compile(rf"^({_NAME}):([+~]*)([^=]+)=(.*)$")
 

@@ -5,6 +5,7 @@ names the problem and the fix; the CLI prints it and exits 2.
 
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 
@@ -105,8 +106,7 @@ def load(overrides: str | list[str] | None = None) -> DictConfig:
     validate(cfg)
     ranks = client_ranks(cfg)
     if len(set(ranks)) == 1 and ranks[0] != cfg.model.lora.r:  # one rank for all: it is the model's LoRA rank
-        scale = float(cfg.model.lora.alpha) / float(cfg.model.lora.r)
-        cfg.model.lora.r, cfg.model.lora.alpha = ranks[0], scale * ranks[0]
+        cfg.model.lora.r, cfg.model.lora.alpha = ranks[0], rank_alpha(cfg, ranks[0])
     return cfg
 
 
@@ -153,6 +153,30 @@ def config_digest(text: str) -> str:
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+#: ``model.lora.rank_scaling``: the LoRA scale s_k = alpha_k / r_k of a client of rank r_k, given the model's
+#: ``r`` and ``alpha`` (s = alpha / r):
+#:   constant  s_k = s                 every rank at the model's scale (fedlora's rule before this option)
+#:   rslora    s_k = s * sqrt(r / r_k) rank-stabilised (Kalajdzievski 2023, PEFT's ``use_rslora``: scale ∝ 1/sqrt(r_k)),
+#:                                     anchored so that the model's own rank keeps its scale
+#:   standard  s_k = alpha / r_k       alpha fixed (PEFT's default when only ``r`` changes)
+#: Under Adam a rank-r_k step moves s_k B A by about s_k * sqrt(r_k): at ``constant`` a rank-32 client takes 2x the
+#: steps of a rank-8 one, at ``rslora`` the same, at ``standard`` half.
+RANK_SCALINGS = ("constant", "rslora", "standard")
+
+
+def rank_alpha(cfg: DictConfig, rank: int) -> float:
+    """The LoRA alpha of a client of ``rank`` (its scale is alpha / rank) under ``model.lora.rank_scaling`` (a config
+    without the key: ``constant``). Consistent under a change of the model's rank: re-anchoring at (r_k, alpha_k)
+    gives every rank the same alpha."""
+    lora = cfg.model.lora
+    r, alpha, how = float(lora.r), float(lora.alpha), str(lora.get("rank_scaling", "constant"))
+    if how == "rslora":
+        return alpha * math.sqrt(rank / r)
+    if how == "standard":
+        return alpha
+    return alpha / r * rank
 
 
 def client_ranks(cfg: DictConfig) -> list[int]:
@@ -309,6 +333,9 @@ def validate(cfg: DictConfig) -> None:
     _require(_int(lora.r) and lora.r >= 1, f"model.lora.r={lora.r} must be an integer >= 1 (the LoRA rank).")
     _require(_is_number(lora.alpha) and lora.alpha > 0, f"model.lora.alpha={lora.alpha} must be > 0.")
     _require(_is_number(lora.dropout) and 0 <= lora.dropout < 1, f"model.lora.dropout={lora.dropout} must be in [0, 1).")
+    _require(lora.get("rank_scaling", "constant") in RANK_SCALINGS,
+             f"model.lora.rank_scaling={lora.get('rank_scaling')} is not a rule for the scale of other ranks: use one of "
+             f"{', '.join(RANK_SCALINGS)}.")
     for r in client_ranks(cfg):
         _require(r >= 1, f"client rank {r} must be >= 1: fix client_ranks.")
     if OmegaConf.is_missing(cfg.data, "path"):

@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
 from fedlora.adapters import AdapterState, LoraFactors
+from fedlora import config
 from fedlora.config import ConfigError
 from fedlora.privacy import mode_of
 from fedlora.fedpipe import planning
@@ -162,11 +163,10 @@ class FedPipe(LoraStrategy):
              f"LoRA on {len(self.selected)}/{len(self.shapes)} modules; plan in {path}")
 
     def _assign(self, clients: list[dict]) -> None:
-        scale = float(self.cfg.model.lora.alpha) / float(self.cfg.model.lora.r)
         by_pid = {int(c["client_id"]): c for c in clients}
         for node in self.nodes.values():
             c = by_pid[node.partition_id]
-            node.rank, node.alpha = int(c["rank"]), scale * int(c["rank"])
+            node.rank, node.alpha = int(c["rank"]), config.rank_alpha(self.cfg, int(c["rank"]))
             self.assignment[node.partition_id] = {"rank": int(c["rank"]), "batch": int(c["batch"]),
                                                   "bits": int(c["bits"]), "profile": str(c["profile"]),
                                                   "steps": int(c["steps"])}  # the plan's (equal by default)

@@ -56,7 +56,6 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, NodeInfo]:
     msgs = [Message(RecordDict({"config": ConfigRecord(conf)}), message_type=MessageType.QUERY, dst_node_id=nid)
             for nid in ids]
     ranks = config.client_ranks(cfg)
-    scale = float(cfg.model.lora.alpha) / float(cfg.model.lora.r)  # one scale for all ranks
     nodes, holder = {}, {}  # node id -> NodeInfo; partition id -> the node id that claimed it first
     att = attribute(grid.send_and_receive(msgs, timeout=timeout), msgs, {})  # replies matched to their message
     asked = set(ids)  # a set: 1,000s of nodes are looked up once per reply
@@ -82,7 +81,7 @@ def discover(grid: Grid, strategy, cfg, timeout: float) -> dict[int, NodeInfo]:
         r = ranks[pid % len(ranks)]
         c = rep.content["config"] if "config" in rep.content else {}
         nodes[nid] = NodeInfo(node_id=nid, partition_id=pid, num_examples=int(m["num-examples"]), rank=r,
-                              alpha=scale * r, base_version=int(m.get("base-version", 0)),
+                              alpha=config.rank_alpha(cfg, r), base_version=int(m.get("base-version", 0)),
                               device=str(c.get("device", "cpu")))
         nodes[nid].extra.update({  # what each node runs on (nodes.json in the run dir)
             "device-memory": int(m.get("device-memory", 0)), "profile": str(c.get("profile", ""))})

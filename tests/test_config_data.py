@@ -26,6 +26,7 @@ def test_compose_defaults_and_overrides():
     (["num_rounds=0"], "num_rounds must be an integer >= 1"),
     (["min_train_nodes=20", "num_clients=4"], "min_train_nodes=20"),
     (["client_ranks=[4,0]", "num_clients=2"], "client rank 0"),
+    (["model.lora.rank_scaling=sqrt"], "model.lora.rank_scaling=sqrt is not a rule"),
     (["model=hf"], "model=hf needs model.source"),
 ])
 def test_invalid_config_is_one_sentence(overrides, fragment):
@@ -38,6 +39,31 @@ def test_invalid_config_is_one_sentence(overrides, fragment):
 def test_client_ranks_forms():
     assert config.client_ranks(config.load(["num_clients=3"])) == [8, 8, 8]
     assert config.client_ranks(config.load(["num_clients=4", "client_ranks=[4,8]"])) == [4, 8, 4, 8]
+
+
+@pytest.mark.parametrize("how, scale32", [("constant", 2.0), ("rslora", 1.0), ("standard", 0.5)])
+def test_rank_scaling_gives_other_ranks_their_scale(how, scale32):
+    """``model.lora.rank_scaling`` (r = 8, alpha = 16: s = 2): a rank-32 client's scale alpha_k / r_k is s (constant),
+    s sqrt(8/32) (rslora) or alpha / 32 (standard); the model's own rank keeps s under every rule; one rank for all
+    (``client_ranks=32``) re-anchors the model at that rank with the same rule, which then gives every rank the
+    same alpha as before; the mixed-rank handshake gives each node its rank's alpha."""
+    from test_fuzz import HandshakeGrid, handshake, make_strategy
+
+    from fedlora.strategies.server_app import discover
+
+    cfg = config.load(["model=minilm", f"model.lora.rank_scaling={how}"])
+    assert (cfg.model.lora.r, cfg.model.lora.alpha) == (8, 16)
+    assert config.rank_alpha(cfg, 8) == 16 and config.rank_alpha(cfg, 32) / 32 == pytest.approx(scale32)
+    one = config.load(["model=minilm", f"model.lora.rank_scaling={how}", "client_ranks=32"])
+    assert one.model.lora.r == 32 and one.model.lora.alpha / 32 == pytest.approx(scale32)
+    for r in (2, 4, 8, 16, 64):
+        assert config.rank_alpha(one, r) == pytest.approx(config.rank_alpha(cfg, r))
+    s = make_strategy("hetlora", [4, 8, 32, 8])
+    s.cfg.model.lora.rank_scaling = how
+    nodes = discover(HandshakeGrid([handshake(i) for i in range(4)]), s, s.cfg, timeout=5)
+    scales = {n.rank: n.scale for n in nodes.values()}
+    assert scales[8] == 2.0 and scales[32] == pytest.approx(scale32)
+    assert scales[4] == pytest.approx({"constant": 2.0, "rslora": 2.0 * 2 ** 0.5, "standard": 4.0}[how])
 
 
 def test_sst2_local_folder_and_partitions_are_seeded():
