@@ -72,7 +72,9 @@ SETTINGS = {"fedpipe": [], "uniform": ["strategy.uniform=true"],
             "fedpipe_rank32": ["strategy.grids.ranks=[32]"],
             # both settings with rank-stabilised scales (model.lora.rank_scaling=rslora: s_k = s sqrt(8 / r_k))
             "fedpipe_rslora": ["model.lora.rank_scaling=rslora"],
-            "uniform_rslora": ["strategy.uniform=true", "model.lora.rank_scaling=rslora"]}
+            "uniform_rslora": ["strategy.uniform=true", "model.lora.rank_scaling=rslora"],
+            # the plan's rank tie-break reversed: clients with slack keep the bottleneck's (smallest) rank
+            "fedpipe_small": ["strategy.rank_preference=smallest"]}
 DEFAULT_SETTINGS = ["fedpipe", "uniform"]
 
 

@@ -14,8 +14,9 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
-from fedlora import quant  # noqa: E402
-from fedlora.fedpipe import importance, measure, memory, plan, profiles, timing  # noqa: E402
+from fedlora import config, quant  # noqa: E402
+from fedlora.config import ConfigError  # noqa: E402
+from fedlora.fedpipe import importance, measure, memory, plan, planning, profiles, timing  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj"]
 SEQ = 32
@@ -262,6 +263,26 @@ def test_plan_prefers_larger_rank_for_clients_with_slack():
     assert d["clients"][1]["profile"] == "a100_80gb"
     table = plan.plan_to_table(p)
     assert "jetson_orin_nano_8gb" in table and "round time" in table
+
+
+def test_rank_preference_smallest_keeps_the_bottlenecks_rank_at_the_same_round_time():
+    """``strategy.rank_preference=smallest``: the client with slack takes the grid's smallest rank instead of its
+    largest, and nothing else moves: same round time, batch and bits; the MILP agrees with brute force."""
+    spec = _toy_spec()
+    calib = memory.analytic_activations(spec, 128)
+    small = plan.Grids(small_ranks_first=True)
+    g = small.options()
+    u = {o: small.utility(o[0], o[2], o[1]) for o in g}
+    assert sorted(g, key=u.get) == sorted(g, key=lambda o: (o[1], o[2], -o[0]))  # batch, bits, then smaller rank
+    big = plan.plan(["jetson_orin_nano_8gb", "a100_80gb"], spec, plan.Grids(), seq_len=128, calib=calib)
+    p = plan.plan(["jetson_orin_nano_8gb", "a100_80gb"], spec, small, seq_len=128, calib=calib)
+    assert p.round_time_s == pytest.approx(big.round_time_s)
+    assert [c.rank for c in p.clients] == [min(small.ranks)] * 2 and big.clients[1].rank == max(small.ranks)
+    assert (p.clients[1].batch, p.clients[1].bits) == (big.clients[1].batch, big.clients[1].bits)
+    brute = plan.brute_force_plan(["jetson_orin_nano_8gb", "a100_80gb"], spec, small, seq_len=128, calib=calib)
+    assert [(c.rank, c.batch, c.bits) for c in brute.clients] == [(c.rank, c.batch, c.bits) for c in p.clients]
+    with pytest.raises(ConfigError, match="strategy.rank_preference=most is not a rank tie-break"):
+        planning.grids(config.load(["strategy=fedpipe", "strategy.rank_preference=most"]))
 
 
 def test_infeasible_budget_raises_before_training_with_shortfall():

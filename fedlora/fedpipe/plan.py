@@ -6,7 +6,8 @@ models", 2024) plans against round time; its exact objective is not published. T
 client takes the same number of optimizer steps per round (:class:`~fedlora.fedpipe.timing.TimeModel`), so no
 client falls behind in optimisation; among the plans of least round time, the tie-break spends each client's
 slack on a larger batch first (more examples per step: less gradient noise at the same steps), then a
-higher-precision base, then a larger rank. With ``examples_per_round`` set (equal examples, the plan before
+higher-precision base, then a larger rank (``Grids.small_ranks_first``, ``strategy.rank_preference=smallest``: the
+smallest rank instead, so clients with slack keep the bottleneck's rank and zero-padding mixes equal ranks). With ``examples_per_round`` set (equal examples, the plan before
 issue 21) the batch does not enter the tie-break and each client takes its fastest batch.
 """
 
@@ -34,14 +35,16 @@ class Grids:
     ranks: tuple[int, ...] = (4, 8, 16, 32)
     batches: tuple[int, ...] = (1, 2, 4, 8, 16)
     bits: tuple[int, ...] = (16, 8, 4)
+    small_ranks_first: bool = False  # the rank tie-break: the smallest rank (True) or the largest (False)
 
     def options(self) -> list[tuple[int, int, int]]:
         return [(r, b, q) for r in sorted(self.ranks) for b in sorted(self.batches) for q in sorted(self.bits)]
 
     def utility(self, rank: int, bits: int, batch: int | None = None) -> float:
         """Tie-break value in [0, 1), distinct for distinct options. Without ``batch`` (equal examples): rank
-        first, then bits. With it (equal steps): batch first, then bits, then rank."""
-        rs, qs = sorted(set(self.ranks)), sorted(set(self.bits))
+        first, then bits. With it (equal steps): batch first, then bits, then rank. Ranks count up, or down with
+        ``small_ranks_first``."""
+        rs, qs = sorted(set(self.ranks), reverse=self.small_ranks_first), sorted(set(self.bits))
         if batch is None:
             return (rs.index(rank) + qs.index(bits) / len(qs)) / len(rs)
         bs = sorted(set(self.batches))

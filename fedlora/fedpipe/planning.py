@@ -30,11 +30,20 @@ def strategy_opt(cfg, key, default=None):
     return default if v in (None, "null") else v
 
 
+RANK_PREFERENCES = ("largest", "smallest")
+
+
 def grids(cfg) -> Grids:
+    """The plan's options, and its rank tie-break (``strategy.rank_preference``: a client with slack takes the
+    largest rank of the grid, or the smallest)."""
     g = strategy_opt(cfg, "grids", {}) or {}
     d = Grids()
+    pref = strategy_opt(cfg, "rank_preference", "largest")
+    if pref not in RANK_PREFERENCES:
+        raise ConfigError(f"strategy.rank_preference={pref} is not a rank tie-break: use largest (slack buys rank) or "
+                          "smallest (clients keep the bottleneck's rank).")
     return Grids(tuple(int(x) for x in g.get("ranks", d.ranks)), tuple(int(x) for x in g.get("batches", d.batches)),
-                 tuple(int(x) for x in g.get("bits", d.bits)))
+                 tuple(int(x) for x in g.get("bits", d.bits)), small_ranks_first=pref == "smallest")
 
 
 def _positive_int(cfg, key):
@@ -153,7 +162,8 @@ def make_plan(cfg, profiles, spec, calib, grid: Grids | None = None) -> Plan:
 
 def uniform_plan(cfg, profiles, spec, calib) -> Plan:
     """Baseline (``strategy.uniform=true``): one (rank, batch, bits) for every client, the one of the grid that
-    fits every client (i.e. the smallest) with the lowest modelled round time (ties: larger rank, more bits), under
+    fits every client (i.e. the smallest) with the lowest modelled round time (ties: larger rank, or smaller with
+    ``strategy.rank_preference=smallest``; then more bits), under
     the same time model (equal steps by default: then every client takes the same steps at the same batch)."""
     g = grids(cfg)
     best, first_err = None, None
@@ -163,7 +173,7 @@ def uniform_plan(cfg, profiles, spec, calib) -> Plan:
         except InfeasibleBudgetError as e:
             first_err = first_err or e
             continue
-        key = (round(p.round_time_s, 9), -r, -q)
+        key = (round(p.round_time_s, 9), r if g.small_ranks_first else -r, -q)
         if best is None or key < best[0]:
             best = (key, p)
     if best is None:
