@@ -64,17 +64,16 @@ MODELS = {
                "eval.max_examples=300"],
 }
 SETTINGS = {"fedpipe": [], "uniform": ["strategy.uniform=true"],
-            # diagnostic: FedPipe's plan with the rank grid cut to the uniform setting's rank (bases and batches as
-            # planned), to tell what the planned ranks cost or earn from what the planned bases do
+            # the plan before 2026-12-04: clients with slack take the grid's largest rank
+            "fedpipe_largest": ["strategy.rank_preference=largest"],
+            # diagnostics: the rank grid cut to the uniform setting's rank (bases and batches as planned), or every
+            # client at rank 32: what the planned ranks cost or earn, apart from what the planned bases do
             "fedpipe_rank4": ["strategy.grids.ranks=[4]"],
-            # diagnostic: every client at rank 32 (the plan's bases and batches for that rank): is rank 32 itself
-            # what costs, or the mix of ranks 4 and 32?
             "fedpipe_rank32": ["strategy.grids.ranks=[32]"],
-            # both settings with rank-stabilised scales (model.lora.rank_scaling=rslora: s_k = s sqrt(8 / r_k))
-            "fedpipe_rslora": ["model.lora.rank_scaling=rslora"],
-            "uniform_rslora": ["strategy.uniform=true", "model.lora.rank_scaling=rslora"],
-            # the plan's rank tie-break reversed: clients with slack keep the bottleneck's (smallest) rank
-            "fedpipe_small": ["strategy.rank_preference=smallest"]}
+            # the largest-rank plan and uniform with rank-stabilised scales (model.lora.rank_scaling=rslora:
+            # s_k = s sqrt(8 / r_k))
+            "fedpipe_rslora": ["model.lora.rank_scaling=rslora", "strategy.rank_preference=largest"],
+            "uniform_rslora": ["strategy.uniform=true", "model.lora.rank_scaling=rslora"]}
 DEFAULT_SETTINGS = ["fedpipe", "uniform"]
 
 
@@ -228,6 +227,8 @@ def write_md(res: dict, path: Path) -> None:
          "machine (shared with another nice-19 benchmark and, at times, other jobs at nice 5):", ""]
     L += [f"- `{c['command']}`: {c['wall_s'] / 60:.1f} min" + (f" ({c['note']})" if c.get("note") else "")
           for c in res.get("commands", [])]
+    if res.get("relabelled"):
+        L += ["", f"Relabelled: {res['relabelled']}."]
     L += ["", "**Modelled** (plan tables, round times): planned for a Llama-7B-shaped model (meta device, analytic "
           "memory model, 512-token examples, the time model of `fedlora.fedpipe.timing`); seconds are the time "
           "model's, not wall clock. **Measured** (accuracy): the named small model trained in the in-process grid "

@@ -38,8 +38,12 @@ CASES = {
     "flexlora": ["strategy=flexlora"] + HET,
     "hetlora": ["strategy=hetlora"] + HET,
     "fedpipe_stacking": FEDPIPE + ["strategy.aggregation=stacking"],
-    "fedpipe_zero_pad": FEDPIPE + ["strategy.aggregation=zero_pad"],
-    # the default plan (equal optimizer steps per round, issue 21) with nested zero-padded factors
+    # mixed ranks zero-padded: the plan's tie-break gives clients with slack the largest rank (the default before
+    # 2026-12-04), so the ranks differ
+    "fedpipe_zero_pad": FEDPIPE + ["strategy.aggregation=zero_pad", "strategy.rank_preference=largest"],
+    "fedpipe_steps_largest": [o for o in FEDPIPE if "examples_per_round" not in o] + [
+        "strategy.aggregation=zero_pad", "strategy.rank_preference=largest"],
+    # the default plan (equal optimizer steps per round, issue 21; every client keeps the smallest rank, 2026-12-04)
     "fedpipe_steps": [o for o in FEDPIPE if "examples_per_round" not in o] + ["strategy.aggregation=zero_pad"],
     "fedit_dp_sgd": ["strategy=fedit", "privacy=dp_sgd", "privacy.reproducible=true", "privacy.target_epsilon=null",
                      "privacy.noise_multiplier=1.0"],

@@ -111,7 +111,9 @@ def test_zero_pad_mixed_profiles_plan_and_module_selection(tmp_path, monkeypatch
     insp, start = Inspect(), StartFactors(train.local_train)
     monkeypatch.setattr(train, "local_train", start)
     grid = InProcessGrid(4, faults={i: insp for i in range(4)})
-    cfg, rows, strat, _ = run(tmp_path, PROFILES, "strategy.aggregation=zero_pad", "num_rounds=2", grid=grid)
+    # rank_preference=largest: clients with slack take larger ranks, so zero-padding has mixed ranks to pad
+    cfg, rows, strat, _ = run(tmp_path, PROFILES, "strategy.aggregation=zero_pad", "num_rounds=2",
+                              "strategy.rank_preference=largest", grid=grid)
     doc = _check_plan(cfg, tmp_path / "run", strat)
     plan = {c["client_id"]: c for c in doc["plan"]["clients"]}
     assert plan[0]["profile"] == "jetson_orin_nano_8gb" and plan[0]["bits"] == 4  # 7B at 16/8-bit does not fit 8 GB

@@ -6,8 +6,9 @@ models", 2024) plans against round time; its exact objective is not published. T
 client takes the same number of optimizer steps per round (:class:`~fedlora.fedpipe.timing.TimeModel`), so no
 client falls behind in optimisation; among the plans of least round time, the tie-break spends each client's
 slack on a larger batch first (more examples per step: less gradient noise at the same steps), then a
-higher-precision base, then a larger rank (``Grids.small_ranks_first``, ``strategy.rank_preference=smallest``: the
-smallest rank instead, so clients with slack keep the bottleneck's rank and zero-padding mixes equal ranks). With ``examples_per_round`` set (equal examples, the plan before
+higher-precision base, then a larger rank, or with ``Grids.small_ranks_first`` (``strategy.rank_preference=smallest``,
+the config's default) the smallest, so clients with slack keep the bottleneck's rank and zero-padding averages equal
+ranks. With ``examples_per_round`` set (equal examples, the plan before
 issue 21) the batch does not enter the tie-break and each client takes its fastest batch.
 """
 

@@ -38,7 +38,7 @@ def grids(cfg) -> Grids:
     largest rank of the grid, or the smallest)."""
     g = strategy_opt(cfg, "grids", {}) or {}
     d = Grids()
-    pref = strategy_opt(cfg, "rank_preference", "largest")
+    pref = strategy_opt(cfg, "rank_preference", "largest")  # a config saved before the option planned largest
     if pref not in RANK_PREFERENCES:
         raise ConfigError(f"strategy.rank_preference={pref} is not a rank tie-break: use largest (slack buys rank) or "
                           "smallest (clients keep the bottleneck's rank).")
