@@ -50,6 +50,10 @@ class Codec:
     topk_fraction: float = 0.1
     blocksize: int = 64
 
+    def __post_init__(self):
+        if self.name not in CODECS:
+            raise ValueError(f"unknown codec {self.name!r}: one of {', '.join(CODECS)}")
+
     @property
     def lossy(self) -> bool:
         return self.name != "fp32"
@@ -89,8 +93,6 @@ def _int8_map() -> torch.Tensor:
 
 def encode(codec: Codec, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` (float tensors) as the codec sends them; keys :func:`applies_to` rejects pass unchanged."""
-    if codec.name not in CODECS:
-        raise ValueError(f"unknown codec {codec.name!r}: one of {', '.join(CODECS)}")
     if codec.name == "fp32":
         return dict(arrays)
     out, scales, shapes = dict(arrays), [], []
@@ -126,7 +128,7 @@ def _want(enc: dict, key: str, dtype, what: str, codec: Codec, tensor: str | Non
     a = enc.get(key)
     if a is None:
         raise CodecError(f"{tensor or key.split(SEP)[0]}: the {codec.name} payload lacks its {what} ({key})")
-    if a.dtype != dtype or a.ndim != (1 if SEP in key else a.ndim):
+    if a.dtype != dtype or (SEP in key and a.ndim != 1):
         raise CodecError(f"{tensor + ': ' if tensor else ''}{key} is {a.dtype} of shape {a.shape} where the "
                          f"{codec.name} codec sends {np.dtype(dtype)}" + (" in one dimension" if SEP in key else ""))
     return a
@@ -172,8 +174,6 @@ def _absmax(scales: _Stream, k: str, n: int, codec: Codec) -> torch.Tensor:
 def decode(codec: Codec, enc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float32 tensors an encoded message carries (inverse of :func:`encode`). A missing or extra companion,
     a wrong dtype, size or index raises :class:`CodecError` naming the tensor."""
-    if codec.name not in CODECS:
-        raise ValueError(f"unknown codec {codec.name!r}: one of {', '.join(CODECS)}")
     if codec.name == "fp32":
         return dict(enc)
     coded = sorted(k for k in enc if SEP not in k and applies_to(k))
