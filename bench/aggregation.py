@@ -6,7 +6,11 @@ so the floor, a plain ``torch.sum`` over exactly those bytes, is measured on the
 
     .venv/bin/python bench/aggregation.py            # writes bench/results/aggregation.json
 
+    .venv/bin/python bench/aggregation.py --codecs bf16 int8 nf4 --codecs-only --out bench/results/aggregation_codecs.json
+
 Targets: FedIT and FFA-LoRA within 2x of the floor (FFA-LoRA's floor: the B bytes, as A is frozen and not sent);
+with ``--codecs``, FedIT with every reply decoded first (decode included) within 2x of the same fp32 floor, and the
+same time over a floor of the encoded bytes (a sum over a buffer of their size: what a decode must at least read);
 LoRA-FAIR closed form (low rank) >= 10x faster than the dense solve, with dB agreeing to 1e-4 (relative
 Frobenius norm), measured on a subset of modules because the dense solve forms every m x n dW*.
 """
@@ -27,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlora import algebra as alg  # noqa: E402
+from fedlora import codecs  # noqa: E402
 from fedlora import lowrank  # noqa: E402
-from fedlora.adapters import AdapterState, LoraFactors  # noqa: E402
+from fedlora.adapters import AdapterState, LoraFactors, from_arrays  # noqa: E402
 
 M = N = 4096
 FLORA_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]  # mean 16: same bytes as r = 16 for every multiple of 10 clients
@@ -117,7 +122,30 @@ def dB_agreement(low: AdapterState, dense: AdapterState, base: AdapterState) -> 
     return worst
 
 
-def bench_clients(K: int, layers: int, r: int, repeats: int, dense_modules: int, cosine: bool, log) -> dict:
+def bench_codecs(res: dict, states, weights, names, scale, codec_names, repeats, floor_all, log) -> None:
+    """FedIT on replies that arrive encoded: each reply decoded (fedlora.codecs, as the server does before any
+    check), then averaged; against the fp32 floor and against a floor over the encoded bytes."""
+    for name in codec_names:
+        c = codecs.Codec(name)
+        enc = [codecs.encode(c, {f"{n}.{f}": getattr(st.lora[n], f[-1]).numpy() for n in names
+                                 for f in ("lora_A", "lora_B")}) for st in states]
+        enc_bytes = sum(a.nbytes for e in enc for a in e.values())
+        enc_buf = torch.ones(enc_bytes // 4)  # a float buffer of the encoded size: the least a decode must read
+        res[f"floor_sum_{name}_bytes"], _ = measure(lambda: enc_buf.sum(), repeats)
+        run = lambda: alg.fedit([from_arrays(codecs.decode(c, e), scale) for e in enc], weights)  # noqa: E731
+        res[f"fedit_decode_{name}"], _ = measure(run, repeats, floor_all)
+        res[f"fedit_decode_{name}"] |= {
+            "encoded_bytes": enc_bytes,
+            "x_floor_encoded_bytes": res[f"fedit_decode_{name}"]["median_s"] / res[f"floor_sum_{name}_bytes"]["median_s"]}
+        log(f"  fedit, {name} replies decoded first {res[f'fedit_decode_{name}']['min_s']:.3f}s "
+            f"({res[f'fedit_decode_{name}']['x_floor']:.2f}x fp32 floor, "
+            f"{res[f'fedit_decode_{name}']['x_floor_encoded_bytes']:.1f}x encoded-bytes floor)")
+        del enc, enc_buf
+        gc.collect()
+
+
+def bench_clients(K: int, layers: int, r: int, repeats: int, dense_modules: int, cosine: bool, log,
+                  codec_names=(), codecs_only=False) -> dict:
     names = module_names(layers)
     res: dict = {"clients": K, "modules": len(names), "rank": r, "loadavg_start": os.getloadavg()}
     t0 = time.perf_counter()
@@ -148,6 +176,10 @@ def bench_clients(K: int, layers: int, r: int, repeats: int, dense_modules: int,
     for ref in ("floor_sum_over_client_axis", "floor_sum_each_client_tensor"):
         res["fedit"][f"x_{ref}"] = res["fedit"]["median_s"] / res[ref]["median_s"]
     log(f"  fedit {res['fedit']['min_s']:.3f}s  ({res['fedit']['x_floor']:.2f}x floor, cpu {res['fedit']['x_floor_cpu']:.2f}x)")
+    bench_codecs(res, states, weights, names, scale, codec_names, repeats, floor_all, log)
+    if codecs_only:
+        res["loadavg_end"] = os.getloadavg()
+        return res
 
     ffa_states = [AdapterState({n: LoraFactors(states[0].lora[n].A, st.lora[n].B, scale) for n in names})
                   for st in states]  # the frozen A is the server's own tensor; clients send only B
@@ -224,6 +256,9 @@ def main() -> None:
     ap.add_argument("--no-cosine", action="store_true", help="skip the cosine solver and FlexLoRA timings")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: see the JSON notes on the shared 2-core machine)")
+    ap.add_argument("--codecs", nargs="+", default=[], choices=[c for c in codecs.CODECS if c != "fp32"],
+                    help="also time FedIT on replies encoded with these codecs, decode included")
+    ap.add_argument("--codecs-only", action="store_true", help="only the floors, FedIT and --codecs")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "aggregation.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -250,7 +285,8 @@ def main() -> None:
             result["notes"].append(f"{K} clients: only {layers} layers fit in free memory")
         reps = args.repeats if K <= 10 else args.repeats_large
         result["runs"].append(bench_clients(K, layers, args.rank, reps, args.dense_modules,
-                                            cosine=not args.no_cosine and K <= 10, log=log))
+                                            cosine=not args.no_cosine and K <= 10, log=log,
+                                            codec_names=args.codecs, codecs_only=args.codecs_only))
     result["notes"] += [
         "floor = torch.sum over exactly the bytes the method reads (one contiguous buffer the client factors "
         "view into); FFA-LoRA's floor covers B only (A is the server's frozen copy). Targets use this strict "
@@ -271,6 +307,10 @@ def main() -> None:
     for run in result["runs"]:
         K = run["clients"]
         targets[f"fedit_within_2x_floor_{K}"] = run["fedit"]["x_floor"] <= 2.0
+        for name in args.codecs:
+            targets[f"fedit_{name}_decode_included_within_2x_floor_{K}"] = run[f"fedit_decode_{name}"]["x_floor"] <= 2.0
+        if args.codecs_only:
+            continue
         targets[f"ffa_within_2x_floor_{K}"] = run["ffa_lora"]["x_floor"] <= 2.0
         lv = run["lora_fair_lowrank_vs_dense"]
         targets[f"lora_fair_closed_form_10x_faster_than_dense_{K}"] = lv["speedup"] >= 10

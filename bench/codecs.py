@@ -6,6 +6,11 @@
 2. Llama-7B-shaped adapter (q and v of 32 layers, 4096 x 4096, r = 16: 8.4 M values a client), 10 clients: one
    round's codec work on the server (decode 10 replies + encode 1 payload) and on one client (decode + encode), as a
    ratio to the server's FedIT aggregation of the 10 decoded replies in the same run (the issue's goal: <= 0.5).
+   Beside each measured ratio, ``traffic_ratio``: the least memory traffic of the server's codec work (each decode
+   reads a reply's encoded bytes and writes it at fp32; the encode reads the fp32 payload and writes its bytes)
+   over the least traffic of the aggregation (read 10 fp32 replies, write one). Where both run at the same share of
+   the memory bandwidth, the time ratio is this number; a decode that writes each reply out at fp32 before the
+   average reads it is above 1 for every codec here.
 
     .venv/bin/python bench/codecs.py               # writes bench/results/codecs.json
     .venv/bin/python bench/codecs.py --bytes-only  # part 1 only (seconds); keeps the file's timings of part 2
@@ -73,14 +78,18 @@ def main() -> None:
     clients = [adapter(64, 4096, 4096, 16, s) for s in range(10)]
     agg_s = timed(lambda: algebra.fedit([from_arrays(a, 2.0) for a in clients], [1.0] * 10))
     llama = {"aggregation_s": agg_s}
+    values = sum(v.size for v in clients[0].values())
     for name in ("fp16", "bf16", "int8", "nf4", "topk"):
         c = codecs.Codec(name)
         encoded = [codecs.encode(c, a) for a in clients]
         enc_s = timed(lambda: codecs.encode(c, clients[0]))
         dec_s = timed(lambda: codecs.decode(c, encoded[0]))
         server = 10 * dec_s + enc_s
+        fp32_b, enc_b = 4 * values, record_bytes(to_record(encoded[0]))
+        traffic = (10 * (enc_b + fp32_b) + (fp32_b + enc_b)) / (11 * fp32_b)
         llama[name] = {"encode_s": enc_s, "decode_s": dec_s, "server_round_codec_s": server,
-                       "server_ratio_to_aggregation": server / agg_s, "client_s": enc_s + dec_s}
+                       "server_ratio_to_aggregation": server / agg_s, "client_s": enc_s + dec_s,
+                       "traffic_ratio": traffic}
         print(name, json.dumps(llama[name]), flush=True)
     out = {"command": ".venv/bin/python bench/codecs.py", "wall_s": round(time.time() - t0, 1),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
