@@ -37,6 +37,9 @@ Runs go through fedlora's own machinery: config.load, preflight.check, the real 
 (strategies.server_app.run_server) and ClientApp functions on the in-process grid of tests/harness.py (no Ray;
 the messages Flower would carry). Resumable: a run whose directory already holds a finished run of the same
 config (fedlora.compare.same_setting) is read, not rerun; an interrupted one (no summary.json) is started again.
+A finished run already in the results JSON with the same overrides is taken from there (``"reused": "json"``), so
+the tuning resumes on a machine without the run directories (a fresh clone, or runs made by another invocation
+with ``--out`` elsewhere and merged in).
 Results: bench/results/ffa_tune.json (every run: block, stage, alpha, a_init, validation and test accuracy per
 round and final, status, wall s; the choice per block), rewritten after every run.
 
@@ -182,18 +185,25 @@ def tune_block(block: str, a, doc: dict, save, echo) -> dict:
     out = doc["blocks"].setdefault(block, {})
     out.update({"setting": base, "runs": out.get("runs", []), "dp_epsilon": DP_EPSILON if block == "dp" else None})
     runs: dict[str, dict] = {}
+    recorded = {run_key(r["alpha"], r["a_init"]): r for r in out["runs"] if r.get("status")}
 
     def go(stage, alpha, init):
         key = run_key(alpha, init)
         if key in runs:
             return runs[key]
         ov = merge(base, [f"model.lora.alpha={alpha:g}", f"strategy.a_init={init}"])
+        if key in recorded and recorded[key].get("overrides") == ov:
+            runs[key] = {**recorded[key], "stage": stage, "reused": "json"}
+            out["runs"] = sorted({**recorded, **runs}.values(), key=lambda r: (INITS.index(r["a_init"]), r["alpha"]))
+            echo(f"== {block} {stage}: alpha {alpha:g}, a_init {init}: in the results JSON, "
+                 f"val {recorded[key]['val_accuracy_final']}")
+            return runs[key]
         run_dir = Path(a.runs_dir) / block / key
         echo(f"== {block} {stage}: alpha {alpha:g}, a_init {init} -> {run_dir}")
         t0 = time.time()
         summary, rows, reused = run_one(ov, run_dir, echo=(lambda *_: None) if a.quiet else echo)
         runs[key] = record(block, stage, alpha, init, ov, run_dir, summary, rows, reused)
-        out["runs"] = sorted(runs.values(), key=lambda r: (INITS.index(r["a_init"]), r["alpha"]))
+        out["runs"] = sorted({**recorded, **runs}.values(), key=lambda r: (INITS.index(r["a_init"]), r["alpha"]))
         save()
         r = runs[key]
         echo(f"   val {r['val_accuracy_final']} (test {r['test_accuracy_final']}, {r['status']}, "
