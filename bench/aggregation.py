@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlora import algebra as alg  # noqa: E402
 from fedlora import codecs  # noqa: E402
 from fedlora import lowrank  # noqa: E402
-from fedlora.adapters import AdapterState, LoraFactors, from_arrays  # noqa: E402
+from fedlora.adapters import AdapterState, LoraFactors, from_arrays, to_arrays  # noqa: E402
 
 M = N = 4096
 FLORA_RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]  # mean 16: same bytes as r = 16 for every multiple of 10 clients
@@ -127,19 +127,17 @@ def bench_codecs(res: dict, states, weights, names, scale, codec_names, repeats,
     check), then averaged; against the fp32 floor and against a floor over the encoded bytes."""
     for name in codec_names:
         c = codecs.Codec(name)
-        enc = [codecs.encode(c, {f"{n}.{f}": getattr(st.lora[n], f[-1]).numpy() for n in names
-                                 for f in ("lora_A", "lora_B")}) for st in states]
+        enc = [codecs.encode(c, to_arrays(st)) for st in states]
         enc_bytes = sum(a.nbytes for e in enc for a in e.values())
         enc_buf = torch.ones(enc_bytes // 4)  # a float buffer of the encoded size: the least a decode must read
         res[f"floor_sum_{name}_bytes"], _ = measure(lambda: enc_buf.sum(), repeats)
         run = lambda: alg.fedit([from_arrays(codecs.decode(c, e), scale) for e in enc], weights)  # noqa: E731
-        res[f"fedit_decode_{name}"], _ = measure(run, repeats, floor_all)
-        res[f"fedit_decode_{name}"] |= {
-            "encoded_bytes": enc_bytes,
-            "x_floor_encoded_bytes": res[f"fedit_decode_{name}"]["median_s"] / res[f"floor_sum_{name}_bytes"]["median_s"]}
-        log(f"  fedit, {name} replies decoded first {res[f'fedit_decode_{name}']['min_s']:.3f}s "
-            f"({res[f'fedit_decode_{name}']['x_floor']:.2f}x fp32 floor, "
-            f"{res[f'fedit_decode_{name}']['x_floor_encoded_bytes']:.1f}x encoded-bytes floor)")
+        got, _ = measure(run, repeats, floor_all)
+        got |= {"encoded_bytes": enc_bytes,
+                "x_floor_encoded_bytes": got["median_s"] / res[f"floor_sum_{name}_bytes"]["median_s"]}
+        res[f"fedit_decode_{name}"] = got
+        log(f"  fedit, {name} replies decoded first {got['min_s']:.3f}s ({got['x_floor']:.2f}x fp32 floor, "
+            f"{got['x_floor_encoded_bytes']:.1f}x encoded-bytes floor)")
         del enc, enc_buf
         gc.collect()
 

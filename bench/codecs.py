@@ -78,14 +78,14 @@ def main() -> None:
     clients = [adapter(64, 4096, 4096, 16, s) for s in range(10)]
     agg_s = timed(lambda: algebra.fedit([from_arrays(a, 2.0) for a in clients], [1.0] * 10))
     llama = {"aggregation_s": agg_s}
-    values = sum(v.size for v in clients[0].values())
+    fp32_b = 4 * sum(v.size for v in clients[0].values())
     for name in ("fp16", "bf16", "int8", "nf4", "topk"):
         c = codecs.Codec(name)
         encoded = [codecs.encode(c, a) for a in clients]
         enc_s = timed(lambda: codecs.encode(c, clients[0]))
         dec_s = timed(lambda: codecs.decode(c, encoded[0]))
         server = 10 * dec_s + enc_s
-        fp32_b, enc_b = 4 * values, record_bytes(to_record(encoded[0]))
+        enc_b = record_bytes(to_record(encoded[0]))
         traffic = (10 * (enc_b + fp32_b) + (fp32_b + enc_b)) / (11 * fp32_b)
         llama[name] = {"encode_s": enc_s, "decode_s": dec_s, "server_round_codec_s": server,
                        "server_ratio_to_aggregation": server / agg_s, "client_s": enc_s + dec_s,

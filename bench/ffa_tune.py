@@ -187,6 +187,9 @@ def tune_block(block: str, a, doc: dict, save, echo) -> dict:
     runs: dict[str, dict] = {}
     recorded = {run_key(r["alpha"], r["a_init"]): r for r in out["runs"] if r.get("status")}
 
+    def keep():  # the block's runs in the JSON: this invocation's and those recorded before it, in plan order
+        out["runs"] = sorted({**recorded, **runs}.values(), key=lambda r: (INITS.index(r["a_init"]), r["alpha"]))
+
     def go(stage, alpha, init):
         key = run_key(alpha, init)
         if key in runs:
@@ -194,7 +197,7 @@ def tune_block(block: str, a, doc: dict, save, echo) -> dict:
         ov = merge(base, [f"model.lora.alpha={alpha:g}", f"strategy.a_init={init}"])
         if key in recorded and recorded[key].get("overrides") == ov:
             runs[key] = {**recorded[key], "stage": stage, "reused": "json"}
-            out["runs"] = sorted({**recorded, **runs}.values(), key=lambda r: (INITS.index(r["a_init"]), r["alpha"]))
+            keep()
             echo(f"== {block} {stage}: alpha {alpha:g}, a_init {init}: in the results JSON, "
                  f"val {recorded[key]['val_accuracy_final']}")
             return runs[key]
@@ -203,7 +206,7 @@ def tune_block(block: str, a, doc: dict, save, echo) -> dict:
         t0 = time.time()
         summary, rows, reused = run_one(ov, run_dir, echo=(lambda *_: None) if a.quiet else echo)
         runs[key] = record(block, stage, alpha, init, ov, run_dir, summary, rows, reused)
-        out["runs"] = sorted({**recorded, **runs}.values(), key=lambda r: (INITS.index(r["a_init"]), r["alpha"]))
+        keep()
         save()
         r = runs[key]
         echo(f"   val {r['val_accuracy_final']} (test {r['test_accuracy_final']}, {r['status']}, "
