@@ -434,6 +434,7 @@ def main() -> int:
         "optimizer": "AdamW, cosine schedule over the run", "metric": "final dev accuracy of the global model"},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": a.threads, "platform": platform.platform()}})
     doc["noise_multipliers"] = noise_table(a)
+    save(path, doc)  # the settings and command too when every run is already there (a merged or finished grid)
     t_all = time.time()
     for seed in a.seeds:
         for e in a.eps:
