@@ -226,18 +226,24 @@ def _check_centralised(cfg) -> None:
 LAYOUT_KEYS = ("out_dir", "compare", "centralised")
 #: Keys a centralised run sets itself: ``train.lr``, the learning rate it chose from the grid.
 CENTRALISED_KEYS = ("train.lr",)
+#: Keys that say where a simulation ran, not what it computes: the CPUs Ray was given and each client actor's, and
+#: the cluster it joined (seeded per client and round, a run gives the same numbers on any of them, to float
+#: rounding). A comparison extended with another ``simulation.num_cpus`` reuses its finished runs.
+RESOURCE_KEYS = ("simulation.num_cpus", "simulation.client_cpus", "simulation.ray_address")
 
 
 def _flat(cfg) -> dict:
-    """A run's config as ``{dotted key: value}`` (:func:`fedlora.config.flat`) without :data:`LAYOUT_KEYS`."""
-    return {k: v for k, v in config.flat(cfg).items() if k.split(".", 1)[0] not in LAYOUT_KEYS}
+    """A run's config as ``{dotted key: value}`` (:func:`fedlora.config.flat`) without :data:`LAYOUT_KEYS` and
+    :data:`RESOURCE_KEYS`."""
+    return {k: v for k, v in config.flat(cfg).items()
+            if k.split(".", 1)[0] not in LAYOUT_KEYS and k not in RESOURCE_KEYS}
 
 
 def same_setting(run_dir: Path, cfg, name: str | None = None) -> list[str]:
     """Whether ``run_dir``'s saved ``config.yaml`` is ``cfg``'s setting: :class:`~fedlora.config.ConfigError` when it
-    differs on any key both have (besides :data:`LAYOUT_KEYS`, and for the ``centralised`` run
-    :data:`CENTRALISED_KEYS`), else the config keys the saved run lacks (written by an older fedlora, they take their
-    defaults in the planned config), possibly none."""
+    differs on any key both have (besides :data:`LAYOUT_KEYS` and :data:`RESOURCE_KEYS`, and for the
+    ``centralised`` run :data:`CENTRALISED_KEYS`), else the config keys the saved run lacks (written by an older
+    fedlora, they take their defaults in the planned config), possibly none."""
     saved, planned = _flat(config.from_yaml((Path(run_dir) / "config.yaml").read_text())), _flat(cfg)
     own = CENTRALISED_KEYS if name == report.CENTRALISED else ()
     differ = sorted(k for k in saved.keys() & planned.keys() if saved[k] != planned[k] and k not in own)
@@ -325,8 +331,8 @@ def compare(base_overrides: list[str], names: list[str], target: float, out: Pat
     in a mixed-rank preset) becomes a ``not run: <reason>`` row. A run that fails raises RuntimeError.
 
     ``reuse`` (default ``compare.reuse``): a run directory that already holds this very run, finished (same
-    config but for :data:`LAYOUT_KEYS`, see :func:`reusable`), is tabulated as it is instead of refused, so an
-    interrupted comparison, or one extended by more seeds, does only the runs it lacks.
+    config but for :data:`LAYOUT_KEYS` and :data:`RESOURCE_KEYS`, see :func:`reusable`), is tabulated as it is
+    instead of refused, so an interrupted comparison, or one extended by more seeds, does only the runs it lacks.
 
     ``own``: per strategy, its own hyper-parameters (``{"ffa_lora": ["model.lora.alpha=128"]}``, from
     :func:`pop_own_overrides`), applied to that strategy's runs alone after the shared overrides."""

@@ -262,8 +262,8 @@ def test_compare_two_seeds_end_to_end(tmp_path, monkeypatch):
 
 def test_compare_reuse_runs_only_what_a_comparison_lacks(tmp_path, monkeypatch):
     """compare.reuse: an interrupted comparison (a run directory missing) is finished by running that run alone;
-    finished runs of the same setting are tabulated as they are; a directory holding another setting, or a run
-    that did not complete, is refused in one sentence before anything starts."""
+    finished runs of the same setting are tabulated as they are, also with other simulation resources; a directory
+    holding another setting, or a run that did not complete, is refused in one sentence before anything starts."""
     calls = []
 
     def counting_simulate(cfg, run_dir, verbose=False, resume=False):
@@ -282,6 +282,10 @@ def test_compare_reuse_runs_only_what_a_comparison_lacks(tmp_path, monkeypatch):
     strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in first]
     assert [{k: v for k, v in r.items() if k != "wall_s"} for r in again][:4] == strip[:4]  # reused as they were
     assert again[4]["final_accuracy"] == first[4]["final_accuracy"]  # the same run again, seeded: same result
+    calls.clear()  # where a run ran (Ray's CPUs, a cluster) is not its setting: all reused, nothing runs
+    moved = cmp.compare(FAST + ["simulation.num_cpus=1"], ["fedit", "ffa_lora"], 0.8,
+                        out, echo=quiet, seeds=[0, 1], reuse=True)
+    assert calls == [] and [r["final_accuracy"] for r in moved] == [r["final_accuracy"] for r in again]
     with pytest.raises(ConfigError, match=r"compare.reuse: .*seed_0/fedit holds a run of another setting "
                                           r"\(train.lr=.* there, 0.001 planned"):
         cmp.compare(FAST + ["train.lr=1e-3"], ["fedit"], 0.8, out, echo=quiet, seeds=[0, 1], reuse=True)
@@ -289,7 +293,7 @@ def test_compare_reuse_runs_only_what_a_comparison_lacks(tmp_path, monkeypatch):
     summary.write_text(json.dumps(json.loads(summary.read_text()) | {"status": "stopped"}))
     with pytest.raises(ConfigError, match=r"holds a run that did not complete \(status stopped\)"):
         cmp.compare(FAST, ["fedit"], 0.8, out, echo=quiet, seeds=[0, 1], reuse=True)
-    assert calls == [("ffa_lora", 1)]  # nothing ran for the refused comparisons
+    assert calls == []  # nothing ran for the refused comparisons
 
 
 # ---------------------------------------------------------------- each strategy its own hyper-parameters
