@@ -6,11 +6,12 @@ so the floor, a plain ``torch.sum`` over exactly those bytes, is measured on the
 
     .venv/bin/python bench/aggregation.py            # writes bench/results/aggregation.json
 
-    .venv/bin/python bench/aggregation.py --codecs bf16 int8 nf4 --codecs-only --out bench/results/aggregation_codecs.json
+    .venv/bin/python bench/aggregation.py --codecs fp16 bf16 int8 nf4 --codecs-only --out bench/results/aggregation_codecs.json
 
 Targets: FedIT and FFA-LoRA within 2x of the floor (FFA-LoRA's floor: the B bytes, as A is frozen and not sent);
-with ``--codecs``, FedIT with every reply decoded first (decode included) within 2x of the same fp32 floor, and the
-same time over a floor of the encoded bytes (a sum over a buffer of their size: what a decode must at least read);
+with ``--codecs``, FedIT on encoded replies, decode included (fp16/bf16 read as sent, as FedIT's server reads them;
+int8, nf4, topk decoded to fp32 first), within 2x of the same fp32 floor, and the same time over a floor of the
+encoded bytes (a sum over a buffer of their size: what a decode must at least read);
 LoRA-FAIR closed form (low rank) >= 10x faster than the dense solve, with dB agreeing to 1e-4 (relative
 Frobenius norm), measured on a subset of modules because the dense solve forms every m x n dW*.
 """
@@ -123,20 +124,23 @@ def dB_agreement(low: AdapterState, dense: AdapterState, base: AdapterState) -> 
 
 
 def bench_codecs(res: dict, states, weights, names, scale, codec_names, repeats, floor_all, log) -> None:
-    """FedIT on replies that arrive encoded: each reply decoded (fedlora.codecs, as the server does before any
-    check), then averaged; against the fp32 floor and against a floor over the encoded bytes."""
+    """FedIT on replies that arrive encoded, decoded as the server decodes them before any check: fp16/bf16 as sent
+    (``codecs.decode(wide=False)``: FedIT sums them, widening each value in float32 as it reads it), every other
+    codec to fp32 first; then averaged. Against the fp32 floor and against a floor over the encoded bytes."""
     for name in codec_names:
         c = codecs.Codec(name)
         enc = [codecs.encode(c, to_arrays(st)) for st in states]
         enc_bytes = sum(a.nbytes for e in enc for a in e.values())
         enc_buf = torch.ones(enc_bytes // 4)  # a float buffer of the encoded size: the least a decode must read
         res[f"floor_sum_{name}_bytes"], _ = measure(lambda: enc_buf.sum(), repeats)
-        run = lambda: alg.fedit([from_arrays(codecs.decode(c, e), scale) for e in enc], weights)  # noqa: E731
+        wide = name not in codecs.WIRE_DTYPES
+        run = lambda: alg.fedit([from_arrays(codecs.decode(c, e, wide=wide), scale) for e in enc], weights)  # noqa
         got, _ = measure(run, repeats, floor_all)
         got |= {"encoded_bytes": enc_bytes,
                 "x_floor_encoded_bytes": got["median_s"] / res[f"floor_sum_{name}_bytes"]["median_s"]}
         res[f"fedit_decode_{name}"] = got
-        log(f"  fedit, {name} replies decoded first {got['min_s']:.3f}s ({got['x_floor']:.2f}x fp32 floor, "
+        how = "first" if wide else "(as sent)"
+        log(f"  fedit, {name} replies decoded {how} {got['min_s']:.3f}s ({got['x_floor']:.2f}x fp32 floor, "
             f"{got['x_floor_encoded_bytes']:.1f}x encoded-bytes floor)")
         del enc, enc_buf
         gc.collect()

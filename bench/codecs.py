@@ -4,13 +4,16 @@
    the encoded ArrayRecord (what ``bytes_up``/``bytes_down`` count: tensors, scales, indices and Flower's per-array
    header) as a ratio to fp32, and the relative error ||decode(encode(x)) - x|| / ||x||.
 2. Llama-7B-shaped adapter (q and v of 32 layers, 4096 x 4096, r = 16: 8.4 M values a client), 10 clients: one
-   round's codec work on the server (decode 10 replies + encode 1 payload) and on one client (decode + encode), as a
-   ratio to the server's FedIT aggregation of the 10 decoded replies in the same run (the issue's goal: <= 0.5).
-   Beside each measured ratio, ``traffic_ratio``: the least memory traffic of the server's codec work (each decode
-   reads a reply's encoded bytes and writes it at fp32; the encode reads the fp32 payload and writes its bytes)
-   over the least traffic of the aggregation (read 10 fp32 replies, write one). Where both run at the same share of
-   the memory bandwidth, the time ratio is this number; a decode that writes each reply out at fp32 before the
-   average reads it is above 1 for every codec here.
+   round's codec work on the server and on one client (decode + encode), as a ratio to the server's FedIT
+   aggregation of 10 fp32 replies in the same run (the issue's goal: <= 0.5). The server's codec work is what the
+   server does: FedIT (``sums_replies``) reads an fp16/bf16 reply as sent (``codecs.decode(wide=False)``, a view),
+   so its work is 10 such decodes + the aggregation's extra time on 16-bit replies over fp32 ones + 1 encode; int8,
+   nf4 and topk replies are decoded to fp32 first (10 decodes + 1 encode). ``traffic_ratio``: the least memory
+   traffic of that codec work (a full decode reads a reply's encoded bytes and writes it at fp32; an fp16/bf16
+   aggregation reads fewer bytes than an fp32 one, so its extra traffic is none; the encode reads the fp32
+   payload and writes its bytes) over the least traffic of the aggregation (read 10 fp32 replies, write one).
+   ``checks_s``: the server's reply checks (``validate.check_update`` + ``update_norm``) on the 10 replies as the
+   server holds them (fp32, or fp16/bf16 as sent), beside ``checks_fp32_s``.
 
     .venv/bin/python bench/codecs.py               # writes bench/results/codecs.json
     .venv/bin/python bench/codecs.py --bytes-only  # part 1 only (seconds); keeps the file's timings of part 2
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedlora import algebra, codecs  # noqa: E402
+from fedlora import algebra, codecs, validate  # noqa: E402
 from fedlora.adapters import from_arrays  # noqa: E402
 from fedlora.strategies.base import record_bytes, to_record  # noqa: E402
 
@@ -55,6 +58,17 @@ def timed(fn, repeats=3) -> float:
     return statistics.median(times)
 
 
+def paired(fn_a, fn_b, repeats=11) -> tuple[float, float]:
+    """Median times of ``fn_a`` and ``fn_b`` run alternately (so a change of load on the machine hits both)."""
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, a), (fn_b, b)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(a), statistics.median(b)
+
+
 def main() -> None:
     bytes_only = "--bytes-only" in sys.argv[1:]
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
@@ -76,20 +90,38 @@ def main() -> None:
         print(json.dumps(minilm, indent=1), f"\nwritten {path} (part 1 only)")
         return
     clients = [adapter(64, 4096, 4096, 16, s) for s in range(10)]
-    agg_s = timed(lambda: algebra.fedit([from_arrays(a, 2.0) for a in clients], [1.0] * 10))
-    llama = {"aggregation_s": agg_s}
+    fedit = lambda replies: algebra.fedit([from_arrays(a, 2.0) for a in replies], [1.0] * 10)  # noqa: E731
+    agg_s = timed(lambda: fedit(clients), repeats=5)
+    expected = {k: tuple(v.shape) for k, v in clients[0].items()}
+    checks = lambda replies: [(validate.check_update(a, expected, 1, None), validate.update_norm(a))  # noqa: E731
+                              for a in replies]
+    llama = {"aggregation_s": agg_s, "checks_fp32_s": timed(lambda: checks(clients))}
     fp32_b = 4 * sum(v.size for v in clients[0].values())
     for name in ("fp16", "bf16", "int8", "nf4", "topk"):
         c = codecs.Codec(name)
         encoded = [codecs.encode(c, a) for a in clients]
         enc_s = timed(lambda: codecs.encode(c, clients[0]))
         dec_s = timed(lambda: codecs.decode(c, encoded[0]))
-        server = 10 * dec_s + enc_s
         enc_b = record_bytes(to_record(encoded[0]))
-        traffic = (10 * (enc_b + fp32_b) + (fp32_b + enc_b)) / (11 * fp32_b)
-        llama[name] = {"encode_s": enc_s, "decode_s": dec_s, "server_round_codec_s": server,
-                       "server_ratio_to_aggregation": server / agg_s, "client_s": enc_s + dec_s,
-                       "traffic_ratio": traffic}
+        row = {"encode_s": enc_s, "decode_s": dec_s, "client_s": enc_s + dec_s}
+        if name in codecs.WIRE_DTYPES:  # what a summing server (FedIT) does with the replies
+            as_sent = [codecs.decode(c, e, wide=False) for e in encoded]
+            row["decode_as_sent_s"] = timed(lambda: codecs.decode(c, encoded[0], wide=False))
+            row["aggregation_fp32_paired_s"], row["aggregation_as_sent_s"] = paired(lambda: fedit(clients),
+                                                                                   lambda: fedit(as_sent))
+            extra = row["aggregation_as_sent_s"] - row["aggregation_fp32_paired_s"]
+            server = 10 * row["decode_as_sent_s"] + enc_s + extra
+            base_s = row["aggregation_fp32_paired_s"]  # the ratio's denominator: paired with the 16-bit runs
+            traffic = (fp32_b + enc_b) / (11 * fp32_b)
+        else:
+            as_sent = [codecs.decode(c, e) for e in encoded]
+            server = 10 * dec_s + enc_s
+            traffic = (10 * (enc_b + fp32_b) + (fp32_b + enc_b)) / (11 * fp32_b)
+            base_s = agg_s
+        row |= {"server_round_codec_s": server, "server_ratio_to_aggregation": server / base_s,
+                "traffic_ratio": traffic, "checks_s": timed(lambda: checks(as_sent))}
+        llama[name] = row
+        del as_sent, encoded
         print(name, json.dumps(llama[name]), flush=True)
     out = {"command": ".venv/bin/python bench/codecs.py", "wall_s": round(time.time() - t0, 1),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",

@@ -62,8 +62,11 @@ def _check(states: Sequence[AdapterState], weights: Sequence[float]) -> list[flo
 
 
 def _wsum(tensors: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
-    """sum_k p_k t_k in one pass over the inputs (in-place accumulation; no stacking copy)."""
-    out = torch.mul(tensors[0], p[0])
+    """sum_k p_k t_k in one pass over the inputs (in-place accumulation; no stacking copy), in float32 or wider: a
+    16-bit input (an fp16/bf16 reply as sent, :func:`fedlora.codecs.decode` with ``wide=False``) is widened exactly
+    as it is read, so the sum is the one over its float32 decoding."""
+    t0 = tensors[0]
+    out = t0.float().mul_(p[0]) if t0.dtype in (torch.float16, torch.bfloat16) else torch.mul(t0, p[0])
     for t, w in zip(tensors[1:], p[1:]):
         out.add_(t, alpha=w)
     return out

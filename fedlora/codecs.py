@@ -171,9 +171,19 @@ def _absmax(scales: _Stream, k: str, n: int, codec: Codec) -> torch.Tensor:
     return torch.from_numpy(a.copy())
 
 
-def decode(codec: Codec, enc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+#: the codecs whose values are those of a torch dtype (widening them to float32 is exact)
+WIRE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[str, np.ndarray | torch.Tensor]:
     """The float32 tensors an encoded message carries (inverse of :func:`encode`). A missing or extra companion,
-    a wrong dtype, size or index raises :class:`CodecError` naming the tensor."""
+    a wrong dtype, size or index raises :class:`CodecError` naming the tensor.
+
+    ``wide=False``: fp16 and bf16 tensors come back as torch tensors of their dtype (:data:`WIRE_DTYPES`) on the
+    payload's own bytes, the same values without a float32 copy. A server whose aggregation only takes weighted
+    sums reads them so (:attr:`fedlora.strategies.base.LoraStrategy.sums_replies`: each value widened once, in
+    cache, as the float32 sum reads it), which is what keeps a 16-bit uplink cheaper than fp32 on the server.
+    Every other codec decodes to float32 either way."""
     if codec.name == "fp32":
         return dict(enc)
     coded = sorted(k for k in enc if SEP not in k and applies_to(k))
@@ -189,10 +199,13 @@ def decode(codec: Codec, enc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     shapes = _Stream(enc, SHAPES, np.int64, "shapes", codec, first) if streams[SHAPES] else None
     out = {k: v for k, v in enc.items() if SEP not in k}
     for k in coded:
-        if codec.name == "fp16":
-            x = torch.from_numpy(_want(enc, k, np.float16, "values", codec).copy()).float()  # torch: numpy's is slow
-        elif codec.name == "bf16":
-            x = torch.from_numpy(_want(enc, k, np.int16, "values", codec).copy()).view(torch.bfloat16).float()
+        if codec.name in WIRE_DTYPES:  # through torch: numpy's float16 -> float32 is slow, and it has no bfloat16
+            a = _want(enc, k, np.float16 if codec.name == "fp16" else np.int16, "values", codec)
+            x = torch.from_numpy(a if a.flags.writeable else a.copy()).view(WIRE_DTYPES[codec.name])
+            if not wide:
+                out[k] = x
+                continue
+            x = x.float()
         elif codec.name == "int8":
             q = torch.from_numpy(_want(enc, k, np.uint8, "values", codec).copy())
             x = _bnb().dequantize_blockwise(q.flatten(), absmax=_absmax(scales, k, q.numel(), codec),
@@ -224,6 +237,11 @@ def decode(codec: Codec, enc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if stream is not None:
             stream.done(last)
     return out
+
+
+def widen(arrays: dict[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray]:
+    """``arrays`` with every tensor :func:`decode` left in a 16-bit dtype (``wide=False``) as float32 numpy."""
+    return {k: v.float().numpy() if isinstance(v, torch.Tensor) else v for k, v in arrays.items()}
 
 
 def relative_error(true: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> float:

@@ -111,6 +111,10 @@ class LoraStrategy(FedAvg):
     #: from ``state``: :meth:`aggregate_round`), else why not (one clause, :meth:`check_config`)
     supports_server_optimizer, server_optimizer_refusal = False, "its aggregate is no average of a common start"
     supports_scaffold = False  # train.scaffold (strategies/scaffold.py): the same condition, the same refusal
+    #: whether :meth:`aggregate` only takes example-weighted sums of the replies (float32 accumulation:
+    #: :func:`fedlora.algebra.fedit`), so a ``comm.up=fp16|bf16`` reply reaches it as sent (16-bit torch tensors,
+    #: ``codecs.decode(wide=False)``) and is never written out at float32; every other strategy gets float32
+    sums_replies = False
 
     def __init__(self, cfg, initial: AdapterState, shapes: dict[str, tuple[int, int]]):
         import logging
@@ -350,7 +354,7 @@ class LoraStrategy(FedAvg):
                 refuse(f"malformed reply: {e}"[:300])
                 continue
             try:  # comm.up: every check below sees the decoded values
-                arrays = codecs.decode(self.codec_up, arrays)
+                arrays = codecs.decode(self.codec_up, arrays, wide=not self.sums_replies)
             except codecs.CodecError as e:
                 refuse(f"undecodable reply (comm.up={self.codec_up.name}): {e}"[:300])
                 continue

@@ -14,7 +14,8 @@ import pytest
 import torch
 from test_fuzz import make_strategy, message, snapshot, valid_reply
 
-from fedlora import codecs, config
+from fedlora import codecs, config, validate
+from fedlora.adapters import to_arrays
 from fedlora.codecs import Codec, CodecError
 
 RNG = np.random.default_rng(0)
@@ -197,6 +198,77 @@ def test_fuzz_encoded_replies_are_refused_and_change_nothing():
                 assert all(torch.equal(snapshot(s)[k], v) for k, v in expected.items()), (name, kind)
             cases += 1
     assert cases >= 1000
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+@pytest.mark.parametrize("strategy, ranks", [("fedit", [4, 4, 4, 4]), ("ffa_lora", [4, 4, 4, 4]),
+                                             ("flora", [2, 3, 4, 5])])
+def test_a_summing_server_reads_16bit_replies_as_sent_and_aggregates_them_exactly(name, strategy, ranks):
+    """FedIT and FFA-LoRA (``sums_replies``) take an fp16/bf16 reply as sent: the accepted update holds 16-bit
+    tensors on the reply's own bytes, no float32 copy; the round's new global state, its metrics, the update norms
+    and the audit's client states are bit for bit those of the same replies decoded to float32 first. A strategy
+    that does more than sum (FLoRA) gets float32."""
+    rng = np.random.default_rng(11)
+    s = make_strategy(strategy, ranks)
+    s.codec_up = Codec(name)
+    wide = copy.deepcopy(s)
+    wide.sums_replies = False
+    replies = []
+    for n in sorted(s.nodes.values(), key=lambda n: n.partition_id):
+        arrays, metrics = valid_reply(s, n, rng)
+        replies.append(message(n, codecs.encode(s.codec_up, arrays), metrics))
+    enc = codecs.encode(s.codec_up, arrays)
+    as_sent = codecs.decode(s.codec_up, enc, wide=False)
+    assert all(t.data_ptr() == enc[k].ctypes.data for k, t in as_sent.items())  # on the payload's bytes
+    narrow_checked, wide_checked = s.check_replies(replies), wide.check_replies(replies)
+    assert len(narrow_checked.accepted) == len(wide_checked.accepted) == 4
+    got = {type(a).__name__ + ":" + str(a.dtype) for u in narrow_checked.accepted for a in u.arrays.values()}
+    assert got == ({f"Tensor:{codecs.WIRE_DTYPES[name]}"} if strategy != "flora" else {"ndarray:float32"})
+    for u, v in zip(narrow_checked.accepted, wide_checked.accepted):
+        assert {k: a.dtype for k, a in codecs.widen(u.arrays).items()} == {k: a.dtype for k, a in v.arrays.items()}
+        assert all(np.array_equal(codecs.widen(u.arrays)[k], v.arrays[k]) for k in v.arrays)
+        assert validate.update_norm(u.arrays) == validate.update_norm(v.arrays)
+    a, b = s.aggregate_round(1, replies), wide.aggregate_round(1, replies)
+    assert not a.rejected and not b.rejected and a.metrics == b.metrics
+    assert all(torch.equal(snapshot(s)[k], v) for k, v in snapshot(wide).items())
+    for (_, st_a, _), (_, st_b, _) in zip(a.client_states, b.client_states):  # what the audit writes
+        assert all(np.array_equal(x, to_arrays(st_b)[k]) for k, x in to_arrays(st_a).items())
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_a_nan_or_inf_in_a_16bit_reply_read_as_sent_is_refused_by_name(name):
+    rng = np.random.default_rng(12)
+    s = make_strategy("fedit", [4, 4, 4, 4])
+    s.codec_up = Codec(name)
+    node = s.nodes[100]
+    big = 6e4 if name == "fp16" else 3e38  # finite, near the dtype's largest: its square still fits float64
+    for bad, refused in ((np.nan, True), (np.inf, True), (-np.inf, True), (big, False)):
+        arrays, metrics = valid_reply(s, node, rng)
+        key = sorted(arrays)[1]
+        arrays[key].flat[3] = bad
+        checked = s.check_replies([message(node, codecs.encode(s.codec_up, arrays), metrics)])
+        if refused:
+            assert [r["reason"] for r in checked.rejected] == [f"{key}: contains NaN or Inf"], bad
+        else:
+            assert not checked.rejected and len(checked.accepted) == 1
+
+
+def test_the_update_checks_sum_of_squares_decides_finiteness_exactly():
+    """The reply check's one pass (a float32 dot of each tensor with itself) is also its NaN/Inf check: finite values
+    whose squares overflow float32 are accepted, with the norm redone in float64; a NaN or Inf anywhere is refused.
+    The same for 16-bit tensors read as sent."""
+    key, expected = "m.lora_A", {"m.lora_A": (2, 3)}
+    a = np.zeros((2, 3), np.float32)
+    a[0, 1], a[1, 2] = 3e38, -4e30
+    for x in (a, torch.from_numpy(a).bfloat16()):
+        assert validate.check_update({key: x}, expected, 1, None) is None
+        assert math.isclose(validate.update_norm({key: x}), float(np.hypot(3e38, 4e30)), rel_tol=1e-2)
+    assert math.isclose(validate.update_norm({key: a}), float(np.hypot(a[0, 1], a[1, 2])), rel_tol=1e-12)
+    for bad in (np.nan, np.inf, -np.inf):
+        b = a.copy()
+        b[1, 0] = bad
+        for x in (b, torch.from_numpy(b).bfloat16(), torch.from_numpy(b / 1e35).half()):
+            assert validate.check_update({key: x}, expected, 1, None) == f"{key}: contains NaN or Inf"
 
 
 def test_config_errors_are_one_sentence():
