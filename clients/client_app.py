@@ -23,7 +23,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from fedlora import adapters, batching, config, data, merges, models, privacy, train
 from fedlora.messages import CONFIG_KEY, DIGEST_KEY, NEEDS_CONFIG
 
-from . import comm, scaffold as node_scaffold
+from . import comm, local_optimizer, scaffold as node_scaffold
 from .dp_sgd import DP_STATE, accountant_record, budget_exhausted_reply, dp_sgd_round
 from .node import NodeSettings
 
@@ -342,8 +342,12 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
         if result is None:
             return budget_exhausted_reply(msg, pid, len(ds), dp_metrics, accountant_record(context))
     else:
+        digest = str(context.state[RUN_CONFIG]["digest"])  # the run this round belongs to
+        opt = local_optimizer.optimizer([p for p in bundle.model.parameters() if p.requires_grad],
+                                        float(cfg.train.lr), float(cfg.train.weight_decay), context, digest
+                                        ) if cfg.train.get("keep_optimizer_state", False) else None
         result = train.local_train(
-            bundle.model, ds, collator, steps=steps, batch_size=bs,
+            bundle.model, ds, collator, steps=steps, batch_size=bs, optimizer=opt,  # None: a fresh AdamW
             lr=float(cfg.train.lr) * float(cfg.strategy.get("lr_multiplier", 1.0)),
             step_offset=(rnd - 1) * steps, total_steps=int(cfg.num_rounds) * steps, scheduler=cfg.train.scheduler,
             warmup=int(cfg.train.warmup_steps), weight_decay=float(cfg.train.weight_decay),
@@ -352,6 +356,8 @@ def _train(msg: Message, context: Context, node_defaults=None) -> Message:
             prox_mu=float(cfg.train.get("prox_mu", 0.0)),  # FedProx: from the run config the node holds
             control=ctl and ctl.control,
         )
+        if opt is not None:  # train.keep_optimizer_state: the moments stay on the node for the next round
+            local_optimizer.keep(opt, context, digest)
     state = adapters.from_peft(bundle.model)
     personal = keep_personal(state, conf, context, bundle, held, cfg)  # {} unless the strategy keeps parts local
     parts = tuple(str(conf["fl.send"]).split(","))

@@ -67,9 +67,10 @@ seed, then write
                          (each strategy tuned on its own, e.g. ffa_lora:model.lora.alpha=128 flora:train.lr=1e-3,
                          ffa_lora:strategy.a_init=orthogonal); only a strategy's own knobs: train.lr,
                          train.weight_decay, train.scheduler, train.warmup_steps, train.max_grad_norm,
-                         train.prox_mu, train.scaffold, model.lora.alpha, model.lora.dropout, server.* (the
-                         server optimizer) and strategy.*; never what every run must share
-                         (data, partitions, clients, rounds, local steps, batch, rank, seed). comparison.md names them
+                         train.prox_mu, train.scaffold, train.keep_optimizer_state, model.lora.alpha,
+                         model.lora.dropout, server.* (the server optimizer) and strategy.*; never what every
+                         run must share (data, partitions, clients, rounds, local steps, batch, rank, seed).
+                         comparison.md names them
   -v, --verbose          Flower's and Ray's logs too
   run overrides          anything `fedlora run` takes, applied to every run (model=, data=, num_rounds=, ...)
 
@@ -92,10 +93,11 @@ def _parse_list(text: str) -> list[str]:
 #: What ``NAME:KEY=VALUE`` may set for one strategy: its own hyper-parameters. The setting every strategy shares
 #: (data, partitions, clients, rounds, local steps, batch size, rank, seed, model) is not among them, so a
 #: comparison stays one of strategies, not of settings. ``strategy.`` covers every key of the strategy's own config;
-#: the drift controls (FedProx, SCAFFOLD) and ``server.`` (the server optimizer) are how a variant differs.
+#: the drift controls (FedProx, SCAFFOLD), the local AdamW kept across rounds and ``server.`` (the server
+#: optimizer) are how a variant differs.
 TUNABLE = ("train.lr", "train.weight_decay", "train.scheduler", "train.warmup_steps", "train.max_grad_norm",
-           "train.prox_mu", "train.scaffold", "model.lora.alpha", "model.lora.dropout", "model.lora.rank_scaling",
-           "server.", "strategy.")
+           "train.prox_mu", "train.scaffold", "train.keep_optimizer_state", "model.lora.alpha", "model.lora.dropout",
+           "model.lora.rank_scaling", "server.", "strategy.")
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*(?:@[A-Za-z0-9_-]+)?"  # a strategy, or a variant STRATEGY@TAG
 _OWN = re.compile(rf"^({_NAME}):([+~]*)([^=]+)=(.*)$")
 

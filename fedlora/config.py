@@ -311,6 +311,11 @@ def validate(cfg: DictConfig) -> None:
              "train.scheduler must be constant, linear or cosine.")
     if "prox_mu" in cfg.train:  # (a run saved before the key existed has none: 0)
         _number_in(cfg, "train.prox_mu", 0, hint=" (FedProx's proximal weight; 0 turns it off, e.g. train.prox_mu=0.01)")
+    keep = cfg.train.get("keep_optimizer_state", False)  # (a run saved before the key existed: false)
+    _require(isinstance(keep, bool), f"train.keep_optimizer_state={keep} must be true or false.")
+    _require(not keep or (cfg.get("privacy") or {}).get("mode", "none") != "dp_sgd",
+             "train.keep_optimizer_state=true is not supported with privacy=dp_sgd (Opacus wraps the optimizer each "
+             "round): set train.keep_optimizer_state=false.")
     _require(isinstance(cfg.train.get("scaffold", False), bool),  # (a run saved before the key existed: false)
              f"train.scaffold={cfg.train.get('scaffold')} must be true or false (SCAFFOLD's control variates).")
     _check_server(cfg)
