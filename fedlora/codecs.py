@@ -239,11 +239,6 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
     return out
 
 
-def widen(arrays: dict[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray]:
-    """``arrays`` with every tensor :func:`decode` left in a 16-bit dtype (``wide=False``) as float32 numpy."""
-    return {k: v.float().numpy() if isinstance(v, torch.Tensor) else v for k, v in arrays.items()}
-
-
 def relative_error(true: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> float:
     """||sent - true|| / ||true|| over every tensor of ``true`` (0 when ``true`` is 0)."""
     num = sum(float(np.sum((np.asarray(sent[k], np.float64) - v) ** 2)) for k, v in true.items())
