@@ -86,10 +86,12 @@ def check_train_metrics(metrics: dict, partition_id: int) -> str | None:
 
 
 def check_update(arrays: dict, expected: dict[str, tuple[int, ...]], num_examples,
-                 max_examples: int | None) -> str | None:
+                 max_examples: int | None, sums_sq: dict | None = None) -> str | None:
     """``None`` when the update is acceptable, else one sentence saying why not.
 
-    ``expected`` maps every key the client must send to its shape (from the client's assigned rank)."""
+    ``expected`` maps every key the client must send to its shape (from the client's assigned rank). ``sums_sq``: a
+    dict that receives each checked tensor's sum of squares (its NaN/Inf check), so an accepted update's norm is
+    ``math.sqrt(sum(sums_sq.values()))`` without a second pass (:func:`update_norm` is the same sum)."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float, np.integer, np.floating)) \
             or not np.isfinite(num_examples):
         return f"num-examples {num_examples!r} is not a number"
@@ -109,8 +111,11 @@ def check_update(arrays: dict, expected: dict[str, tuple[int, ...]], num_example
             return f"{key}: dtype {a.dtype} is not float32 (the wire format)"
         if tuple(a.shape) != tuple(shape):
             return f"{key}: shape {tuple(a.shape)} != expected {tuple(shape)}"
-        if not math.isfinite(_sum_sq(a)):
+        sq = _sum_sq(a)
+        if not math.isfinite(sq):
             return f"{key}: contains NaN or Inf"
+        if sums_sq is not None:
+            sums_sq[key] = sq
     return None
 
 

@@ -9,6 +9,7 @@ Privacy is a component the strategy holds (:mod:`fedlora.strategies.privacy`). W
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -22,7 +23,7 @@ from fedlora import algebra, codecs, server_opt
 from fedlora.adapters import LORA_A, LORA_B, AdapterState, from_arrays, to_arrays
 from fedlora.config import ConfigError, client_ranks, config_digest, for_clients, to_yaml
 from fedlora.messages import DIGEST_KEY
-from fedlora.validate import check_metrics, check_train_metrics, check_update, norm_outliers, update_norm
+from fedlora.validate import check_metrics, check_train_metrics, check_update, norm_outliers
 
 from . import privacy as privacy_modes, scaffold
 from .replies import Checked, Update, attribute, error_summary, rejection
@@ -373,12 +374,14 @@ class LoraStrategy(FedAvg):
                 reason = f"client status: {st.get('status')} {st.get('reason', '')}".strip()
                 refuse(reason)
                 continue
+            sums_sq = {}  # each tensor's sum of squares, from its NaN/Inf check: the update norm's terms
             reason = (check_train_metrics(metrics, node.partition_id)
-                      or check_update(arrays, self.expected(node), metrics.get("num-examples"), node.num_examples))
+                      or check_update(arrays, self.expected(node), metrics.get("num-examples"), node.num_examples,
+                                      sums_sq))
             if reason:
                 refuse(reason)
                 continue
-            norms[nid] = update_norm(arrays)
+            norms[nid] = math.sqrt(sum(sums_sq.values()))  # = update_norm(arrays): every key was checked
             accepted.append(Update(node, arrays, metrics))
         accepted.sort(key=lambda u: u.node.partition_id)  # aggregation order independent of arrival order
         outliers = norm_outliers(norms, self.norm_factor if self.privacy.outlier_check else 0.0)
