@@ -400,6 +400,15 @@ def _check_server(cfg) -> None:
         _require(_is_number(v) and 0 <= v < 1, f"server.{key}={v} must be a number in [0, 1) ({what}, e.g. "
                                                f"server.{key}={0.99 if key == 'beta2' else 0.9}).")
     _number_in(cfg, "server.tau", 0, lo_open=True, hint=" (the adaptivity in step = lr·m/(sqrt(v) + tau), e.g. 1e-3)")
+    if srv.get("eps") is not None or opt == "fedexp":  # configs written before fedexp have no server.eps
+        _number_in(cfg, "server.eps", 0, lo_open=True,
+                   hint=" (fedexp's step max(1, spread / (2(|mean|^2 + eps))), e.g. 1e-3)")
+    if opt == "fedexp":
+        _require(srv.get("lr") is None, f"server.lr={srv.get('lr')} is not used by server.optimizer=fedexp (its step "
+                                        "size is computed each round from the clients' updates): leave server.lr null.")
+        _require((cfg.get("privacy") or {}).get("mode", "none") != "client_dp",
+                 "server.optimizer=fedexp cannot run with privacy=client_level: its step size reads each client's "
+                 "update, which client-level DP releases only as a noised sum; use another server.optimizer there.")
 
 
 def _check_label_skew(cfg) -> None:

@@ -13,6 +13,13 @@ the clients started from, and the server serves x + step(Δ):
     yogi:    v ← v − (1 − β2)·Δ²·sign(v − Δ²),       step = η·m / (√v + τ)
     adagrad: v ← v + Δ² (and m = Δ: β1 = 0),          step = η·m / (√v + τ)
   with m, v starting at zero and t the server round.
+- ``fedexp`` (FedExP, Jhunjhunwala, Wang and Joshi, "FedExP: Speeding Up Federated Averaging via Extrapolation", ICLR
+  2023, Algorithm 1): one step size for the whole round, step = η_g·Δ with
+    η_g = max(1, Σ_k p_k‖Δ_k‖² / (2(‖Δ‖² + ε)))
+  over the round's client updates Δ_k = x_k − x (all averaged tensors together) and their weights p_k (Δ = Σ_k p_k Δ_k).
+  With equal weights this is the paper's Σ_i‖Δ_i‖² / (2M(‖Δ̄‖² + ε)): when the clients' updates disagree their
+  average shrinks, and the server extrapolates along it. No state; it needs each client's update
+  (:meth:`ServerOptimizer.apply`'s ``clients``), so it is no post-processing of a client-level DP release.
 
 These are the update rules and defaults of Flower 1.42's ``FedAvgM``, ``FedAdam``, ``FedYogi`` and ``FedAdagrad``
 (``flwr/serverapp/strategy/``), including FedAdam's bias correction with exponent t + 1 over the server round and
@@ -34,9 +41,9 @@ import torch
 
 from .adapters import LORA_A, LORA_B, AdapterState, LoraFactors
 
-OPTIMIZERS = ("avg", "avgm", "adam", "yogi", "adagrad")
+OPTIMIZERS = ("avg", "avgm", "adam", "yogi", "adagrad", "fedexp")
 #: η when ``server.lr`` is null: Flower 1.42's defaults (FedAvgM server_learning_rate; FedAdam/FedYogi/FedAdagrad eta)
-DEFAULT_LR = {"avg": 1.0, "avgm": 1.0, "adam": 0.1, "yogi": 0.01, "adagrad": 0.1}
+DEFAULT_LR = {"avg": 1.0, "avgm": 1.0, "adam": 0.1, "yogi": 0.01, "adagrad": 0.1, "fedexp": 1.0}
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class ServerOptConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    eps: float = 1e-3  # fedexp's ε
 
     @property
     def eta(self) -> float:
@@ -66,7 +74,7 @@ def config_of(cfg) -> ServerOptConfig:
     get = lambda k: srv.get(k, getattr(d, k))  # noqa: E731
     return ServerOptConfig(optimizer=str(get("optimizer")), lr=None if get("lr") is None else float(get("lr")),
                            momentum=float(get("momentum")), beta1=float(get("beta1")), beta2=float(get("beta2")),
-                           tau=float(get("tau")))
+                           tau=float(get("tau")), eps=float(get("eps")))
 
 
 def check_supported(cfg, strategy: str, supported: bool, reason: str, able: list[str]) -> None:
@@ -113,6 +121,16 @@ def step(state: dict[str, torch.Tensor], delta: torch.Tensor, cfg: ServerOptConf
     return eta * m / (torch.sqrt(v) + cfg.tau), {"m": m, "v": v}
 
 
+def fedexp_lr(client_sq: list[float], weights: list[float], mean_sq: float, eps: float) -> float:
+    """FedExP's server step size η_g = max(1, Σ_k p_k·client_sq[k] / (2·(mean_sq + eps))), with p_k = weights[k] / Σ
+    weights, ``client_sq[k]`` = ‖Δ_k‖² and ``mean_sq`` = ‖Σ_k p_k Δ_k‖² (module docstring)."""
+    total = float(sum(weights))
+    if not client_sq or total <= 0:
+        raise ValueError("fedexp needs at least one client update with a positive weight.")
+    spread = sum(float(w) / total * float(q) for w, q in zip(weights, client_sq))
+    return max(1.0, spread / (2.0 * (float(mean_sq) + float(eps))))
+
+
 def keys_of(state: AdapterState, parts) -> dict[str, torch.Tensor]:
     """The tensors of ``state`` named by ``parts`` (``lora_A``, ``lora_B``, ``extra``), under their flat keys
     (``<module>.lora_A``, ``extra.<param>``, as :func:`fedlora.adapters.to_arrays` names them)."""
@@ -135,14 +153,17 @@ class ServerOptimizer:
         self.cfg = cfg or ServerOptConfig()
         self.moments: dict[str, dict[str, torch.Tensor]] = {}
         self.steps = 0  # rounds stepped so far
+        self.last_lr: float | None = None  # fedexp: the last round's η_g (the round's metrics)
 
     @property
     def active(self) -> bool:
         return self.cfg.optimizer != "avg"
 
-    def apply(self, old: AdapterState, new: AdapterState, parts, t: int) -> AdapterState:
+    def apply(self, old: AdapterState, new: AdapterState, parts, t: int,
+              clients: list[tuple[AdapterState, float]] | None = None) -> AdapterState:
         """The served adapter after round ``t``: ``new`` (the aggregate) with every tensor of ``parts`` replaced by
-        old + step(new − old); the rest of ``new`` (e.g. FFA-LoRA's frozen A) as it is. ``avg``: ``new`` itself."""
+        old + step(new − old); the rest of ``new`` (e.g. FFA-LoRA's frozen A) as it is. ``avg``: ``new`` itself.
+        ``clients``: the round's client states and weights, of which ``new`` is the weighted average (``fedexp``)."""
         if not self.active:
             return new
         before, after = keys_of(old, parts), keys_of(new, parts)
@@ -150,14 +171,27 @@ class ServerOptimizer:
             raise ValueError("the server optimizer needs the aggregate to hold the same tensors, of the same shapes, "
                              "as the adapter the clients started from.")
         served, moments = {}, dict(self.moments)
-        for k, x in before.items():
-            upd, moments[k] = step(self.moments.get(k, {}), after[k].double() - x.double(), self.cfg, int(t))
-            served[k] = (x.double() + upd).to(x.dtype)
+        if self.cfg.optimizer == "fedexp":
+            if not clients:
+                raise ValueError("server.optimizer=fedexp needs the round's client updates.")
+            sq = lambda d: sum(float((d[k].double() - x.double()).pow(2).sum()) for k, x in before.items())  # noqa
+            self.last_lr = fedexp_lr([sq(keys_of(s, parts)) for s, _ in clients], [w for _, w in clients], sq(after),
+                                     self.cfg.eps)
+            served = {k: (x.double() + self.last_lr * (after[k].double() - x.double())).to(x.dtype)
+                      for k, x in before.items()}
+        else:
+            for k, x in before.items():
+                upd, moments[k] = step(self.moments.get(k, {}), after[k].double() - x.double(), self.cfg, int(t))
+                served[k] = (x.double() + upd).to(x.dtype)
         self.moments, self.steps = moments, self.steps + 1
         lora = {name: LoraFactors(served.get(f"{name}.{LORA_A}", f.A), served.get(f"{name}.{LORA_B}", f.B), f.scale)
                 for name, f in new.lora.items()}
         extra = {k: served.get(f"extra.{k}", v) for k, v in new.extra.items()}
         return AdapterState(lora, extra)
+
+    def round_metrics(self) -> dict:
+        """This round's server step size where it is computed per round (fedexp: ``server_lr``), else nothing."""
+        return {"server_lr": self.last_lr} if self.last_lr is not None else {}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.cfg.optimizer, "moments": self.moments, "steps": self.steps}

@@ -415,7 +415,8 @@ class LoraStrategy(FedAvg):
         arrays, client_states, delta, skipped = self.privacy.release(self, server_round, checked.accepted,
                                                                      att.replies)
         if arrays is not None and self.server_opt.active:  # server.optimizer (post-processing of the release)
-            self.state = self.server_opt.apply(started, self.state, self.client_sends, server_round)
+            self.state = self.server_opt.apply(started, self.state, self.client_sends, server_round,
+                                               [(s, w) for _, s, w in client_states])
             arrays = to_record({k: to_arrays(self.state)[k] for k in arrays.keys()})  # the release's keys
             delta = algebra.effective_update(self.state, started)
         if skipped:
@@ -424,6 +425,7 @@ class LoraStrategy(FedAvg):
             log(WARNING, "round %d skipped: %s", server_round, skipped)
         codec = self.codec_errors(checked.accepted)
         metrics = {**train_metrics(checked.accepted), **self.round_metrics(checked.accepted),
+                   **(self.server_opt.round_metrics() if arrays is not None else {}),
                    **{f"codec_{d}_error": max(e.values()) for d, e in codec.items()}}
         rejected = att.rejected + checked.rejected
         for nid in dict.fromkeys(m.metadata.dst_node_id for m in sent or []):

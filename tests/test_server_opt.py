@@ -124,6 +124,50 @@ def test_checkpoint_round_trip_and_refusal_of_another_optimizer(tmp_path):
         ServerOptimizer(ServerOptConfig("adam")).load_state_dict(opt.state_dict())
 
 
+def test_fedexp_step_size_is_the_papers():
+    """Equal weights: Σ_i‖Δ_i‖² / (2M(‖Δ̄‖² + ε)) (FedExP, Algorithm 1), never below 1; example weights count a client
+    as that many equal ones; clients that agree get the plain average (η 1)."""
+    g = np.random.default_rng(5)
+    deltas = [g.normal(0, 0.1, 40) for _ in range(4)]
+    mean = np.mean(deltas, axis=0)
+    want = sum(d @ d for d in deltas) / (2 * 4 * (mean @ mean + 1e-3))
+    assert want > 1.5
+    got = server_opt.fedexp_lr([d @ d for d in deltas], [7.0] * 4, mean @ mean, 1e-3)
+    assert got == pytest.approx(want, rel=1e-12)
+    dup = deltas + [deltas[0]]  # client 0 twice ≡ client 0 with weight 2
+    mean2 = np.mean(dup, axis=0)
+    assert server_opt.fedexp_lr([d @ d for d in deltas], [2, 1, 1, 1], mean2 @ mean2, 1e-3) == pytest.approx(
+        sum(d @ d for d in dup) / (2 * 5 * (mean2 @ mean2 + 1e-3)), rel=1e-12)
+    same = deltas[0] @ deltas[0]
+    assert server_opt.fedexp_lr([same] * 3, [1, 2, 3], same, 0.0) == 1.0  # ratio 1/2: the average itself
+    with pytest.raises(ValueError, match="at least one client"):
+        server_opt.fedexp_lr([], [], 0.0, 1e-3)
+
+
+def test_fedexp_apply_extrapolates_the_average_by_its_step_size():
+    old = state(0)
+    g = torch.Generator().manual_seed(9)
+    noisy = lambda t: t + 0.05 * torch.randn(t.shape, generator=g)  # noqa: E731
+    clients = [AdapterState({n: LoraFactors(noisy(f.A), noisy(f.B), f.scale) for n, f in old.lora.items()},
+                            {k: noisy(v) for k, v in old.extra.items()}) for _ in range(3)]
+    weights = [10.0, 20.0, 30.0]
+    new = algebra.fedit(clients, weights)
+    parts = ("lora_A", "lora_B", "extra")
+    opt = ServerOptimizer(ServerOptConfig("fedexp"))
+    assert opt.round_metrics() == {}
+    served = opt.apply(old, new, parts, 1, list(zip(clients, weights)))
+    x = {k: v.double().numpy() for k, v in server_opt.keys_of(old, parts).items()}
+    flat = lambda s: np.concatenate([server_opt.keys_of(s, parts)[k].double().numpy().ravel() - x[k].ravel()  # noqa
+                                     for k in x])
+    dbar = flat(new)
+    eta = max(1.0, sum(w / 60 * (flat(c) @ flat(c)) for c, w in zip(clients, weights)) / (2 * (dbar @ dbar + 1e-3)))
+    assert eta > 1.2 and opt.round_metrics() == {"server_lr": pytest.approx(eta, rel=1e-9)}
+    np.testing.assert_allclose(flat(served), eta * dbar, rtol=1e-5, atol=1e-7)
+    assert opt.state_dict()["moments"] == {}
+    with pytest.raises(ValueError, match="needs the round's client updates"):
+        opt.apply(old, new, parts, 2)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("strategy", ["flora", "fedex_lora", "lora_fair", "flexlora", "hetlora", "fedsvd"])
 def test_unsupported_strategy_is_refused_before_anything_starts(strategy, monkeypatch):
@@ -148,11 +192,14 @@ def test_unsupported_strategy_is_refused_before_anything_starts(strategy, monkey
     ("server.beta1=-0.5", "in [0, 1)"),
     ("server.beta2=true", "is not a number"),
     ("server.tau=0", "must be a number > 0"),
+    ("server.eps=0", "must be a number > 0"),
+    ("server.lr=0.5 server.optimizer=fedexp", "is not used by server.optimizer=fedexp"),
+    ("server.optimizer=fedexp privacy=client_level", "cannot run with privacy=client_level"),
 ])
 def test_bad_server_values_are_one_sentence(override, says):
     with pytest.raises(config.ConfigError) as e:
-        config.load([override])
-    assert says in str(e.value) and str(e.value).startswith(override.split("=")[0])
+        config.load(override.split())
+    assert says in str(e.value) and str(e.value).startswith(override.split()[0].split("=")[0])
 
 
 def test_supported_strategies_and_client_level_dp_pass_the_check():
@@ -250,3 +297,50 @@ def test_adam_run_is_hand_computable_and_resumes_exactly(tmp_path, monkeypatch):
     assert a["steps"] == b["steps"] == 2 and set(a["moments"]) == set(b["moments"])
     assert all(torch.equal(a["moments"][k][x], b["moments"][k][x]) for k in a["moments"] for x in ("m", "v"))
 
+
+
+def test_fedexp_run_serves_the_extrapolated_average_and_logs_its_step(tmp_path, monkeypatch):
+    """fedit with server.optimizer=fedexp: each round the step size is computed from the audited client adapters
+    (their squared update norms and example weights, and the squared norm of their weighted average's change), the
+    served adapter is x + η·Δ and the metrics line carries η as ``server_lr``. The tiny run's clients agree (spread
+    ratio 0.55-0.7, so η would be 1): a spy adds 0.5 to the computed η so that the run's extrapolation is checked."""
+    from safetensors import safe_open
+
+    from fedlora import strategies
+
+    started, calls = {}, []
+    cls, real = strategies.STRATEGIES["fedit"], server_opt.fedexp_lr
+
+    class Spy(cls):
+        def __init__(self, cfg, initial, shapes):
+            super().__init__(cfg, initial, shapes)
+            started["initial"] = self.state
+
+    def spy_lr(client_sq, weights, mean_sq, eps):
+        calls.append((client_sq, weights, mean_sq, eps))
+        return real(client_sq, weights, mean_sq, eps) + 0.5
+
+    monkeypatch.setitem(strategies.STRATEGIES, "fedit", Spy)
+    monkeypatch.setattr(server_opt, "fedexp_lr", spy_lr)
+    d = run(tmp_path, "fedexp", ["server.optimizer=fedexp", "audit=true", "local_steps=2"])
+    rounds = {1: checkpoint.read(d / checkpoint.PREV), 2: checkpoint.read(d / checkpoint.NAME)}
+    parts, old = ("lora_A", "lora_B", "extra"), started["initial"]
+    logged = {r["round"]: r.get("server_lr") for r in rows_of(d)}
+    assert len(calls) == 2 and logged[0] is None
+    for r in (1, 2):
+        states, weights = [], []
+        for f in sorted((d / "audit" / f"round_{r:04d}").glob("client_*.safetensors")):
+            states.append(adapters.load_file(f))
+            with safe_open(str(f), framework="pt") as fh:
+                weights.append(float(fh.metadata()["num_examples"]))
+        x = {k: v.double().numpy() for k, v in server_opt.keys_of(old, parts).items()}
+        flat = lambda s: np.concatenate([server_opt.keys_of(s, parts)[k].double().numpy().ravel() - x[k].ravel()  # noqa
+                                         for k in x])
+        dbar = flat(algebra.fedit(states, weights))
+        client_sq, w, mean_sq, eps = calls[r - 1]
+        np.testing.assert_allclose(client_sq, [flat(s) @ flat(s) for s in states], rtol=1e-9)
+        assert list(w) == weights and mean_sq == pytest.approx(dbar @ dbar, rel=1e-5) and eps == 1e-3
+        eta = real(client_sq, w, mean_sq, eps) + 0.5
+        assert logged[r] == pytest.approx(eta, rel=1e-12)
+        np.testing.assert_allclose(flat(rounds[r]["strategy"]["state"]), eta * dbar, rtol=1e-5, atol=1e-7)
+        old = rounds[r]["strategy"]["state"]
