@@ -229,6 +229,33 @@ def run(tmp_path, name, overrides, drop=(), grid=None, resume=False):
     return tmp_path / name
 
 
+def spy_initial(monkeypatch) -> dict:
+    """Swap fedit for a subclass that records the adapter the run starts from (``["initial"]``); ``["cls"]``: fedit."""
+    from fedlora import strategies
+
+    started = {"cls": strategies.STRATEGIES["fedit"]}
+
+    class Spy(started["cls"]):
+        def __init__(self, cfg, initial, shapes):
+            super().__init__(cfg, initial, shapes)
+            started["initial"] = self.state
+
+    monkeypatch.setitem(strategies.STRATEGIES, "fedit", Spy)
+    return started
+
+
+def audited(d, r) -> tuple[list[AdapterState], list[float]]:
+    """Round ``r``'s audited client adapters of run ``d`` and their example counts, in partition order."""
+    from safetensors import safe_open
+
+    states, weights = [], []
+    for f in sorted((d / "audit" / f"round_{r:04d}").glob("client_*.safetensors")):
+        states.append(adapters.load_file(f))
+        with safe_open(str(f), framework="pt") as fh:
+            weights.append(float(fh.metadata()["num_examples"]))
+    return states, weights
+
+
 def test_avg_is_bit_identical_to_a_config_without_the_section(tmp_path):
     """Neither ``server`` nor ``train.prox_mu`` (as before they existed) vs the defaults (avg, prox_mu 0)."""
     before = run(tmp_path, "before", [], drop=("server", "train.prox_mu"))
@@ -242,19 +269,9 @@ def test_adam_run_is_hand_computable_and_resumes_exactly(tmp_path, monkeypatch):
     the example-weighted average of the audited client adapters minus x, with m and v carried over from round 1.
     Killed in round 2 and resumed with fresh clients, the run ends with the same adapter, metrics and moments (the
     moments come back from the checkpoint)."""
-    from safetensors import safe_open
-
     from fedlora import strategies
 
-    started = {}
-    cls = strategies.STRATEGIES["fedit"]
-
-    class Spy(cls):
-        def __init__(self, cfg, initial, shapes):
-            super().__init__(cfg, initial, shapes)
-            started["initial"] = self.state
-
-    monkeypatch.setitem(strategies.STRATEGIES, "fedit", Spy)
+    started = spy_initial(monkeypatch)
     over = ["server.optimizer=adam", "server.lr=0.01", "audit=true"]
     d = run(tmp_path, "adam", over)
     rounds = {1: checkpoint.read(d / checkpoint.PREV), 2: checkpoint.read(d / checkpoint.NAME)}
@@ -262,13 +279,8 @@ def test_adam_run_is_hand_computable_and_resumes_exactly(tmp_path, monkeypatch):
     parts = ("lora_A", "lora_B", "extra")
     old, m, v = started["initial"], {}, {}
     for r in (1, 2):
-        files = sorted((d / "audit" / f"round_{r:04d}").glob("client_*.safetensors"))
-        assert len(files) == 3
-        states, weights = [], []
-        for f in files:
-            states.append(adapters.load_file(f))
-            with safe_open(str(f), framework="pt") as fh:
-                weights.append(float(fh.metadata()["num_examples"]))
+        states, weights = audited(d, r)
+        assert len(states) == 3
         agg = server_opt.keys_of(algebra.fedit(states, weights), parts)
         got = server_opt.keys_of(rounds[r]["strategy"]["state"], parts)
         x_old = server_opt.keys_of(old, parts)
@@ -289,7 +301,7 @@ def test_adam_run_is_hand_computable_and_resumes_exactly(tmp_path, monkeypatch):
     with pytest.raises(Killed):
         run(tmp_path, "cut", over, grid=KillingGrid(3, kill_round=2))
     assert [r["round"] for r in rows_of(tmp_path / "cut")] == [0, 1]
-    monkeypatch.setitem(strategies.STRATEGIES, "fedit", cls)
+    monkeypatch.setitem(strategies.STRATEGIES, "fedit", started["cls"])
     cut = run(tmp_path, "cut", over, resume=True)
     same_adapter(cut, d)
     assert strip(rows_of(cut)) == strip(rows_of(d))
@@ -304,23 +316,12 @@ def test_fedexp_run_serves_the_extrapolated_average_and_logs_its_step(tmp_path, 
     (their squared update norms and example weights, and the squared norm of their weighted average's change), the
     served adapter is x + η·Δ and the metrics line carries η as ``server_lr``. The tiny run's clients agree (spread
     ratio 0.55-0.7, so η would be 1): a spy adds 0.5 to the computed η so that the run's extrapolation is checked."""
-    from safetensors import safe_open
-
-    from fedlora import strategies
-
-    started, calls = {}, []
-    cls, real = strategies.STRATEGIES["fedit"], server_opt.fedexp_lr
-
-    class Spy(cls):
-        def __init__(self, cfg, initial, shapes):
-            super().__init__(cfg, initial, shapes)
-            started["initial"] = self.state
+    started, calls, real = spy_initial(monkeypatch), [], server_opt.fedexp_lr
 
     def spy_lr(client_sq, weights, mean_sq, eps):
         calls.append((client_sq, weights, mean_sq, eps))
         return real(client_sq, weights, mean_sq, eps) + 0.5
 
-    monkeypatch.setitem(strategies.STRATEGIES, "fedit", Spy)
     monkeypatch.setattr(server_opt, "fedexp_lr", spy_lr)
     d = run(tmp_path, "fedexp", ["server.optimizer=fedexp", "audit=true", "local_steps=2"])
     rounds = {1: checkpoint.read(d / checkpoint.PREV), 2: checkpoint.read(d / checkpoint.NAME)}
@@ -328,11 +329,7 @@ def test_fedexp_run_serves_the_extrapolated_average_and_logs_its_step(tmp_path, 
     logged = {r["round"]: r.get("server_lr") for r in rows_of(d)}
     assert len(calls) == 2 and logged[0] is None
     for r in (1, 2):
-        states, weights = [], []
-        for f in sorted((d / "audit" / f"round_{r:04d}").glob("client_*.safetensors")):
-            states.append(adapters.load_file(f))
-            with safe_open(str(f), framework="pt") as fh:
-                weights.append(float(fh.metadata()["num_examples"]))
+        states, weights = audited(d, r)
         x = {k: v.double().numpy() for k, v in server_opt.keys_of(old, parts).items()}
         flat = lambda s: np.concatenate([server_opt.keys_of(s, parts)[k].double().numpy().ravel() - x[k].ravel()  # noqa
                                          for k in x])
