@@ -43,8 +43,10 @@ seed, then write
                              one seed); final accuracy minus the baseline's, paired by seed: mean and min..max,
                              and a verdict (better / worse / within seed noise: 2-4 seeds by the sign of every
                              seed's difference, >= 5 seeds by a paired t-test at 5%); the difference to the
-                             centralised row; a strategy refused for this setting is a "not run: <reason>" row
-  OUT/comparison_seeds.csv   one row per (seed, strategy)
+                             centralised row; a strategy refused for this setting is a "not run: <reason>" row;
+                             a pair whose runs of one seed were computed on different machines is noted
+  OUT/comparison_seeds.csv   one row per (seed, strategy), with the machine it ran on (environment: torch, CPU,
+                             torch's CPU capability; fedlora.provenance)
   OUT/comparison_rounds.csv  one row per (strategy, round): test and validation accuracy and the cross-term error
                              of strategies that average factors, mean and sample sd over seeds
   OUT/accuracy_vs_round.png, accuracy_vs_bytes.png    one line per strategy, a band of ± one sd over seeds

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 
+from . import provenance
 from .rundir import FAILED_STATUSES  # a run directory's life and how a run ended: fedlora.rundir
 
 
@@ -111,6 +112,7 @@ class Recorder:
             "bytes_up": sum(r.get("bytes_up", 0) for r in self.rows),
             "bytes_down": sum(r.get("bytes_down", 0) for r in self.rows),
             "wall_s": time.time() - self.t0,
+            "environment": provenance.environment(),  # what decides its float results (fedlora.provenance)
         }
         s.update(extra)
         atomic_write(self.dir / "summary.json", json.dumps(s, indent=2))
@@ -130,9 +132,10 @@ def read_metrics(run_dir) -> list[dict]:
 CENTRALISED = "centralised"
 CEILING_NOTE = "ceiling: one model trained on the pooled client data"
 #: one row per (seed, strategy): ``comparison_seeds.csv`` (``best_from``: the summary field "best" came from;
-#: ``status``: how the run ended, :data:`STATUSES`; a failed one is kept here but left out of the means)
+#: ``status``: how the run ended, :data:`STATUSES`; a failed one is kept here but left out of the means;
+#: ``environment``: :func:`fedlora.provenance.fingerprint` of the machine it ran on, empty for older runs)
 COLUMNS = ["seed", "strategy", "final_accuracy", "best_accuracy", "best_from", "rounds_to_target", "bytes_up",
-           "bytes_down", "wall_s", "run_dir", "status", "note"]
+           "bytes_down", "wall_s", "run_dir", "environment", "status", "note"]
 #: the figures averaged over seeds
 FIGURES = ["final_accuracy", "best_accuracy", "rounds_to_target", "bytes_up", "bytes_down", "wall_s"]
 #: one row per strategy: ``comparison.csv``. A figure is the mean over seeds, ``<figure>_sd`` its sample standard
@@ -168,7 +171,8 @@ def summarise(name: str, run_dir: Path, target: float) -> dict:
                 "left out of the means")
     return {"strategy": name, "final_accuracy": summ.get("final_eval_accuracy"), "best_accuracy": summ.get(best_from),
             "best_from": best_from, "rounds_to_target": rounds_to(rows, target), "bytes_up": summ["bytes_up"],
-            "bytes_down": summ["bytes_down"], "wall_s": round(summ["wall_s"], 1), "status": status, "note": note}
+            "bytes_down": summ["bytes_down"], "wall_s": round(summ["wall_s"], 1), "status": status, "note": note,
+            "environment": provenance.fingerprint(summ.get("environment"))}
 
 
 def not_run_row(name: str, reason) -> dict:
@@ -261,6 +265,10 @@ def aggregate(seed_rows: list[dict], baseline: str | None = None, alpha: float =
         if diffs:
             row["diff_final"], row["diff_min"], row["diff_max"] = mean_sd(diffs)[0], min(diffs), max(diffs)
             row["verdict"], row["verdict_how"] = verdict(diffs, alpha)
+        mixed = provenance.mixed_seeds(seed_rows, n, baseline)
+        if mixed:  # the pair's runs were not computed alike: their difference holds the machines' too
+            row["note"] = "; ".join(filter(None, [row["note"], f"paired with {baseline} across machines in seed "
+                                                  f"{', '.join(map(str, mixed))} (comparison_seeds.csv: environment)"]))
     return rows
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora import adapters, compare as cmp, config, data, models, report
+from fedlora import adapters, compare as cmp, config, data, models, provenance, report
 from fedlora.config import ConfigError
 from fedlora.verdicts import verdict
 
@@ -235,6 +235,33 @@ def _fake_centralised(cfg, run_dir, echo=print, lr_grid=None) -> dict:
     summary = {**json.loads((Path(run_dir) / "summary.json").read_text()), "lr": (lr_grid or [3e-3])[0]}
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary))
     return summary
+
+
+def test_pairs_across_machines_are_flagged(tmp_path):
+    """A run's summary records what computes its floats (fedlora.provenance); a paired difference between runs
+    of one seed made on different machines is kept, and its row says in which seeds the machines differ."""
+    env = provenance.environment()
+    assert env["torch"] == torch.__version__ and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    here = provenance.fingerprint(env)
+    assert here.startswith(f"torch {torch.__version__}, ") and provenance.fingerprint(None) == ""
+    other = provenance.fingerprint(env | {"cpu_capability": "AVX2" if env["cpu_capability"] != "AVX2" else "AVX512"})
+    assert other != here
+    seed_rows = constructed(tmp_path)
+    for r in seed_rows:  # seed 1's flora ran elsewhere; ffa_lora's seed 2 is an old run that recorded nothing
+        r["environment"] = "" if (r["strategy"], r["seed"]) == ("ffa_lora", 2) else (
+            other if (r["strategy"], r["seed"]) == ("flora", 1) else here)
+    rows = {r["strategy"]: r for r in report.aggregate(seed_rows, "fedit")}
+    assert rows["flora"]["note"] == ("paired with fedit across machines in seed 1 (comparison_seeds.csv: "
+                                     "environment)")
+    assert rows["flora"]["verdict"] == "better"  # the difference stands; the note says what it also holds
+    assert rows["ffa_lora"]["note"] == "" and rows["fedit"]["note"] == ""  # unknown is not "different"
+    # a run directory's summary carries the environment, and the comparison row its fingerprint
+    rec = report.Recorder(tmp_path / "run", "seed: 0\n", 1, echo=lambda *a: None)
+    rec.log_round({"round": 1, "eval_accuracy": 0.7, "bytes_up": 1, "bytes_down": 1})
+    assert rec.summary({})["environment"] == env
+    row = report.summarise("fedit", tmp_path / "run", 0.8)
+    assert row["environment"] == here
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["environment"]["cpu"] == env["cpu"]
 
 
 def test_compare_two_seeds_end_to_end(tmp_path, monkeypatch):
