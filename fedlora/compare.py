@@ -45,8 +45,8 @@ seed, then write
                              seed's difference, >= 5 seeds by a paired t-test at 5%); the difference to the
                              centralised row; a strategy refused for this setting is a "not run: <reason>" row;
                              a pair whose runs of one seed were computed on different machines is noted
-  OUT/comparison_seeds.csv   one row per (seed, strategy), with the machine it ran on (environment: torch, CPU,
-                             torch's CPU capability; fedlora.provenance)
+  OUT/comparison_seeds.csv   one row per (seed, strategy), with the machine it ran on (environment: torch,
+                             transformers and peft versions, CPU, torch's CPU capability; fedlora.provenance)
   OUT/comparison_rounds.csv  one row per (strategy, round): test and validation accuracy and the cross-term error
                              of strategies that average factors, mean and sample sd over seeds
   OUT/accuracy_vs_round.png, accuracy_vs_bytes.png    one line per strategy, a band of ± one sd over seeds

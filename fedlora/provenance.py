@@ -46,11 +46,13 @@ def environment() -> dict:
 
 def fingerprint(env: dict | None) -> str:
     """What must match for two runs of one config and seed to be comparable bit for bit, in one short string
-    ("" when unknown, as for runs written before summaries recorded it): torch's version, the CPU model and torch's
-    CPU capability (BLAS libraries choose kernels by CPU vendor too), and the CUDA device."""
+    ("" when unknown, as for runs written before summaries recorded it): the versions of the packages that compute
+    the model (torch, transformers, peft), the CPU model and torch's CPU capability (BLAS libraries choose kernels by
+    CPU vendor too), and the CUDA device."""
     if not env:
         return ""
-    parts = [f"torch {env.get('torch')}", f"{env.get('cpu')} ({env.get('cpu_capability')})"]
+    parts = [f"{p} {env.get(p)}" for p in ("torch", "transformers", "peft")]
+    parts.append(f"{env.get('cpu')} ({env.get('cpu_capability')})")
     return ", ".join(parts + ([str(env["cuda_device"])] if env.get("cuda_device") else []))
 
 
