@@ -4,7 +4,7 @@ Runs of one config and seed are bit-reproducible on one machine, but not across 
 by instruction set (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512, ...), and a float-level difference
 in one local step can grow over a run (measured on the drift preset, README "Reproducibility across machines").
 So ``summary.json`` records :func:`environment`, ``fedlora compare`` shows its :func:`fingerprint` per run, and a
-paired difference whose two runs carry different fingerprints is flagged (:func:`mixed_seeds`).
+paired difference whose two runs carry different fingerprints is flagged (:func:`fedlora.report.mixed_machines`).
 """
 
 from __future__ import annotations
@@ -55,12 +55,3 @@ def fingerprint(env: dict | None) -> str:
     parts.append(f"{env.get('cpu')} ({env.get('cpu_capability')})")
     return ", ".join(parts + ([str(env["cuda_device"])] if env.get("cuda_device") else []))
 
-
-def mixed_seeds(seed_rows: list[dict], name: str, other: str) -> list:
-    """The seeds where runs ``name`` and ``other`` both have a known, different ``environment`` fingerprint: their
-    paired difference then also holds the two machines' float-level differences."""
-    def by_seed(n):
-        return {r["seed"]: r.get("environment") for r in seed_rows if r["strategy"] == n and r.get("environment")}
-
-    a, b = by_seed(name), by_seed(other)
-    return [s for s in sorted(a) if s in b and a[s] != b[s]]

@@ -206,13 +206,26 @@ def mean_sd(values) -> tuple:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
-def paired_diffs(seed_rows: list[dict], name: str, other: str, key: str = "final_accuracy") -> list[float]:
-    """``name``'s ``key`` minus ``other``'s, for each seed where both have it, in seed order."""
+def paired(seed_rows: list[dict], name: str, other: str, key: str) -> list[tuple]:
+    """(seed, ``name``'s ``key``, ``other``'s ``key``) for each seed where both runs have it (not None or ""), in
+    seed order."""
     def by_seed(n):
-        return {r["seed"]: r[key] for r in seed_rows if r["strategy"] == n and r.get(key) is not None}
+        return {r["seed"]: r[key] for r in seed_rows if r["strategy"] == n and r.get(key) not in (None, "")}
 
     a, b = by_seed(name), by_seed(other)
-    return [a[s] - b[s] for s in sorted(a) if s in b]
+    return [(s, a[s], b[s]) for s in sorted(a) if s in b]
+
+
+def paired_diffs(seed_rows: list[dict], name: str, other: str, key: str = "final_accuracy") -> list[float]:
+    """``name``'s ``key`` minus ``other``'s, for each seed where both have it, in seed order."""
+    return [x - y for _, x, y in paired(seed_rows, name, other, key)]
+
+
+def mixed_machines(seed_rows: list[dict], name: str, other: str) -> list:
+    """The seeds where runs ``name`` and ``other`` both have a known, different ``environment`` fingerprint
+    (:func:`fedlora.provenance.fingerprint`): their paired difference then also holds the two machines' float-level
+    differences."""
+    return [s for s, x, y in paired(seed_rows, name, other, "environment") if x != y]
 
 
 def _aggregate_one(name: str, rows: list[dict]) -> dict:
@@ -265,7 +278,7 @@ def aggregate(seed_rows: list[dict], baseline: str | None = None, alpha: float =
         if diffs:
             row["diff_final"], row["diff_min"], row["diff_max"] = mean_sd(diffs)[0], min(diffs), max(diffs)
             row["verdict"], row["verdict_how"] = verdict(diffs, alpha)
-        mixed = provenance.mixed_seeds(seed_rows, n, baseline)
+        mixed = mixed_machines(seed_rows, n, baseline)
         if mixed:  # the pair's runs were not computed alike: their difference holds the machines' too
             row["note"] = "; ".join(filter(None, [row["note"], f"paired with {baseline} across machines in seed "
                                                   f"{', '.join(map(str, mixed))} (comparison_seeds.csv: environment)"]))
