@@ -9,9 +9,10 @@ so the floor, a plain ``torch.sum`` over exactly those bytes, is measured on the
     .venv/bin/python bench/aggregation.py --codecs fp16 bf16 int8 nf4 --codecs-only --out bench/results/aggregation_codecs.json
 
 Targets: FedIT and FFA-LoRA within 2x of the floor (FFA-LoRA's floor: the B bytes, as A is frozen and not sent);
-with ``--codecs``, FedIT on encoded replies, decode included (fp16/bf16 read as sent, as FedIT's server reads them;
-int8, nf4, topk decoded to fp32 first), within 2x of the same fp32 floor, and the same time over a floor of the
-encoded bytes (a sum over a buffer of their size: what a decode must at least read);
+with ``--codecs``, FedIT on encoded replies, decode included (fp16/bf16/int8 read as sent, as FedIT's server reads
+them; nf4, topk decoded to fp32 first), within 2x of the same fp32 floor, and the same time over a floor of the
+encoded bytes (a sum over a buffer of their size: what a decode must at least read); and the server's codec work
+of a round (that time over FedIT's on fp32 replies, plus one encode of the downlink) as a ratio to FedIT's time;
 LoRA-FAIR closed form (low rank) >= 10x faster than the dense solve, with dB agreeing to 1e-4 (relative
 Frobenius norm), measured on a subset of modules because the dense solve forms every m x n dW*.
 """
@@ -124,24 +125,31 @@ def dB_agreement(low: AdapterState, dense: AdapterState, base: AdapterState) -> 
 
 
 def bench_codecs(res: dict, states, weights, names, scale, codec_names, repeats, floor_all, log) -> None:
-    """FedIT on replies that arrive encoded, decoded as the server decodes them before any check: fp16/bf16 as sent
-    (``codecs.decode(wide=False)``: FedIT sums them, widening each value in float32 as it reads it), every other
-    codec to fp32 first; then averaged. Against the fp32 floor and against a floor over the encoded bytes."""
+    """FedIT on replies that arrive encoded, decoded as the server decodes them before any check: fp16/bf16/int8 as
+    sent (``codecs.decode(wide=False)``: FedIT sums them, widening each value in float32 as it reads it), every other
+    codec to fp32 first; then averaged. Against the fp32 floor and against a floor over the encoded bytes; the
+    round's codec work (the extra time over fp32 replies, plus one encode) over FedIT's time on fp32 replies."""
     for name in codec_names:
         c = codecs.Codec(name)
         enc = [codecs.encode(c, to_arrays(st)) for st in states]
         enc_bytes = sum(a.nbytes for e in enc for a in e.values())
         enc_buf = torch.ones(enc_bytes // 4)  # a float buffer of the encoded size: the least a decode must read
         res[f"floor_sum_{name}_bytes"], _ = measure(lambda: enc_buf.sum(), repeats)
-        wide = name not in codecs.WIRE_DTYPES
+        wide = name not in codecs.AS_SENT
         run = lambda: alg.fedit([from_arrays(codecs.decode(c, e, wide=wide), scale) for e in enc], weights)  # noqa
         got, _ = measure(run, repeats, floor_all)
+        one = to_arrays(states[0])
+        encode_s = statistics.median(_run(lambda: codecs.encode(c, one))[0] for _ in range(3))
+        work = got["median_s"] - res["fedit"]["median_s"] + encode_s
         got |= {"encoded_bytes": enc_bytes,
-                "x_floor_encoded_bytes": got["median_s"] / res[f"floor_sum_{name}_bytes"]["median_s"]}
+                "x_floor_encoded_bytes": got["median_s"] / res[f"floor_sum_{name}_bytes"]["median_s"],
+                "encode_one_s": encode_s, "codec_work_s": work,
+                "codec_work_x_fp32_aggregation": work / res["fedit"]["median_s"]}
         res[f"fedit_decode_{name}"] = got
         how = "first" if wide else "(as sent)"
         log(f"  fedit, {name} replies decoded {how} {got['min_s']:.3f}s ({got['x_floor']:.2f}x fp32 floor, "
-            f"{got['x_floor_encoded_bytes']:.1f}x encoded-bytes floor)")
+            f"{got['x_floor_encoded_bytes']:.1f}x encoded-bytes floor; codec work "
+            f"{got['codec_work_x_fp32_aggregation']:.2f}x fp32 aggregation)")
         del enc, enc_buf
         gc.collect()
 

@@ -6,14 +6,15 @@
 2. Llama-7B-shaped adapter (q and v of 32 layers, 4096 x 4096, r = 16: 8.4 M values a client), 10 clients: one
    round's codec work on the server and on one client (decode + encode), as a ratio to the server's FedIT
    aggregation of 10 fp32 replies in the same run (the issue's goal: <= 0.5). The server's codec work is what the
-   server does: FedIT (``sums_replies``) reads an fp16/bf16 reply as sent (``codecs.decode(wide=False)``, a view),
-   so its work is 10 such decodes + the aggregation's extra time on 16-bit replies over fp32 ones + 1 encode; int8,
-   nf4 and topk replies are decoded to fp32 first (10 decodes + 1 encode). ``traffic_ratio``: the least memory
-   traffic of that codec work (a full decode reads a reply's encoded bytes and writes it at fp32; an fp16/bf16
-   aggregation reads fewer bytes than an fp32 one, so its extra traffic is none; the encode reads the fp32
-   payload and writes its bytes) over the least traffic of the aggregation (read 10 fp32 replies, write one).
-   ``checks_s``: the server's reply checks (``validate.check_update``, whose sums of squares give the update norm)
-   on the 10 replies as the server holds them (fp32, or fp16/bf16 as sent), beside ``checks_fp32_s``.
+   server does: FedIT (``sums_replies``) reads an fp16, bf16 or int8 reply as sent (``codecs.decode(wide=False)``:
+   a view, or int8 codes and scales), so its work is 10 such decodes + the aggregation's extra time on those
+   replies over fp32 ones + 1 encode; nf4 and topk replies are decoded to fp32 first (10 decodes + 1 encode).
+   ``traffic_ratio``: the least memory traffic of that codec work (a full decode reads a reply's encoded bytes and
+   writes it at fp32; an aggregation of replies as sent reads fewer bytes than an fp32 one, so its extra traffic
+   is none; the encode reads the fp32 payload and writes its bytes) over the least traffic of the aggregation
+   (read 10 fp32 replies, write one). ``checks_s``: the server's reply checks (``validate.check_update``, whose
+   sums of squares give the update norm) on the 10 replies as the server holds them (fp32, or as sent), beside
+   ``checks_fp32_s``.
 
     .venv/bin/python bench/codecs.py               # writes bench/results/codecs.json
     .venv/bin/python bench/codecs.py --bytes-only  # part 1 only (seconds); keeps the file's timings of part 2
@@ -109,14 +110,14 @@ def main() -> None:
         dec_s = timed(lambda: codecs.decode(c, encoded[0]))
         enc_b = record_bytes(to_record(encoded[0]))
         row = {"encode_s": enc_s, "decode_s": dec_s, "client_s": enc_s + dec_s}
-        if name in codecs.WIRE_DTYPES:  # what a summing server (FedIT) does with the replies
+        if name in codecs.AS_SENT:  # what a summing server (FedIT) does with the replies
             as_sent = [codecs.decode(c, e, wide=False) for e in encoded]
             row["decode_as_sent_s"] = timed(lambda: codecs.decode(c, encoded[0], wide=False))
             row["aggregation_fp32_paired_s"], row["aggregation_as_sent_s"] = paired(lambda: fedit(clients),
                                                                                    lambda: fedit(as_sent))
             extra = row["aggregation_as_sent_s"] - row["aggregation_fp32_paired_s"]
             server = 10 * row["decode_as_sent_s"] + enc_s + extra
-            base_s = row["aggregation_fp32_paired_s"]  # the ratio's denominator: paired with the 16-bit runs
+            base_s = row["aggregation_fp32_paired_s"]  # the ratio's denominator: paired with the as-sent runs
             traffic = (fp32_b + enc_b) / (11 * fp32_b)
         else:
             as_sent = [codecs.decode(c, e) for e in encoded]

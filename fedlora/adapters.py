@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .codecs import Int8Blocks
+
 PEFT_PREFIX = "base_model.model."
 LORA_A, LORA_B, EXTRA = "lora_A", "lora_B", "extra."
 
@@ -200,11 +202,12 @@ def to_arrays(state: AdapterState, parts: tuple[str, ...] = (LORA_A, LORA_B, "ex
 
 
 def from_arrays(arrays: dict[str, np.ndarray | torch.Tensor], scales: dict[str, float] | float) -> AdapterState:
-    """Inverse of :func:`to_arrays` for states that carry both A and B. Unknown key forms raise ValueError."""
+    """Inverse of :func:`to_arrays` for states that carry both A and B (a reply's tensors as sent, torch tensors
+    or :class:`~fedlora.codecs.Int8Blocks`, are kept as they are). Unknown key forms raise ValueError."""
     state = AdapterState()
     As, Bs = {}, {}
     for key, v in arrays.items():
-        t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v))
+        t = v if isinstance(v, (torch.Tensor, Int8Blocks)) else torch.from_numpy(np.asarray(v))
         if key.startswith(EXTRA):
             state.extra[key[len(EXTRA):]] = t
         elif key.endswith("." + LORA_A):

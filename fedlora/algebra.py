@@ -21,6 +21,7 @@ import torch
 
 from . import fair_solvers
 from .adapters import AdapterState, LoraFactors
+from .codecs import Int8Blocks
 
 __all__ = [
     "normalize", "ideal_update", "effective_update", "fedit", "flora_stack", "dense_or_stacked_bytes",
@@ -64,7 +65,17 @@ def _check(states: Sequence[AdapterState], weights: Sequence[float]) -> list[flo
 def _wsum(tensors: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
     """sum_k p_k t_k in one pass over the inputs (in-place accumulation; no stacking copy), in float32 or wider: a
     16-bit input (an fp16/bf16 reply as sent, :func:`fedlora.codecs.decode` with ``wide=False``) is widened exactly
-    as it is read, so the sum is the one over its float32 decoding."""
+    as it is read, so the sum is the one over its float32 decoding; int8 blocks as sent are widened in cache and
+    scaled as they are added (:meth:`fedlora.codecs.Int8Blocks.add_to`: the same sum within float32 rounding)."""
+    if any(isinstance(t, Int8Blocks) for t in tensors):
+        rows = next(t.rows for t in tensors if isinstance(t, Int8Blocks))
+        out = torch.zeros(rows.shape)
+        for t, w in zip(tensors, p):
+            if isinstance(t, Int8Blocks):
+                t.add_to(out, w)
+            else:
+                out.view(-1)[:t.numel()].add_(t.reshape(-1), alpha=w)
+        return out.view(-1)[:tensors[0].numel()].reshape(tensors[0].shape)
     t0 = tensors[0]
     out = t0.float().mul_(p[0]) if t0.dtype in (torch.float16, torch.bfloat16) else torch.mul(t0, p[0])
     for t, w in zip(tensors[1:], p[1:]):

@@ -8,27 +8,28 @@ goes as fp32 (:func:`applies_to`).
   fp32   exact (the default: what fedlora always sent)
   fp16   IEEE half precision (torch dtype); relative error per element <= 2^-11 (normal range)
   bf16   bfloat16 (torch dtype, sent as its 16 raw bits); relative error per element <= 2^-8
-  int8   bitsandbytes' blockwise 8-bit quantisation (dynamic map, one absmax per block of ``blocksize`` values)
+  int8   blocks of ``blocksize`` values, each scaled by its absmax to the integers -127..127 (bitsandbytes' row-wise
+         quantiser of LLM.int8(), ``int8_vectorwise_quant``, on the tensor as rows of one block); error per element
+         <= absmax / 254
   nf4    bitsandbytes' 4-bit NormalFloat blocks (two values a byte, one absmax per block)
   topk   the ``topk_fraction`` largest-magnitude entries of each tensor (values in fp32, indices int32); the rest 0
 
-Blocks, scales and maps are bitsandbytes' (``quantize_blockwise``/``quantize_4bit`` and their inverses) and torch's
-dtypes, not arithmetic written here. An encoded tensor ``k`` is the array ``k`` (and ``k#idx`` for top-k); the block
-scales and the shapes of all the message's encoded tensors travel as two message-level arrays, ``#absmax`` (float32)
-and ``#shape`` (int64: each tensor's ndim, then its sizes), in the sorted order of the tensors' keys. One array per
-scale or shape would carry a serialization header each (Flower's arrays are ``.npy`` bytes, 128-byte headers), which
-at 4 bits per value and 64 values per block cost more than the scales themselves. Everything crosses the wire, so
-the bytes a message is counted at include the scales, shapes and headers. :func:`decode` checks what it reads and
-raises :class:`CodecError` (one sentence naming the tensor) on a malformed payload, so a bad reply is refused, never
-a crash. :func:`encode_with_feedback` is error feedback: what the codec dropped is added to the next encoding of the
-same tensor. No Flower here.
+Blocks, scales and maps are bitsandbytes' (``int8_vectorwise_quant``/``quantize_4bit`` and their inverses) and
+torch's dtypes, not arithmetic written here. An encoded tensor ``k`` is the array ``k`` (and ``k#idx`` for top-k);
+the block scales and the shapes of all the message's encoded tensors travel as two message-level arrays, ``#absmax``
+(float32) and ``#shape`` (int64: each tensor's ndim, then its sizes), in the sorted order of the tensors' keys. One
+array per scale or shape would carry a serialization header each (Flower's arrays are ``.npy`` bytes, 128-byte
+headers), which at 4 bits per value and 64 values per block cost more than the scales themselves. Everything crosses
+the wire, so the bytes a message is counted at include the scales, shapes and headers. :func:`decode` checks what it
+reads and raises :class:`CodecError` (one sentence naming the tensor) on a malformed payload, so a bad reply is
+refused, never a crash. :func:`encode_with_feedback` is error feedback: what the codec dropped is added to the next
+encoding of the same tensor. No Flower here.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -85,10 +86,70 @@ def _bnb():
     return F
 
 
-@lru_cache(maxsize=None)
-def _int8_map() -> torch.Tensor:
-    """bitsandbytes' signed dynamic map: what ``quantize_blockwise`` uses when given none (built once)."""
-    return _bnb().create_dynamic_map(signed=True)
+def _rows(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """A flat tensor as rows of one block each, its last block padded with zeros."""
+    pad = -flat.numel() % blocksize
+    return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, blocksize)
+
+
+def _int8_encode(x: torch.Tensor, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values of ``x``'s shape, float32 absmax per block): bitsandbytes' row-wise absmax quantiser, a row per
+    block. An all-zero block has absmax 0; its values are 0 (the quantiser would divide 0 by 0)."""
+    q, absmax, _ = _bnb().int8_vectorwise_quant(_rows(x.flatten(), blocksize))
+    q[absmax == 0] = 0
+    return q.flatten()[:x.numel()].reshape(x.shape).numpy(), absmax.float().numpy()
+
+
+@dataclass(frozen=True)
+class Int8Blocks:
+    """An int8 reply's tensor as sent (:func:`decode` with ``wide=False``): its int8 values as rows of one block
+    (the last padded with zeros) and each block's absmax, of a tensor of ``shape``. A summing server's weighted sum
+    reads it without a float32 copy (:meth:`add_to`) and its check reads its sum of squares (:meth:`sum_sq`); any
+    other use sees its float32 decoding (:meth:`float`: ``.to``, ``.double``, numpy's ``asarray`` and every torch
+    function and tensor attribute go through it), so nothing can read the codes as values."""
+
+    rows: torch.Tensor  # int8 [blocks, blocksize]
+    absmax: torch.Tensor  # float32 [blocks]
+    shape: torch.Size
+
+    dtype = torch.int8
+
+    def float(self) -> torch.Tensor:
+        n = math.prod(self.shape)
+        return _bnb().int8_vectorwise_dequant(self.rows, self.absmax).flatten()[:n].reshape(self.shape)
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return self.float().to(*args, **kwargs)
+
+    def detach(self) -> Int8Blocks:
+        return self
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.float().numpy().astype(dtype or np.float32, copy=False)
+
+    def __getattr__(self, name):  # .double(), .numpy(), .reshape(...), ...: on the decoded tensor
+        if name.startswith("_") or name in ("rows", "absmax", "shape"):  # (copy and pickle look before the fields)
+            raise AttributeError(name)
+        return getattr(self.float(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        wide = lambda a: a.float() if isinstance(a, Int8Blocks) else [wide(b) for b in a] \
+            if isinstance(a, (list, tuple)) else a  # noqa: E731
+        return func(*wide(args), **{k: wide(v) for k, v in (kwargs or {}).items()})
+
+    def sum_sq(self) -> float:
+        """sum of the decoded values' squares: each block's sum of squared codes times (absmax / 127)^2."""
+        q = self.rows.float()
+        return float(torch.dot(torch.linalg.vecdot(q, q), (self.absmax / 127).square()))
+
+    def add_to(self, out: torch.Tensor, weight: float) -> None:
+        """``out += weight * decoded`` for ``out`` float32 rows of the same blocks: each code widened in cache
+        (``addcmul_``: code x its block's absmax x weight / 127), never a float32 copy of the tensor."""
+        out.addcmul_(self.rows, self.absmax.unsqueeze(1), value=weight / 127)
 
 
 def encode(codec: Codec, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -103,9 +164,8 @@ def encode(codec: Codec, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]
         elif codec.name == "bf16":
             out[k] = x.bfloat16().view(torch.int16).numpy()
         elif codec.name == "int8":
-            q, state = _bnb().quantize_blockwise(x.flatten(), code=_int8_map(), blocksize=codec.blocksize)
-            out[k] = q.reshape(x.shape).numpy()
-            scales.append(state.absmax.float().numpy())
+            out[k], absmax = _int8_encode(x, codec.blocksize)
+            scales.append(absmax)
         elif codec.name == "nf4":
             q, state = _bnb().quantize_4bit(x.flatten(), blocksize=codec.blocksize, quant_type="nf4")
             out[k] = q.flatten().numpy()
@@ -175,15 +235,26 @@ def _absmax(scales: _Stream, k: str, n: int, codec: Codec) -> torch.Tensor:
 WIRE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+#: the codecs whose replies a summing server reads as sent (``decode(..., wide=False)``), not decoded to float32
+AS_SENT = (*WIRE_DTYPES, "int8")
+
+
+def as_sent(a) -> bool:
+    """Whether ``a`` is a reply's tensor as :func:`decode` leaves it with ``wide=False`` (a 16-bit torch tensor, whose
+    values are the decoded ones, or :class:`Int8Blocks`) rather than float32."""
+    return isinstance(a, Int8Blocks) or (isinstance(a, torch.Tensor) and a.dtype in WIRE_DTYPES.values())
+
+
 def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[str, np.ndarray | torch.Tensor]:
     """The float32 tensors an encoded message carries (inverse of :func:`encode`). A missing or extra companion,
     a wrong dtype, size or index raises :class:`CodecError` naming the tensor.
 
     ``wide=False``: fp16 and bf16 tensors come back as torch tensors of their dtype (:data:`WIRE_DTYPES`) on the
-    payload's own bytes, the same values without a float32 copy. A server whose aggregation only takes weighted
-    sums reads them so (:attr:`fedlora.strategies.base.LoraStrategy.sums_replies`: each value widened once, in
-    cache, as the float32 sum reads it), which is what keeps a 16-bit uplink cheaper than fp32 on the server.
-    Every other codec decodes to float32 either way."""
+    payload's own bytes, the same values without a float32 copy, and int8 tensors as :class:`Int8Blocks` (codes and
+    scales as sent). A server whose aggregation only takes weighted sums reads them so
+    (:attr:`fedlora.strategies.base.LoraStrategy.sums_replies`: each value widened once, in cache, as the float32
+    sum reads it), which is what keeps a 16-bit or int8 uplink cheaper than fp32 on the server. nf4 and top-k
+    decode to float32 either way."""
     if codec.name == "fp32":
         return dict(enc)
     coded = sorted(k for k in enc if SEP not in k and applies_to(k))
@@ -207,9 +278,13 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
                 continue
             x = x.float()
         elif codec.name == "int8":
-            q = torch.from_numpy(_want(enc, k, np.uint8, "values", codec).copy())
-            x = _bnb().dequantize_blockwise(q.flatten(), absmax=_absmax(scales, k, q.numel(), codec),
-                                            code=_int8_map(), blocksize=codec.blocksize).reshape(q.shape)
+            a = _want(enc, k, np.int8, "values", codec)
+            q = torch.from_numpy(a if a.flags.writeable else a.copy())
+            blocks = Int8Blocks(_rows(q.flatten(), codec.blocksize), _absmax(scales, k, q.numel(), codec), q.shape)
+            if not wide:
+                out[k] = blocks
+                continue
+            x = blocks.float()
         elif codec.name == "nf4":
             shape = _shape(shapes, k)
             n = math.prod(shape)

@@ -10,6 +10,8 @@ import math
 import numpy as np
 import torch
 
+from .codecs import Int8Blocks, as_sent
+
 
 def is_number(value) -> bool:
     """A finite real number (not a bool, a string or a list)."""
@@ -107,7 +109,7 @@ def check_update(arrays: dict, expected: dict[str, tuple[int, ...]], num_example
         return f"unexpected key {extra[0]!r} ({len(extra)} unexpected)"
     for key, shape in expected.items():
         a = arrays[key]
-        if str(a.dtype) != "float32" and not _decoded_16bit(a):
+        if str(a.dtype) != "float32" and not as_sent(a):
             return f"{key}: dtype {a.dtype} is not float32 (the wire format)"
         if tuple(a.shape) != tuple(shape):
             return f"{key}: shape {tuple(a.shape)} != expected {tuple(shape)}"
@@ -119,16 +121,14 @@ def check_update(arrays: dict, expected: dict[str, tuple[int, ...]], num_example
     return None
 
 
-def _decoded_16bit(a) -> bool:
-    """An fp16/bf16 reply's tensor as :func:`fedlora.codecs.decode` leaves it for a summing server (a torch
-    tensor of the wire dtype: its values are exactly the decoded ones)."""
-    return isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16)
-
-
 def _sum_sq(a) -> float:
     """sum(a**2) of a float32 or 16-bit tensor: one float32 dot product, so one pass (a 16-bit tensor widened in
-    cache). It is finite exactly when every value is: where the dot is not (a NaN or Inf, or squares beyond float32's
-    range), it is redone in float64, where the squares of finite float32 values cannot overflow."""
+    cache; int8 blocks as sent: :meth:`~fedlora.codecs.Int8Blocks.sum_sq`). It is finite exactly when every value
+    is: where the dot is not (a NaN or Inf, or squares beyond float32's range), it is redone in float64, where the
+    squares of finite float32 values cannot overflow."""
+    if isinstance(a, Int8Blocks):
+        s = a.sum_sq()
+        return s if math.isfinite(s) else float(torch.linalg.vector_norm(a.float(), dtype=torch.float64)) ** 2
     t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a if a.flags.writeable else a.copy())
     t = t.reshape(-1).float()
     s = float(torch.dot(t, t))
