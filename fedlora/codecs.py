@@ -100,23 +100,34 @@ def _int8_encode(x: torch.Tensor, blocksize: int) -> tuple[np.ndarray, np.ndarra
     return q.flatten()[:x.numel()].reshape(x.shape).numpy(), absmax.float().numpy()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Int8Blocks:
-    """An int8 reply's tensor as sent (:func:`decode` with ``wide=False``): its int8 values as rows of one block
-    (the last padded with zeros) and each block's absmax, of a tensor of ``shape``. A summing server's weighted sum
-    reads it without a float32 copy (:meth:`add_to`) and its check reads its sum of squares (:meth:`sum_sq`); any
-    other use sees its float32 decoding (:meth:`float`: ``.to``, ``.double``, numpy's ``asarray`` and every torch
-    function and tensor attribute go through it), so nothing can read the codes as values."""
+    """An int8 reply's tensor as sent (:func:`decode` with ``wide=False``): its codes as rows of one block (on the
+    reply's own bytes unless the last block needs padding) and where its block scales start in the message's
+    ``#absmax`` (one column tensor a message, shared). A summing server's weighted sum reads it without a float32
+    copy of the tensor (:meth:`add_to`) and its check reads its sum of squares (:meth:`sum_sq`); any other use sees
+    its float32 decoding (:meth:`float`: ``.to``, ``.double``, numpy's ``asarray`` and every torch function and
+    tensor attribute go through it), so nothing can read the codes as values. Few Python objects a tensor: a server
+    holding 100 replies of 128 tensors spent more time in the garbage collector than in decoding when each tensor
+    held four."""
 
-    rows: torch.Tensor  # int8 [blocks, blocksize]
-    absmax: torch.Tensor  # float32 [blocks]
-    shape: torch.Size
+    rows: torch.Tensor  # int8 [blocks, blocksize]: the codes (the last block padded with zeros)
+    scales: torch.Tensor  # float32 [all blocks, 1]: the message's block scales, a column
+    first: int  # this tensor's first block among them
+    shape: tuple[int, ...]
 
-    dtype = torch.int8
+    @property
+    def absmax(self) -> torch.Tensor:
+        """This tensor's block scales, a column."""
+        return self.scales[self.first:self.first + len(self.rows)]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int8
 
     def float(self) -> torch.Tensor:
         n = math.prod(self.shape)
-        return _bnb().int8_vectorwise_dequant(self.rows, self.absmax).flatten()[:n].reshape(self.shape)
+        return _bnb().int8_vectorwise_dequant(self.rows, self.absmax.view(-1)).flatten()[:n].reshape(self.shape)
 
     def to(self, *args, **kwargs) -> torch.Tensor:
         return self.float().to(*args, **kwargs)
@@ -131,7 +142,7 @@ class Int8Blocks:
         return self.float().numpy().astype(dtype or np.float32, copy=False)
 
     def __getattr__(self, name):  # .double(), .numpy(), .reshape(...), ...: on the decoded tensor
-        if name.startswith("_") or name in ("rows", "absmax", "shape"):  # (copy and pickle look before the fields)
+        if name.startswith("_") or name in self.__slots__:  # (copy and pickle look before the fields are set)
             raise AttributeError(name)
         return getattr(self.float(), name)
 
@@ -144,12 +155,13 @@ class Int8Blocks:
     def sum_sq(self) -> float:
         """sum of the decoded values' squares: each block's sum of squared codes times (absmax / 127)^2."""
         q = self.rows.float()
-        return float(torch.dot(torch.linalg.vecdot(q, q), (self.absmax / 127).square()))
+        return float(torch.dot(torch.linalg.vecdot(q, q), (self.absmax.view(-1) / 127).square()))
 
     def add_to(self, out: torch.Tensor, weight: float) -> None:
-        """``out += weight * decoded`` for ``out`` float32 rows of the same blocks: each code widened in cache
-        (``addcmul_``: code x its block's absmax x weight / 127), never a float32 copy of the tensor."""
-        out.addcmul_(self.rows, self.absmax.unsqueeze(1), value=weight / 127)
+        """``out += weight * decoded`` for ``out`` float32 rows of the same blocks: the codes widened to float32 (a
+        tensor's worth, in cache), then ``addcmul_`` (code x its block's absmax x weight / 127). Measured faster than
+        ``addcmul_`` on the int8 codes themselves (1.0x against 1.4x an fp32 sum's time on one thread)."""
+        out.addcmul_(self.rows.float(), self.absmax, value=weight / 127)
 
 
 def encode(codec: Codec, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -224,11 +236,28 @@ def _shape(shapes: _Stream, k: str) -> tuple[int, ...]:
     return tuple(int(d) for d in s)
 
 
-def _absmax(scales: _Stream, k: str, n: int, codec: Codec) -> torch.Tensor:
-    a = scales.take(k, math.ceil(n / codec.blocksize))
-    if not np.isfinite(a).all() or (a < 0).any():
-        raise CodecError(f"{k}: its {len(a)} block scales in {ABSMAX} are not all finite and >= 0")
-    return torch.from_numpy(a.copy())
+class _Scales(_Stream):
+    """The ``#absmax`` stream, checked in one pass (finite and >= 0) and copied once into a torch tensor, of which
+    each tensor takes a view: a message's 128 tensors cost one check, not 128."""
+
+    def __init__(self, enc: dict, codec: Codec, first: str):
+        super().__init__(enc, ABSMAX, np.float32, "block scales", codec, first)
+        bad = np.flatnonzero(~np.isfinite(self.a) | (self.a < 0))
+        self.first_bad = int(bad[0]) if len(bad) else len(self.a)
+        self.t = torch.from_numpy(self.a.copy())
+        self.col = self.t.unsqueeze(1)
+
+    def check(self, k: str, n: int, codec: Codec) -> int:
+        """Take the block scales of tensor ``k`` of ``n`` values; where they start."""
+        lo, blocks = self.at, math.ceil(n / codec.blocksize)
+        self.take(k, blocks)
+        if lo <= self.first_bad < lo + blocks:
+            raise CodecError(f"{k}: its {blocks} block scales in {ABSMAX} are not all finite and >= 0")
+        return lo
+
+    def absmax(self, k: str, n: int, codec: Codec) -> torch.Tensor:
+        lo = self.check(k, n, codec)
+        return self.t[lo:lo + math.ceil(n / codec.blocksize)]
 
 
 #: the codecs whose values are those of a torch dtype (widening them to float32 is exact)
@@ -266,7 +295,7 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
                 raise CodecError(f"{first}: {k} in a {codec.name} payload, which sends none")
         elif SEP in k and (k.split(SEP, 1)[0] not in enc or not k.endswith(SEP + "idx") or codec.name != "topk"):
             raise CodecError(f"{k}: a companion array without its tensor {k.split(SEP, 1)[0]} under {codec.name}")
-    scales = _Stream(enc, ABSMAX, np.float32, "block scales", codec, first) if streams[ABSMAX] else None
+    scales = _Scales(enc, codec, first) if streams[ABSMAX] else None
     shapes = _Stream(enc, SHAPES, np.int64, "shapes", codec, first) if streams[SHAPES] else None
     out = {k: v for k, v in enc.items() if SEP not in k}
     for k in coded:
@@ -279,8 +308,9 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
             x = x.float()
         elif codec.name == "int8":
             a = _want(enc, k, np.int8, "values", codec)
-            q = torch.from_numpy(a if a.flags.writeable else a.copy())
-            blocks = Int8Blocks(_rows(q.flatten(), codec.blocksize), _absmax(scales, k, q.numel(), codec), q.shape)
+            first = scales.check(k, a.size, codec)
+            q = torch.from_numpy(a if a.flags.writeable else a.copy()).view(-1)
+            blocks = Int8Blocks(_rows(q, codec.blocksize), scales.col, first, a.shape)
             if not wide:
                 out[k] = blocks
                 continue
@@ -292,8 +322,9 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
             if q.shape != ((n + 1) // 2,):
                 raise CodecError(f"{k}: {q.numel()} bytes of 4-bit values for a tensor of {n} (want {(n + 1) // 2})")
             F = _bnb()
-            state = F.QuantState(absmax=_absmax(scales, k, n, codec), shape=torch.Size([n]), blocksize=codec.blocksize,
-                                 code=F.get_4bit_type("nf4", device="cpu"), quant_type="nf4", dtype=torch.float32)
+            state = F.QuantState(absmax=scales.absmax(k, n, codec), shape=torch.Size([n]),
+                                 blocksize=codec.blocksize, code=F.get_4bit_type("nf4", device="cpu"), quant_type="nf4",
+                                 dtype=torch.float32)
             x = F.dequantize_4bit(q.reshape(-1, 1), state).reshape(shape) if n else torch.zeros(shape)
         else:  # topk
             shape = _shape(shapes, k)
