@@ -139,7 +139,7 @@ def bench_codecs(res: dict, states, weights, names, scale, codec_names, repeats,
         run = lambda: alg.fedit([from_arrays(codecs.decode(c, e, wide=wide), scale) for e in enc], weights)  # noqa
         got, _ = measure(run, repeats, floor_all)
         one = to_arrays(states[0])
-        encode_s = statistics.median(_run(lambda: codecs.encode(c, one))[0] for _ in range(3))
+        encode_s = measure(lambda: codecs.encode(c, one), 3)[0]["median_s"]
         work = got["median_s"] - res["fedit"]["median_s"] + encode_s
         got |= {"encoded_bytes": enc_bytes,
                 "x_floor_encoded_bytes": got["median_s"] / res[f"floor_sum_{name}_bytes"]["median_s"],

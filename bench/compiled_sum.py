@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from aggregation import equal_rank_states, make_buffer, module_names  # noqa: E402
+from aggregation import equal_rank_states, make_buffer, measure, module_names  # noqa: E402
 
 from fedlora import algebra  # noqa: E402
 
@@ -36,13 +36,9 @@ def acc(out, xs, w):
     return out
 
 
-def best(fn, repeats=3) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def best(fn) -> float:
+    """The least wall time of 3 runs (``bench/aggregation.py``'s :func:`measure`)."""
+    return measure(fn, 3)[0]["min_s"]
 
 
 def main() -> None:

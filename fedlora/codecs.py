@@ -126,8 +126,8 @@ class Int8Blocks:
         return torch.int8
 
     def float(self) -> torch.Tensor:
-        n = math.prod(self.shape)
-        return _bnb().int8_vectorwise_dequant(self.rows, self.absmax.view(-1)).flatten()[:n].reshape(self.shape)
+        decoded = _bnb().int8_vectorwise_dequant(self.rows, self.absmax.view(-1))
+        return decoded.flatten()[:self.numel()].reshape(self.shape)
 
     def to(self, *args, **kwargs) -> torch.Tensor:
         return self.float().to(*args, **kwargs)
