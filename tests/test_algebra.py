@@ -281,3 +281,45 @@ def test_effective_update_difference(equal_rank):
         want = new.lora[name].delta() - old.lora[name].delta()
         assert rel(d[name].delta(), want) <= 1e-6 and rel(dense[name], want) <= 1e-12
         assert d[name].rank == 16 and d[name].scale == 1.0
+
+
+def test_weighted_sums_in_groups_are_the_sums_of_each_column_whatever_the_grouping(monkeypatch):
+    """algebra._wsums adds each client's tensors of a group of outputs in one multi-tensor call: every column's sum
+    is sum_k p_k t_k of its float32 (or wider) values, within float32 rounding (tolerances.py), for columns of
+    float32, float64, fp16/bf16 as sent and int8 blocks as sent (mixed with float32 in one column); its dtype is
+    float32 or wider, its shape the column's; and which columns share a group changes no bit of any sum."""
+    from tolerances import U64, assert_within, f32_tol
+
+    from fedlora import codecs
+
+    g = torch.Generator().manual_seed(7)
+    K, shapes = 5, [(3, 7), (64, 5), (130,), (1,), (40, 33), (2, 2)]
+    int8 = codecs.Codec("int8")
+    columns, wide = [], []
+    for j, shape in enumerate(shapes * 2):
+        ts = [torch.randn(shape, generator=g) for _ in range(K)]
+        kind = ["fp32", "fp64", "fp16", "bf16", "int8", "mixed"][j % 6]
+        if kind == "fp64":
+            ts = [t.double() for t in ts]
+        elif kind in ("fp16", "bf16"):
+            ts = [t.to(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[kind])) for t in ts]
+        elif kind in ("int8", "mixed"):
+            coded = [codecs.decode(int8, codecs.encode(int8, {"m.lora_A": t.numpy()}), wide=False)["m.lora_A"]
+                     for t in ts]
+            ts = coded if kind == "int8" else [c if k % 2 else t for k, (c, t) in enumerate(zip(coded, ts))]
+        columns.append(ts)
+        wide.append([t.float().double() if isinstance(t, codecs.Int8Blocks) else t.double() for t in ts])
+    p = alg.normalize([3, 1, 4, 1, 5])
+    sums = alg._wsums(columns, p)
+    for col, w, got in zip(columns, wide, sums):
+        want = sum(pk * t for pk, t in zip(p, w))
+        assert got.shape == col[0].shape
+        assert got.dtype == (torch.float64 if col[0].dtype == torch.float64 else torch.float32)
+        n = 3 * K if any(isinstance(t, codecs.Int8Blocks) for t in col) else K  # int8: code x scale x weight / 127
+        bound = f32_tol(n, sum(pk * t.abs() for pk, t in zip(p, w)), sides=1)
+        if col[0].dtype == torch.float64:
+            bound = 2 * K * U64 * sum(pk * t.abs() for pk, t in zip(p, w))
+        assert_within(got, want, bound, str(col[0].dtype))
+    for group_bytes in (0, 600, 1 << 30):  # one column a group, a few, all in one
+        monkeypatch.setattr(alg, "GROUP_BYTES", group_bytes)
+        assert all(torch.equal(a, b) for a, b in zip(alg._wsums(columns, p), sums)), group_bytes
