@@ -298,6 +298,8 @@ def validate(cfg: DictConfig) -> None:
 
     min_aggregated_share(cfg)
     _require(isinstance(cfg.get("audit", False), bool), f"audit={cfg.get('audit')} must be true or false.")
+    _require(isinstance(cfg.get("diagnostics", True), bool),
+             f"diagnostics={cfg.get('diagnostics')} must be true or false (false: no cross_term_error each round).")
     _number_in(cfg, "train.batch_size", 1, integer=True)
     _require(_is_number(cfg.train.lr) and cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be a number > 0.")
     _number_in(cfg, "train.weight_decay", 0)

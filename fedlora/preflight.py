@@ -37,8 +37,8 @@ from .rundir import check_fresh, claim_run_dir, default_run_dir
 #: fault-injection rehearsals (``debug.*``). Anything else (strategy, model, data, partitioner, clients, ranks, seed,
 #: training and ``train.prox_mu``, the server optimizer ``server.*`` (its moments are checkpointed for the run's own
 #: settings), evaluation caps, privacy...) would make the resumed rounds a different experiment: start a new run.
-RESUME_ALLOWED = ("num_rounds", "round_timeout", "min_aggregated_share", "eval.batch_size", "audit", "kernels",
-                  "simulation.*", "debug.*")
+RESUME_ALLOWED = ("num_rounds", "round_timeout", "min_aggregated_share", "eval.batch_size", "audit", "diagnostics",
+                  "kernels", "simulation.*", "debug.*")
 
 
 def check_setting(cfg) -> None:

@@ -36,7 +36,7 @@ from logging import INFO
 import torch
 from flwr.common.logger import log
 
-from fedlora import algebra, diagnostics
+from fedlora import algebra
 from fedlora.adapters import LORA_A, LORA_B, LoraFactors, array_bytes
 
 from .base import LoraStrategy
@@ -98,7 +98,7 @@ class FedExLoRA(LoraStrategy):
                 Bs.append(old.B.double() * -old.scale)
             delta[name] = LoraFactors(torch.cat(As, 0), torch.cat(Bs, 1), 1.0)
         self.state = new
-        self.round_diag = {"cross_term_error": diagnostics.cross_term_error(new, states, weights),
+        self.round_diag = {**self.cross_term(new, states, weights),
                            "residual_rank": max((f.rank for f in merge.values()), default=0)}
         return delta
 

@@ -4,7 +4,7 @@ The baseline: s·B̄Ā is not the average of the clients' updates (cross terms);
 metrics give that error, ``cross_term_error`` = ‖s·B̄Ā − ΔW*‖ / ‖ΔW*‖
 (:func:`fedlora.diagnostics.cross_term_error`)."""
 
-from fedlora import algebra, diagnostics
+from fedlora import algebra
 
 from .base import LoraStrategy
 
@@ -20,7 +20,7 @@ class FedIT(LoraStrategy):
         new = algebra.fedit(states, weights)
         delta = algebra.effective_update(new, self.state)
         self.state = new
-        self.round_diag = {"cross_term_error": diagnostics.cross_term_error(new, states, weights)}
+        self.round_diag = self.cross_term(new, states, weights)
         return delta
 
     def round_metrics(self, updates):

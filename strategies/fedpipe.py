@@ -56,7 +56,8 @@ class FedPipe(LoraStrategy):
             self.rule = Stacking()
             self.state = Stacking.served(initial)
         else:  # HetLoRA's rule, with its nested start (``strategy.nested_init``)
-            self.rule = ZeroPadding(norm_weighted=bool(cfg.strategy.get("norm_weighted", False)))
+            self.rule = ZeroPadding(norm_weighted=bool(cfg.strategy.get("norm_weighted", False)),
+                                    diagnostics=self.diagnostics)
         self.shares_fresh_A = self.mode != "stacking"
         self.selected: list[str] = sorted(shapes)
         self.assignment: dict[int, dict] = {}  # partition id -> {rank, batch, bits, steps, profile} of the plan

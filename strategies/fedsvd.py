@@ -15,7 +15,7 @@ post-processing of the release.
 
 from __future__ import annotations
 
-from fedlora import algebra, diagnostics, lowrank
+from fedlora import algebra, lowrank
 from fedlora.adapters import LORA_A, LORA_B, from_arrays, to_arrays
 
 from .base import LoraStrategy, to_record
@@ -59,7 +59,7 @@ class FedSVD(LoraStrategy):
         delta = algebra.effective_update(new, self.state)
         self.state = new
         # A is shared and the SVD keeps the product, so this is float rounding only (an invariant the tests check)
-        self.round_diag = {"cross_term_error": diagnostics.cross_term_error(new, states, weights)}
+        self.round_diag = self.cross_term(new, states, weights)
         return delta
 
     def aggregate_round(self, server_round, replies, sent=None):

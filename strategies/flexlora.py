@@ -48,7 +48,7 @@ class FlexLoRA(LoraStrategy):
         self.global_state = new_global
         self.state.extra = new_global.extra
         trunc = diagnostics.truncation_error(states, weights, [r for r, _ in keys])
-        self.round_diag = {"cross_term_error": diagnostics.cross_term_error(new_global, states, weights),
+        self.round_diag = {**self.cross_term(new_global, states, weights),
                            "truncation_error": {str(r): e for r, e in trunc.items()}}
         return delta
 

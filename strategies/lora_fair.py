@@ -51,7 +51,7 @@ class LoRAFAIR(LoraStrategy):
         self.state = new
         report = diagnostics.lora_fair_report(states, weights, new)
         self.round_diag = {"fair_solver": str(s.solver), **{f"fair_{k}": v for k, v in report.items()},
-                           "cross_term_error": diagnostics.cross_term_error(new, states, weights)}
+                           **self.cross_term(new, states, weights)}
         return delta
 
     def round_metrics(self, updates):

@@ -181,8 +181,9 @@ class ZeroPadding:
 
     persistent = ("global_state",)
 
-    def __init__(self, norm_weighted: bool = False):
+    def __init__(self, norm_weighted: bool = False, diagnostics: bool = True):
         self.norm_weighted = norm_weighted
+        self.diagnostics = diagnostics  # the strategy's ``diagnostics`` setting: the round's cross_term_error or not
         self.global_state: AdapterState | None = None
 
     def payload(self, state: AdapterState, node) -> dict:
@@ -195,12 +196,14 @@ class ZeroPadding:
         delta = algebra.effective_update(new, self.global_state)
         self.global_state = new
         state.extra = new.extra
-        self.round_diag = {"cross_term_error": diagnostics.cross_term_error(new, states, weights)}
+        self.round_diag = ({"cross_term_error": diagnostics.cross_term_error(new, states, weights)}
+                           if self.diagnostics else {})
         return delta
 
     def round_metrics(self, updates) -> dict:
         """``cross_term_error`` of the padded average just aggregated (:func:`fedlora.diagnostics.cross_term_error`:
-        ‖B_g A_g − ΔW*‖ / ‖ΔW*‖ over modules), empty when the round was not aggregated."""
+        ‖B_g A_g − ΔW*‖ / ‖ΔW*‖ over modules), empty when the round was not aggregated or with
+        ``diagnostics=false``."""
         return self.__dict__.pop("round_diag", {})
 
     def current(self, state: AdapterState) -> AdapterState:

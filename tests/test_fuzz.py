@@ -23,9 +23,9 @@ N_CASES = 1000
 SHAPES = {"layers.0.q": (12, 10), "layers.0.v": (12, 10)}
 
 
-def make_strategy(name, ranks):
+def make_strategy(name, ranks, overrides=()):
     cfg = config.load([f"strategy={name}", "num_clients=4", f"client_ranks={list(ranks)}".replace(" ", ""),
-                       "strategy.solver=closed_form" if name == "lora_fair" else "seed=0"])
+                       "strategy.solver=closed_form" if name == "lora_fair" else "seed=0", *overrides])
     g = torch.Generator().manual_seed(0)
     r = int(cfg.model.lora.r)
     init = AdapterState({m: LoraFactors(torch.randn(r, n, generator=g), torch.zeros(o, r), 2.0)

@@ -39,6 +39,7 @@ REFUSALS = [
     (["data.path={tmp}/bad.tsv"], "data.format", "could not be read as tsv"),
     (["strategy=fedit", "client_ranks=[4,8]"], "client_ranks", "needs one rank for every client"),
     (["num_clients=100000"], "num_clients", "more than the"),
+    (["diagnostics=sometimes"], "diagnostics", "must be true or false"),
     (["out_dir={tmp}/held"], "resume=", "already holds a run"),
     (["model.lora.r=0"], "model.lora.r", "must be an integer >= 1"),
     (["fraction_train=1.5"], "fraction_train", "is outside (0, 1]"),

@@ -226,3 +226,31 @@ def test_run_config_travels_once_and_again_only_to_a_restarted_node(tmp_path):
     assert with_config == [(2, 1)]
     with pytest.raises(Exception, match="read-only"):  # a node never edits the run config
         ca._parse(strat.cfg_yaml).num_clients = 99
+
+
+@pytest.mark.parametrize("name, ranks", [("fedit", [4, 4, 4, 4]), ("ffa_lora", [4, 4, 4, 4]),
+                                         ("flora", [2, 3, 4, 5]), ("flexlora", [2, 3, 4, 5]),
+                                         ("lora_fair", [4, 4, 4, 4]), ("fedex_lora", [4, 4, 4, 4]),
+                                         ("hetlora", [2, 3, 4, 5])])
+def test_diagnostics_false_skips_the_cross_term_error_and_changes_nothing_else(name, ranks):
+    """``diagnostics=false``: a round's metrics lack ``cross_term_error`` (whose exact value costs the square of the
+    clients per round), and the round is otherwise the same: its other metrics and the served adapter bit for bit."""
+    from test_fuzz import make_strategy, message, snapshot, valid_reply
+
+    rng = np.random.default_rng(3)
+    on, off = make_strategy(name, ranks), make_strategy(name, ranks, ["diagnostics=false"])
+    replies = [message(n, *valid_reply(on, n, rng)) for n in sorted(on.nodes.values(), key=lambda n: n.partition_id)]
+    a, b = on.aggregate_round(1, replies), off.aggregate_round(1, replies)
+    reports = name != "flora"  # FLoRA's stacking is exact: it reports no cross-term error
+    assert ("cross_term_error" in a.metrics) == reports and "cross_term_error" not in b.metrics
+    assert {k: v for k, v in a.metrics.items() if k != "cross_term_error"} == b.metrics
+    assert all(torch.equal(x, snapshot(off)[k]) for k, x in snapshot(on).items())
+
+
+def test_diagnostics_is_a_server_setting_that_defaults_to_true():
+    from fedlora import config
+    from test_fuzz import make_strategy
+
+    assert make_strategy("fedit", [4, 4, 4, 4]).diagnostics is True
+    cfg = config.load(["diagnostics=false"])
+    assert cfg.diagnostics is False and "diagnostics" not in config.for_clients(cfg)
