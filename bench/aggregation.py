@@ -150,6 +150,20 @@ def bench_codecs(res: dict, states, weights, names, scale, codec_names, repeats,
         log(f"  fedit, {name} replies decoded {how} {got['min_s']:.3f}s ({got['x_floor']:.2f}x fp32 floor, "
             f"{got['x_floor_encoded_bytes']:.1f}x encoded-bytes floor; codec work "
             f"{got['codec_work_x_fp32_aggregation']:.2f}x fp32 aggregation)")
+        if name in codecs.WIRE_DTYPES:  # server.compiled_sum=true: the 16-bit sum compiled (fedlora/compiled_sum.py)
+            run_c = lambda: alg.fedit([from_arrays(codecs.decode(c, e, wide=False), scale) for e in enc],  # noqa
+                                      weights, compiled=True)
+            t = time.perf_counter()
+            run_c()  # compiles (once per group length and dtype)
+            first = time.perf_counter() - t
+            comp, _ = measure(run_c, repeats, floor_all)
+            comp |= {"first_call_s_with_compile": first,
+                     "codec_work_x_fp32_aggregation": (comp["median_s"] - res["fedit"]["median_s"] + encode_s)
+                     / res["fedit"]["median_s"]}
+            res[f"fedit_decode_{name}_compiled_sum"] = comp
+            log(f"  fedit, {name} replies as sent, server.compiled_sum=true {comp['min_s']:.3f}s "
+                f"({comp['x_floor']:.2f}x fp32 floor; codec work {comp['codec_work_x_fp32_aggregation']:.2f}x fp32 "
+                f"aggregation; first call {first:.1f}s)")
         del enc, enc_buf
         gc.collect()
 
@@ -319,6 +333,9 @@ def main() -> None:
         targets[f"fedit_within_2x_floor_{K}"] = run["fedit"]["x_floor"] <= 2.0
         for name in args.codecs:
             targets[f"fedit_{name}_decode_included_within_2x_floor_{K}"] = run[f"fedit_decode_{name}"]["x_floor"] <= 2.0
+            if f"fedit_decode_{name}_compiled_sum" in run:
+                targets[f"fedit_{name}_compiled_sum_decode_included_within_2x_floor_{K}"] = \
+                    run[f"fedit_decode_{name}_compiled_sum"]["x_floor"] <= 2.0
         if args.codecs_only:
             continue
         targets[f"ffa_within_2x_floor_{K}"] = run["ffa_lora"]["x_floor"] <= 2.0

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import fair_solvers
+from . import compiled_sum, fair_solvers
 from .adapters import AdapterState, LoraFactors
 from .codecs import Int8Blocks
 
@@ -74,7 +74,8 @@ def _wsum(tensors: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
     return _wsums([tensors], p)[0]
 
 
-def _wsums(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float]) -> list[torch.Tensor]:
+def _wsums(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float], compiled: bool = False
+           ) -> list[torch.Tensor]:
     """[sum_k p_k t_k for each column (t_1 .. t_K) of the clients' tensors], in float32 or wider, in one pass over
     the inputs (in-place accumulation, no stacking copy). The outputs are taken in groups of about
     :data:`GROUP_BYTES`; each client's tensors of a group are added by one multi-tensor call of torch
@@ -83,7 +84,11 @@ def _wsums(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float]) -> lis
     ``add_`` a tensor (``bench/aggregation.py``). A 16-bit input (an fp16/bf16 reply as sent, :func:`fedlora.codecs.
     decode` with ``wide=False``) is widened exactly as it is read, so the sum is the one over its float32 decoding;
     int8 blocks as sent are widened in cache and scaled as they are added (:meth:`fedlora.codecs.Int8Blocks.add_all`:
-    the same sum within float32 rounding)."""
+    the same sum within float32 rounding). ``compiled``: columns of fp16 or bf16 tensors are summed by
+    :func:`fedlora.compiled_sum.wsum` (``server.compiled_sum``; the same sum within float32 rounding)."""
+    if compiled and any(fused := [compiled_sum.applies(c) for c in columns]):
+        rest = iter(_wsums([c for c, f in zip(columns, fused) if not f], p))
+        return [compiled_sum.wsum(c, p) if f else next(rest) for c, f in zip(columns, fused)]
     sums, start = [], 0
     while start < len(columns):
         stop, size = start + 1, columns[start][0].numel() * 4
@@ -116,15 +121,17 @@ def _wsum_group(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float]) -
             for o, col, c in zip(outs, columns, coded)]
 
 
-def _average_extra(states: Sequence[AdapterState], p: Sequence[float]) -> dict[str, torch.Tensor]:
+def _average_extra(states: Sequence[AdapterState], p: Sequence[float], compiled: bool = False
+                   ) -> dict[str, torch.Tensor]:
     keys = list(states[0].extra)
-    return dict(zip(keys, _wsums([[st.extra[k] for st in states] for k in keys], p)))
+    return dict(zip(keys, _wsums([[st.extra[k] for st in states] for k in keys], p, compiled)))
 
 
-def _wsum_factors(states: Sequence[AdapterState], p: Sequence[float], which: str = "AB") -> dict[str, list]:
+def _wsum_factors(states: Sequence[AdapterState], p: Sequence[float], which: str = "AB", compiled: bool = False
+                  ) -> dict[str, list]:
     """{module: [sum_k p_k A_k and/or sum_k p_k B_k, as ``which`` names them]}, every module in one :func:`_wsums`."""
     names = list(states[0].lora)
-    sums = iter(_wsums([[getattr(st.lora[n], f) for st in states] for n in names for f in which], p))
+    sums = iter(_wsums([[getattr(st.lora[n], f) for st in states] for n in names for f in which], p, compiled))
     return {n: [next(sums) for _ in which] for n in names}
 
 
@@ -194,17 +201,18 @@ def effective_update(new: AdapterState, old: AdapterState | None = None,
 # ----------------------------------------------------------------------------------------------
 # FedIT
 # ----------------------------------------------------------------------------------------------
-def fedit(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
+def fedit(states: Sequence[AdapterState], weights: Sequence[float], compiled: bool = False) -> AdapterState:
     """FedIT (Zhang et al., "Towards Building the Federated GPT", ICASSP 2024): FedAvg on the factors.
 
     A_bar = sum_k p_k A_k, B_bar = sum_k p_k B_k, extra averaged; served product s B_bar A_bar, which differs
     from dW* by the cross terms sum_{k != l} p_k p_l B_k A_l. Needs equal ranks and scales (ValueError otherwise).
+    ``compiled``: 16-bit replies as sent are summed by :mod:`fedlora.compiled_sum` (``server.compiled_sum``).
     """
     p = _check(states, weights)
     _equal_rank_and_scale(states, "FedIT")
-    sums = _wsum_factors(states, p)
+    sums = _wsum_factors(states, p, compiled=compiled)
     lora = {name: LoraFactors(*sums[name], f0.scale) for name, f0 in states[0].lora.items()}
-    return AdapterState(lora, _average_extra(states, p))
+    return AdapterState(lora, _average_extra(states, p, compiled))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,13 +253,14 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
-def ffa_average(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
+def ffa_average(states: Sequence[AdapterState], weights: Sequence[float], compiled: bool = False) -> AdapterState:
     """FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
 
     A is frozen and identical on all clients; B_bar = sum_k p_k B_k, extra averaged, A kept (the first state's
     tensor itself, not a copy: a strategy can fill every client's A with its one frozen copy). Served product
     s B_bar A = sum_k p_k s B_k A = dW* exactly (linear, so it composes with secure aggregation and DP noise).
     ValueError naming the module if A (compared with torch.equal) or the scale differ between clients.
+    ``compiled``: as :func:`fedit`'s.
     """
     p = _check(states, weights)
     for name, f0 in states[0].lora.items():
@@ -262,9 +271,9 @@ def ffa_average(states: Sequence[AdapterState], weights: Sequence[float]) -> Ada
                                  f"different A on client {i} (shape {tuple(f.A.shape)} vs {tuple(f0.A.shape)})")
             if not math.isclose(f.scale, f0.scale, rel_tol=1e-9):
                 raise ValueError(f"FFA-LoRA needs equal scales, module {name!r}: {f0.scale} vs {f.scale} (client {i})")
-    sums = _wsum_factors(states, p, "B")
+    sums = _wsum_factors(states, p, "B", compiled)
     lora = {name: LoraFactors(f0.A, *sums[name], f0.scale) for name, f0 in states[0].lora.items()}
-    return AdapterState(lora, _average_extra(states, p))
+    return AdapterState(lora, _average_extra(states, p, compiled))
 
 
 # ----------------------------------------------------------------------------------------------

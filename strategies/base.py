@@ -141,6 +141,7 @@ class LoraStrategy(FedAvg):
         self.scaffold = scaffold.ServerControl(cfg)  # train.scaffold: the control variate c (off: as before)
         self.codec_up, self.codec_down = codecs.of_config(cfg, "up"), codecs.of_config(cfg, "down")  # comm.*
         self.diagnostics = bool(cfg.get("diagnostics", True))  # the round's cross_term_error (see cross_term)
+        self.compiled_sum = bool((cfg.get("server") or {}).get("compiled_sum", False))  # fedit, ffa_lora
         self.down_errors: dict[str, float] = {}  # lossy comm.down: this round's largest error per payload tensor
         # what every node needs of the run config (fedlora.config.for_clients: no server paths): sent once, in
         # the handshake, then named by its digest

@@ -1,0 +1,93 @@
+"""server.compiled_sum: FedIT's and FFA-LoRA's sum of 16-bit replies compiled by torch.compile
+(fedlora/compiled_sum.py) is the eager sum within float32 rounding, touches nothing else, and is refused before the
+run where it cannot work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tolerances import assert_within, f32_tol
+
+from fedlora import algebra, compiled_sum, config, preflight
+from fedlora.adapters import AdapterState, LoraFactors
+
+
+def states_of(dtype, K=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"l0.q": (24, 40), "l1.v": (33, 17)}
+    return [AdapterState({n: LoraFactors((torch.randn(4, i, generator=g) / 4).to(dtype),
+                                         (torch.randn(o, 4, generator=g) / 10).to(dtype), 2.0)
+                          for n, (o, i) in shapes.items()},
+                         {"head.weight": torch.randn(2, 17, generator=g).to(dtype)}) for _ in range(K)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_compiled_sum_of_16bit_replies_is_the_eager_sum_within_float32_rounding(monkeypatch, dtype):
+    """Groups of GROUP clients (3 here, so 7 clients make groups of 3, 3 and 1: two compiled loop lengths), any
+    shape, the head too: sum_k p_k t_k of the widened values within float32 rounding (tolerances.py), in float32."""
+    monkeypatch.setattr(compiled_sum, "GROUP", 3)
+    calls, wsum = [], compiled_sum.wsum
+    monkeypatch.setattr(compiled_sum, "wsum", lambda col, p: calls.append(col[0].shape) or wsum(col, p))
+    states, w = states_of(dtype), [5, 1, 3, 8, 2, 7, 4]
+    p = algebra.normalize(w)
+    for fn in (algebra.fedit, algebra.ffa_average) if dtype == torch.float16 else (algebra.fedit,):
+        if fn is algebra.ffa_average:
+            for st in states[1:]:
+                for n, f in st.lora.items():
+                    f.A = states[0].lora[n].A
+        calls.clear()
+        got, eager = fn(states, w, compiled=True), fn(states, w)
+        assert len(calls) == (5 if fn is algebra.fedit else 3)  # every 16-bit column took the compiled sum
+        for n, f in got.lora.items():
+            for part in ("A", "B") if fn is algebra.fedit else ("B",):  # (FFA-LoRA keeps the shared A as it is)
+                a, b = getattr(f, part), getattr(eager.lora[n], part)
+                terms = [getattr(st.lora[n], part).double() for st in states]
+                assert a.dtype == torch.float32 and a.shape == b.shape
+                assert_within(a, b, f32_tol(len(states), sum(pk * t.abs() for pk, t in zip(p, terms))), f"{n}.{part}")
+        assert_within(got.extra["head.weight"], eager.extra["head.weight"],
+                      f32_tol(len(states), sum(pk * st.extra["head.weight"].double().abs()
+                                               for pk, st in zip(p, states))))
+
+
+def test_fp32_replies_keep_the_eager_sum_bit_for_bit(monkeypatch):
+    monkeypatch.setattr(compiled_sum, "wsum", None)  # never called
+    states = states_of(torch.float32)
+    got, eager = algebra.fedit(states, [1] * 7, compiled=True), algebra.fedit(states, [1] * 7)
+    assert all(torch.equal(f.A, eager.lora[n].A) and torch.equal(f.B, eager.lora[n].B) for n, f in got.lora.items())
+
+
+def test_refused_before_the_run_for_a_strategy_that_does_not_sum_or_without_a_compiler(monkeypatch):
+    cfg = config.load(["strategy=flora", "server.compiled_sum=true"])
+    with pytest.raises(config.ConfigError, match=r"server.compiled_sum=true applies to the strategies that sum "
+                                                 r"replies as sent \(fedit and ffa_lora\), not to strategy=flora"):
+        preflight.check_compiled_sum(cfg)
+    monkeypatch.setattr(compiled_sum.shutil, "which", lambda name: None)
+    with pytest.raises(config.ConfigError, match="needs a C.. compiler for torch.compile on the CPU, and none of g.., "
+                                                 "c.., clang.. is on PATH: install one"):
+        preflight.check_compiled_sum(config.load(["strategy=fedit", "server.compiled_sum=true"]))
+    preflight.check_compiled_sum(config.load(["strategy=fedit"]))  # off: nothing to check
+    with pytest.raises(config.ConfigError, match="server.compiled_sum=yes must be true or false"):
+        config.validate(config.load(["server.compiled_sum=yes"]))
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa_lora"])
+def test_a_server_with_compiled_sum_aggregates_fp16_replies_as_the_eager_one(monkeypatch, name):
+    """Through the strategy: server.compiled_sum=true and comm.up=fp16, one round of four replies; the compiled sum
+    ran, and the served adapter is the eager server's within float32 rounding of a four-term sum (of values < 1)."""
+    import numpy as np
+    from test_fuzz import make_strategy, message, snapshot, valid_reply
+
+    from fedlora import codecs
+
+    calls, wsum = [], compiled_sum.wsum
+    monkeypatch.setattr(compiled_sum, "wsum", lambda col, p: calls.append(1) or wsum(col, p))
+    rng = np.random.default_rng(5)
+    ranks = [4, 4, 4, 4]
+    on, off = (make_strategy(name, ranks, ["comm.up=fp16", *o]) for o in (["server.compiled_sum=true"], []))
+    assert on.compiled_sum and not off.compiled_sum
+    replies = [message(n, codecs.encode(on.codec_up, valid_reply(on, n, rng)[0]), valid_reply(on, n, rng)[1])
+               for n in sorted(on.nodes.values(), key=lambda n: n.partition_id)]
+    a, b = on.aggregate_round(1, replies), off.aggregate_round(1, replies)
+    assert not a.rejected and not b.rejected and calls
+    for k, x in snapshot(on).items():
+        assert_within(x, snapshot(off)[k], f32_tol(4, 1.0), k)
