@@ -91,3 +91,21 @@ def test_a_server_with_compiled_sum_aggregates_fp16_replies_as_the_eager_one(mon
     assert not a.rejected and not b.rejected and calls
     for k, x in snapshot(on).items():
         assert_within(x, snapshot(off)[k], f32_tol(4, 1.0), k)
+
+
+def test_a_two_round_run_with_compiled_sum_ends_where_the_eager_run_ends(tmp_path):
+    """The ServerApp's loop (in-process grid, tiny_llama, 3 clients, bf16 uplink, diagnostics off too): both runs
+    aggregate every client in both rounds, and the served adapters agree within float32 rounding carried through
+    one more local step (1e-4 relative here; the same start gives the same training)."""
+    from safetensors.torch import load_file
+    from test_codecs import _run
+
+    finals = []
+    for label, extra in (("eager", []), ("compiled", ["server.compiled_sum=true", "diagnostics=false"])):
+        d, rows = _run(tmp_path, label, ["comm.up=bf16", *extra])
+        assert [r["num_clients"] for r in rows[1:]] == [3, 3] and not any(r.get("rejected") for r in rows[1:])
+        assert ("cross_term_error" in rows[-1]) == (label == "eager")
+        finals.append(load_file(next(d.rglob("adapter_model.safetensors"))))
+    assert finals[0].keys() == finals[1].keys()
+    for k, a in finals[0].items():
+        assert float((a - finals[1][k]).abs().max()) <= 1e-4 * max(float(a.abs().max()), 1e-6), k
