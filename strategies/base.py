@@ -90,6 +90,10 @@ def train_metrics(accepted: list[Update]) -> dict:
     return out
 
 
+#: multiply-adds of a round's cross_term_error above which the run's log says so (about 2 s on 2 cores)
+DIAGNOSTICS_NOTE_MACS = 1e11
+
+
 class LoraStrategy(FedAvg):
     """Base class: FedIT-style plumbing. Subclasses override the hooks marked *hook*."""
 
@@ -116,6 +120,8 @@ class LoraStrategy(FedAvg):
     #: :func:`fedlora.algebra.fedit`), so a ``comm.up=fp16|bf16`` reply reaches it as sent (16-bit torch tensors,
     #: ``codecs.decode(wide=False)``) and is never written out at float32; every other strategy gets float32
     sums_replies = False
+    #: whether :meth:`aggregate` reports ``cross_term_error`` (:meth:`cross_term`), which ``diagnostics`` governs
+    reports_cross_term = True
 
     def __init__(self, cfg, initial: AdapterState, shapes: dict[str, tuple[int, int]]):
         import logging
@@ -172,6 +178,19 @@ class LoraStrategy(FedAvg):
         m = cfg.strategy.get("lr_multiplier", 1.0)
         if not (isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0):
             raise ConfigError(f"strategy.lr_multiplier={m} must be a number > 0 (it scales train.lr on the clients).")
+
+    def diagnostics_note(self, clients: int) -> str | None:
+        """A sentence for the run's log when the round's ``cross_term_error`` will cost much (at least
+        :data:`DIAGNOSTICS_NOTE_MACS` multiply-adds with ``clients`` replies of the run's largest ranks), else None."""
+        if not (self.diagnostics and self.reports_cross_term):
+            return None
+        ranks = sorted(client_ranks(self.cfg), reverse=True)[:clients]
+        macs = diagnostics.cross_term_cost(self.shapes, ranks, max(ranks))
+        if macs < DIAGNOSTICS_NOTE_MACS:
+            return None
+        return (f"diagnostics=true: each round's cross_term_error reads every pair of the {clients} clients' "
+                f"factors, about {macs:.1e} multiply-adds (some {macs / 4.4e10:.0f} s on a 2-core server); set "
+                f"diagnostics=false to skip it.")
 
     def cross_term(self, served: AdapterState, states, weights) -> dict:
         """``{"cross_term_error": ...}`` of the round's served adapter (:func:`fedlora.diagnostics.cross_term_error`),

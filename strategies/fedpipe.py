@@ -59,6 +59,7 @@ class FedPipe(LoraStrategy):
             self.rule = ZeroPadding(norm_weighted=bool(cfg.strategy.get("norm_weighted", False)),
                                     diagnostics=self.diagnostics)
         self.shares_fresh_A = self.mode != "stacking"
+        self.reports_cross_term = self.mode != "stacking"  # (zero padding reports it; stacking is exact)
         self.selected: list[str] = sorted(shapes)
         self.assignment: dict[int, dict] = {}  # partition id -> {rank, batch, bits, steps, profile} of the plan
         self.plan: Plan | None = None

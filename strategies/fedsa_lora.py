@@ -62,6 +62,7 @@ def personal_reason(metrics: dict, max_examples: int) -> str | None:
 
 class FedSALoRA(LoraStrategy):
     name = "fedsa_lora"
+    reports_cross_term = False  # (B stays personal: no served product to compare with ΔW*)
     #: what clients send outside the final upload (``(LORA_A, "extra")`` when the head is shared)
     client_sends = (LORA_A,)
     # client-level DP clips and noises the mean of the uploaded A (B never leaves a client); the final B upload,

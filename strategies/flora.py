@@ -38,6 +38,7 @@ DOWNLINK_TOLERANCE = 0.0
 
 class FLoRA(LoraStrategy):
     name = "flora"
+    reports_cross_term = False  # (its aggregate is exact; no cross_term_error)
     supports_mixed_ranks = True
     client_dp_refusal = ("flora stacks each client's individual factors instead of averaging them, so there is no "
                          "noised sum for client-level DP to release")

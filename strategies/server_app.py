@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedlora import adapters, batching, checkpoint, config, data, models, rundir, train
+from fedlora.centralised import clients_per_round
 from fedlora.report import Recorder
 from fedlora.validate import check_handshake
 
@@ -217,6 +218,9 @@ def _run(grid: Grid, cfg, run_dir: Path, echo=print, resume: bool = False) -> di
     initial = adapters.from_peft(bundle.model)
     shapes = {n: (l.out_features, l.in_features) for n, l in adapters.lora_layers(bundle.model).items()}
     strategy = get_strategy(cfg.strategy.name)(cfg, initial, shapes)
+    if (note := strategy.diagnostics_note(clients_per_round(cfg))) is not None:  # a costly diagnostic, said once
+        log(WARNING, "%s", note)
+        notes.append(note)
     # the handshake includes each client's first data and model load: give it more than a round
     strategy.nodes = discover(grid, strategy, cfg, timeout=max(600.0, float(cfg.round_timeout)))
     strategy.prepare_run(grid, run_dir, echo=echo, resume=resume)  # FedPipe: warm-up, module selection, plan

@@ -254,3 +254,29 @@ def test_diagnostics_is_a_server_setting_that_defaults_to_true():
     assert make_strategy("fedit", [4, 4, 4, 4]).diagnostics is True
     cfg = config.load(["diagnostics=false"])
     assert cfg.diagnostics is False and "diagnostics" not in config.for_clients(cfg)
+
+
+def test_the_run_log_says_when_the_cross_term_error_will_be_costly():
+    """diagnostics_note: one sentence naming the clients, the multiply-adds and the fix when a round's
+    cross_term_error will take at least DIAGNOSTICS_NOTE_MACS (here 100 clients of rank 16 on 64 Llama-7B-shaped
+    modules: (1616^2 + 1600^2)(m + n) a module, the Gram path; the dense path below DENSE_LIMIT), else None: small
+    modules, diagnostics=false, or a strategy that reports no cross-term error (FLoRA)."""
+    from test_fuzz import make_strategy
+
+    from fedlora import diagnostics
+
+    llama = {f"layers.{i}.q_proj": (4096, 4096) for i in range(64)}
+    assert diagnostics.cross_term_cost(llama, [16] * 100, 16) == 64 * (1616**2 + 1600**2) * 8192
+    assert diagnostics.cross_term_cost({"q": (64, 64)}, [4, 8], 8) == 20 * 64 * 64
+    many = ["num_clients=100", "client_ranks=16"]
+    s = make_strategy("fedit", [4, 4, 4, 4], many)
+    assert s.diagnostics_note(100) is None  # the test's small modules
+    s.shapes = llama
+    note = s.diagnostics_note(100)
+    assert note.startswith("diagnostics=true: each round's cross_term_error reads every pair of the 100 clients' "
+                           "factors, about 2.7e+12 multiply-adds") and note.endswith("set diagnostics=false to skip it.")
+    assert s.diagnostics_note(2) is None  # 2 clients: cheap
+    for name, extra in (("fedit", ["diagnostics=false"]), ("flora", [])):
+        other = make_strategy(name, [4, 4, 4, 4], many + extra)
+        other.shapes = llama
+        assert other.diagnostics_note(100) is None, name
