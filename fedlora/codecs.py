@@ -315,8 +315,10 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
         elif codec.name == "int8":
             a = _want(enc, k, np.int8, "values", codec)
             first = scales.check(k, a.size, codec)
-            q = torch.from_numpy(a if a.flags.writeable else a.copy()).view(-1)
-            blocks = Int8Blocks(_rows(q, codec.blocksize), scales.col, first, a.shape)
+            a = a if a.flags.writeable else a.copy()
+            rows = (torch.from_numpy(a.reshape(-1, codec.blocksize)) if a.size % codec.blocksize == 0  # (a view)
+                    else _rows(torch.from_numpy(a).view(-1), codec.blocksize))
+            blocks = Int8Blocks(rows, scales.col, first, a.shape)
             if not wide:
                 out[k] = blocks
                 continue
