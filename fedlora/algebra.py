@@ -89,14 +89,15 @@ def _wsums(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float], compil
     if compiled and any(fused := [compiled_sum.applies(c) for c in columns]):
         rest = iter(_wsums([c for c, f in zip(columns, fused) if not f], p))
         return [compiled_sum.wsum(c, p) if f else next(rest) for c, f in zip(columns, fused)]
-    sums, start = [], 0
-    while start < len(columns):
-        stop, size = start + 1, columns[start][0].numel() * 4
-        while stop < len(columns) and size + columns[stop][0].numel() * 4 <= GROUP_BYTES:
-            size, stop = size + columns[stop][0].numel() * 4, stop + 1
-        sums += _wsum_group(columns[start:stop], p)
-        start = stop
-    return sums
+    sums, group, size = [], [], 0
+    for col in columns:
+        out_bytes = col[0].numel() * 4
+        if group and size + out_bytes > GROUP_BYTES:
+            sums += _wsum_group(group, p)
+            group, size = [], 0
+        group.append(col)
+        size += out_bytes
+    return sums + (_wsum_group(group, p) if group else [])
 
 
 def _wsum_group(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float]) -> list[torch.Tensor]:
@@ -105,9 +106,10 @@ def _wsum_group(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float]) -
             torch.zeros(col[0].shape, dtype=torch.promote_types(col[0].dtype, torch.float32), device=col[0].device)
             for col, c in zip(columns, coded)]  # int8 blocks: rows of blocks, the last padded
     scratch = [torch.empty_like(o) if c else None for o, c in zip(outs, coded)]  # their codes widened
+    any_coded = any(coded)
     for k, w in enumerate(p):
         xs = [col[k] for col in columns]
-        if not any(coded):
+        if not any_coded:
             torch._foreach_add_(outs, xs, alpha=w)
             continue
         blocks = [(o, x, s) for o, x, s in zip(outs, xs, scratch) if isinstance(x, Int8Blocks)]

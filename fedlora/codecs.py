@@ -164,8 +164,8 @@ class Int8Blocks:
         """``out += weight * decoded`` for each ``out`` (float32 rows of the same blocks) and tensor as sent, in two
         multi-tensor calls: the codes widened to float32 into ``scratch`` (the caller's, of the rows' shapes: reused
         from client to client, it stays in cache and needs no new memory), then ``addcmul_`` (code x its block's
-        absmax x weight / 127). Measured faster than ``addcmul_`` on the int8 codes themselves (1.0x against 1.4x an
-        fp32 sum's time on one thread)."""
+        absmax x weight / 127). In cache, one thread, four 256 KiB outputs: 52 µs (19 to widen, 33 to add), against
+        55 µs for ``addcmul_`` on the int8 codes themselves and 31 µs for a float32 ``add_``."""
         torch._foreach_copy_(scratch, [b.rows for b in blocks])
         torch._foreach_addcmul_(outs, scratch, [b.absmax for b in blocks], value=weight / 127)
 

@@ -56,8 +56,7 @@ class FedPipe(LoraStrategy):
             self.rule = Stacking()
             self.state = Stacking.served(initial)
         else:  # HetLoRA's rule, with its nested start (``strategy.nested_init``)
-            self.rule = ZeroPadding(norm_weighted=bool(cfg.strategy.get("norm_weighted", False)),
-                                    diagnostics=self.diagnostics)
+            self.rule = ZeroPadding(self.cross_term, norm_weighted=bool(cfg.strategy.get("norm_weighted", False)))
         self.shares_fresh_A = self.mode != "stacking"
         self.reports_cross_term = self.mode != "stacking"  # (zero padding reports it; stacking is exact)
         self.selected: list[str] = sorted(shapes)

@@ -22,7 +22,7 @@ class HetLoRA(LoraStrategy):
 
     def __init__(self, cfg, initial, shapes):
         super().__init__(cfg, initial, shapes)
-        self.rule = ZeroPadding(norm_weighted=bool(cfg.strategy.norm_weighted), diagnostics=self.diagnostics)
+        self.rule = ZeroPadding(self.cross_term, norm_weighted=bool(cfg.strategy.norm_weighted))
 
     def prepare_run(self, grid, run_dir, echo=print, resume: bool = False) -> None:
         """Nested start: the initial global adapter is the shared seeded A at the largest rank, B = 0."""

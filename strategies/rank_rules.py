@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from fedlora import algebra, diagnostics, lowrank, merges
+from fedlora import algebra, lowrank, merges
 from fedlora.adapters import MERGED_WEIGHTS, AdapterState, ExportedAdapter, LoraFactors, to_arrays
 
 #: default relative Frobenius tolerance of the exported merged total (``strategy.export_tolerance``)
@@ -181,9 +181,9 @@ class ZeroPadding:
 
     persistent = ("global_state",)
 
-    def __init__(self, norm_weighted: bool = False, diagnostics: bool = True):
+    def __init__(self, cross_term, norm_weighted: bool = False):
+        self.cross_term = cross_term  # the strategy's :meth:`~LoraStrategy.cross_term` (its ``diagnostics`` setting)
         self.norm_weighted = norm_weighted
-        self.diagnostics = diagnostics  # the strategy's ``diagnostics`` setting: the round's cross_term_error or not
         self.global_state: AdapterState | None = None
 
     def payload(self, state: AdapterState, node) -> dict:
@@ -196,8 +196,7 @@ class ZeroPadding:
         delta = algebra.effective_update(new, self.global_state)
         self.global_state = new
         state.extra = new.extra
-        self.round_diag = ({"cross_term_error": diagnostics.cross_term_error(new, states, weights)}
-                           if self.diagnostics else {})
+        self.round_diag = self.cross_term(new, states, weights)
         return delta
 
     def round_metrics(self, updates) -> dict:
