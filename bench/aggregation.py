@@ -140,7 +140,7 @@ def bench_codecs(res: dict, states, weights, names, scale, codec_names, repeats,
         got, _ = measure(run, repeats, floor_all)
         one = to_arrays(states[0])
         encode_s = measure(lambda: codecs.encode(c, one), 3)[0]["median_s"]
-        codec_work = lambda s: s - res["fedit"]["median_s"] + encode_s  # noqa: E731  (extra time + one encode)
+        codec_work = lambda s: s - res["fedit"]["median_s"] + encode_s   # noqa: E731  (extra time + one encode)
         work = codec_work(got["median_s"])
         got |= {"encoded_bytes": enc_bytes,
                 "x_floor_encoded_bytes": got["median_s"] / res[f"floor_sum_{name}_bytes"]["median_s"],
@@ -151,7 +151,7 @@ def bench_codecs(res: dict, states, weights, names, scale, codec_names, repeats,
         log(f"  fedit, {name} replies decoded {how} {got['min_s']:.3f}s ({got['x_floor']:.2f}x fp32 floor, "
             f"{got['x_floor_encoded_bytes']:.1f}x encoded-bytes floor; codec work "
             f"{got['codec_work_x_fp32_aggregation']:.2f}x fp32 aggregation)")
-        if name in codecs.WIRE_DTYPES:  # server.compiled_sum=true: the 16-bit sum compiled (fedlora/compiled_sum.py)
+        if name in codecs.AS_SENT:  # server.compiled_sum=true: the 16-bit or int8 sum compiled (fedlora/compiled_sum.py)
             run_c = lambda: alg.fedit([from_arrays(codecs.decode(c, e, wide=False), scale) for e in enc],  # noqa
                                       weights, compiled=True)
             t = time.perf_counter()

@@ -1,13 +1,15 @@
-"""The weighted sum of 16-bit replies compiled by torch.compile (``server.compiled_sum=true``; FedIT and FFA-LoRA).
+"""The weighted sum of 16-bit and int8 replies compiled by torch.compile (``server.compiled_sum=true``; FedIT and
+FFA-LoRA).
 
-A FedIT or FFA-LoRA server holds an fp16/bf16 reply as sent (:func:`fedlora.codecs.decode` with ``wide=False``) and
-sums it in float32. torch's eager add of a 16-bit tensor into a float32 one converts each value on a slow path (1.75x
-a float32 add, in cache), so the eager sum of 16-bit replies reads half the bytes of fp32 replies and still takes
-longer. Compiled (inductor: C++ on the CPU, Triton on a GPU), one loop over a group of :data:`GROUP` clients widens each
-value in registers: 1.22-1.42x the memory-bandwidth floor at 100 Llama-7B-shaped clients, against 2.6x eager
-(``bench/compiled_sum.py``). fp32 and int8 tensors keep the eager sum (fp32: no faster compiled; int8: its Python
-decode dominates). The first round pays the compile, a few seconds per group length and dtype (shapes are dynamic:
-1-D views), and needs a C++ compiler on a CPU server (checked before the run starts).
+A FedIT or FFA-LoRA server holds an fp16/bf16/int8 reply as sent (:func:`fedlora.codecs.decode` with ``wide=False``)
+and sums it in float32. torch's eager add of a 16-bit tensor into a float32 one converts each value on a slow path
+(1.75x a float32 add, in cache), and int8 codes take a widening copy before they are scaled and added, so the eager sum
+of 16-bit or int8 replies reads half or a quarter of the bytes of fp32 replies and still takes longer. Compiled
+(inductor: C++ on the CPU, Triton on a GPU), one loop over a group of :data:`GROUP` clients widens each value in
+registers (and, for int8, scales it by its block's absmax there): 1.2-1.4x the memory-bandwidth floor at 100
+Llama-7B-shaped clients, against 2-2.6x eager (``bench/compiled_sum.py``). fp32 tensors keep the eager sum (no faster
+compiled). The first round pays the compile, a few seconds per group length and dtype (shapes are dynamic), and needs
+a C++ compiler on a CPU server (checked before the run starts).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from collections.abc import Sequence
 
 import torch
 
+from .codecs import Int8Blocks
+
 #: clients added by one compiled call (all 100 in one loop was 8x the floor: the unrolled loop spills)
 GROUP = 10
 COMPILERS = ("g++", "c++", "clang++")
 
-_compiled = None
+_compiled: dict = {}
 
 
 def _acc(out: torch.Tensor, xs: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
@@ -30,23 +34,47 @@ def _acc(out: torch.Tensor, xs: list[torch.Tensor], w: torch.Tensor) -> torch.Te
     return out
 
 
+def _acc_int8(out: torch.Tensor, codes: list[torch.Tensor], absmax: list[torch.Tensor], w: torch.Tensor
+              ) -> torch.Tensor:
+    """out + sum_i codes_i * absmax_i * w_i: int8 codes [blocks, blocksize], their block scales a column [blocks, 1],
+    and the weights over 127 (an int8 code's value is code * absmax / 127)."""
+    for i in range(len(codes)):
+        out = out + codes[i].float() * absmax[i] * w[i]
+    return out
+
+
+def _fn(name: str):
+    if name not in _compiled:
+        _compiled[name] = torch.compile({"16": _acc, "int8": _acc_int8}[name], dynamic=True,
+                                        options={"size_asserts": False})
+    return _compiled[name]
+
+
 def applies(column: Sequence) -> bool:
-    """Whether a column of clients' tensors takes the compiled sum: all fp16, or all bf16, torch tensors."""
-    dtype = getattr(column[0], "dtype", None)
+    """Whether a column of clients' tensors takes the compiled sum: all fp16, all bf16 torch tensors, or all int8
+    blocks (:class:`fedlora.codecs.Int8Blocks`) of one shape."""
+    first = column[0]
+    if isinstance(first, Int8Blocks):
+        return all(isinstance(t, Int8Blocks) and t.rows.shape == first.rows.shape for t in column)
+    dtype = getattr(first, "dtype", None)
     return dtype in (torch.float16, torch.bfloat16) and all(
         isinstance(t, torch.Tensor) and t.dtype == dtype for t in column)
 
 
-def wsum(column: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
+def wsum(column: Sequence, p: Sequence[float]) -> torch.Tensor:
     """sum_k p_k t_k in float32 for a column :func:`applies` to, in groups of :data:`GROUP` clients."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_acc, dynamic=True)
-    w = torch.tensor(p, dtype=torch.float32, device=column[0].device)
+    if isinstance(column[0], Int8Blocks):
+        acc, w = _fn("int8"), torch.tensor(p, dtype=torch.float32) / 127
+        codes, absmax = [b.rows for b in column], [b.absmax for b in column]
+        out = torch.zeros(codes[0].shape)
+        for g in range(0, len(codes), GROUP):
+            out = acc(out, codes[g:g + GROUP], absmax[g:g + GROUP], w[g:g + GROUP])
+        return out.view(-1)[:column[0].numel()].view(column[0].shape)
+    acc, w = _fn("16"), torch.tensor(p, dtype=torch.float32, device=column[0].device)
     flat = [t.reshape(-1) for t in column]
     out = torch.zeros(flat[0].numel(), device=column[0].device)
     for g in range(0, len(flat), GROUP):
-        out = _compiled(out, flat[g:g + GROUP], w[g:g + GROUP])
+        out = acc(out, flat[g:g + GROUP], w[g:g + GROUP])
     return out.view(column[0].shape)
 
 
