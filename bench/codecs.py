@@ -8,7 +8,11 @@
    aggregation of 10 fp32 replies in the same run (the issue's goal: <= 0.5). The server's codec work is what the
    server does: FedIT (``sums_replies``) reads an fp16, bf16 or int8 reply as sent (``codecs.decode(wide=False)``:
    a view, or int8 codes and scales), so its work is 10 such decodes + the aggregation's extra time on those
-   replies over fp32 ones + 1 encode; nf4 and topk replies are decoded to fp32 first (10 decodes + 1 encode).
+   replies over fp32 ones + the downlink's encode (``downlink_s``: the strategy's ``encode_payload`` for 10 nodes,
+   less ``downlink_audit_s``, its decode of what it sent and the relative error per tensor, which
+   ``server_ratio_with_audit`` adds back); nf4 and topk replies are decoded to fp32 first (10 decodes + the
+   downlink's encode). ``*_compiled*``: the same with ``server.compile=true`` (the compiled sum, and int8's compiled
+   quantiser on the downlink).
    ``traffic_ratio``: the least memory traffic of that codec work (a full decode reads a reply's encoded bytes and
    writes it at fp32; an aggregation of replies as sent reads fewer bytes than an fp32 one, so its extra traffic
    is none; the encode reads the fp32 payload and writes its bytes) over the least traffic of the aggregation
@@ -38,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlora import algebra, codecs, validate  # noqa: E402
 from fedlora.adapters import from_arrays  # noqa: E402
 from fedlora.strategies.base import record_bytes, to_record  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aggregation import audit, downlink  # noqa: E402
 
 
 def adapter(modules: int, m: int, n: int, r: int, seed: int, head: tuple | None = None) -> dict[str, np.ndarray]:
@@ -109,22 +116,35 @@ def main() -> None:
         enc_s = timed(lambda: codecs.encode(c, clients[0]))
         dec_s = timed(lambda: codecs.decode(c, encoded[0]))
         enc_b = record_bytes(to_record(encoded[0]))
-        row = {"encode_s": enc_s, "decode_s": dec_s, "client_s": enc_s + dec_s}
+        row = {"encode_s": enc_s, "decode_s": dec_s, "client_s": enc_s + dec_s,
+               "downlink_s": timed(lambda: downlink(c, clients[0], 10)),  # as the strategy sends it to 10 nodes
+               "downlink_audit_s": timed(lambda: audit(c, clients[0], encoded[0]))}  # (what of it is the audit's)
         if name in codecs.AS_SENT:  # what a summing server (FedIT) does with the replies
             as_sent = [codecs.decode(c, e, wide=False) for e in encoded]
             row["decode_as_sent_s"] = timed(lambda: codecs.decode(c, encoded[0], wide=False))
             row["aggregation_fp32_paired_s"], row["aggregation_as_sent_s"] = paired(lambda: fedit(clients),
                                                                                    lambda: fedit(as_sent))
             extra = row["aggregation_as_sent_s"] - row["aggregation_fp32_paired_s"]
-            server = 10 * row["decode_as_sent_s"] + enc_s + extra
+            server = 10 * row["decode_as_sent_s"] + row["downlink_s"] - row["downlink_audit_s"] + extra
             base_s = row["aggregation_fp32_paired_s"]  # the ratio's denominator: paired with the as-sent runs
             traffic = (fp32_b + enc_b) / (11 * fp32_b)
+            # server.compile=true: the compiled sum, and int8's compiled quantiser on the downlink
+            fedit_c = lambda replies: algebra.fedit([from_arrays(a, 2.0) for a in replies], [1.0] * 10,  # noqa
+                                                    compiled=True)
+            fedit_c(as_sent), downlink(c, clients[0], 1, compiled=True)  # (compile)
+            base_c, row["aggregation_as_sent_compiled_s"] = paired(lambda: fedit(clients), lambda: fedit_c(as_sent))
+            row["downlink_compiled_s"] = timed(lambda: downlink(c, clients[0], 10, compiled=True))
+            server_c = (10 * row["decode_as_sent_s"] + row["downlink_compiled_s"] - row["downlink_audit_s"]
+                        + row["aggregation_as_sent_compiled_s"] - base_c)
+            row |= {"server_round_codec_compiled_s": server_c, "server_ratio_compiled": server_c / base_c,
+                    "server_ratio_compiled_with_audit": (server_c + row["downlink_audit_s"]) / base_c}
         else:
             as_sent = [codecs.decode(c, e) for e in encoded]
-            server = 10 * dec_s + enc_s
+            server = 10 * dec_s + row["downlink_s"] - row["downlink_audit_s"]
             traffic = (10 * (enc_b + fp32_b) + (fp32_b + enc_b)) / (11 * fp32_b)
             base_s = agg_s
         row |= {"server_round_codec_s": server, "server_ratio_to_aggregation": server / base_s,
+                "server_ratio_with_audit": (server + row["downlink_audit_s"]) / base_s,
                 "traffic_ratio": traffic, "checks_s": timed(lambda: checks(as_sent))}
         llama[name] = row
         del as_sent, encoded

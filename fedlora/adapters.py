@@ -26,6 +26,7 @@ from .codecs import Int8Blocks
 
 PEFT_PREFIX = "base_model.model."
 LORA_A, LORA_B, EXTRA = "lora_A", "lora_B", "extra."
+_DOT_A, _DOT_B, _CUT = "." + LORA_A, "." + LORA_B, len(LORA_A) + 1
 
 
 @dataclass
@@ -206,14 +207,15 @@ def from_arrays(arrays: dict[str, np.ndarray | torch.Tensor], scales: dict[str, 
     or :class:`~fedlora.codecs.Int8Blocks`, are kept as they are). Unknown key forms raise ValueError."""
     state = AdapterState()
     As, Bs = {}, {}
-    for key, v in arrays.items():
-        t = v if isinstance(v, (torch.Tensor, Int8Blocks)) else torch.from_numpy(np.asarray(v))
+    held = (torch.Tensor, Int8Blocks)
+    for key, v in arrays.items():  # (a server reads 100 replies of 128 tensors a round: no work a key it can skip)
+        t = v if isinstance(v, held) else torch.from_numpy(np.asarray(v))
         if key.startswith(EXTRA):
             state.extra[key[len(EXTRA):]] = t
-        elif key.endswith("." + LORA_A):
-            As[key[: -len(LORA_A) - 1]] = t
-        elif key.endswith("." + LORA_B):
-            Bs[key[: -len(LORA_B) - 1]] = t
+        elif key.endswith(_DOT_A):
+            As[key[:-_CUT]] = t
+        elif key.endswith(_DOT_B):
+            Bs[key[:-_CUT]] = t
         else:
             raise ValueError(f"unexpected array key {key!r} (expected '<module>.lora_A|lora_B' or 'extra.<name>')")
     if set(As) != set(Bs):

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import compiled_sum, fair_solvers
+from . import compiled as inductor  # (the module; ``compiled`` is the flag of the functions below)
+from . import fair_solvers
 from .adapters import AdapterState, LoraFactors
 from .codecs import Int8Blocks
 
@@ -84,11 +85,11 @@ def _wsums(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float], compil
     ``add_`` a tensor (``bench/aggregation.py``). A 16-bit input (an fp16/bf16 reply as sent, :func:`fedlora.codecs.
     decode` with ``wide=False``) is widened exactly as it is read, so the sum is the one over its float32 decoding;
     int8 blocks as sent are widened in cache and scaled as they are added (:meth:`fedlora.codecs.Int8Blocks.add_all`:
-    the same sum within float32 rounding). ``compiled``: columns of fp16 or bf16 tensors are summed by
-    :func:`fedlora.compiled_sum.wsum` (``server.compiled_sum``; the same sum within float32 rounding)."""
-    if compiled and any(fused := [compiled_sum.applies(c) for c in columns]):
+    the same sum within float32 rounding). ``compiled``: columns of fp16, bf16 or int8 tensors are summed by
+    :func:`fedlora.compiled.wsum` (``server.compile``; the same sum within float32 rounding)."""
+    if compiled and any(fused := [inductor.applies(c) for c in columns]):
         rest = iter(_wsums([c for c, f in zip(columns, fused) if not f], p))
-        return [compiled_sum.wsum(c, p) if f else next(rest) for c, f in zip(columns, fused)]
+        return [inductor.wsum(c, p) if f else next(rest) for c, f in zip(columns, fused)]
     sums, group, size = [], [], 0
     for col in columns:
         out_bytes = col[0].numel() * 4
@@ -208,7 +209,7 @@ def fedit(states: Sequence[AdapterState], weights: Sequence[float], compiled: bo
 
     A_bar = sum_k p_k A_k, B_bar = sum_k p_k B_k, extra averaged; served product s B_bar A_bar, which differs
     from dW* by the cross terms sum_{k != l} p_k p_l B_k A_l. Needs equal ranks and scales (ValueError otherwise).
-    ``compiled``: 16-bit replies as sent are summed by :mod:`fedlora.compiled_sum` (``server.compiled_sum``).
+    ``compiled``: 16-bit and int8 replies as sent are summed by :mod:`fedlora.compiled` (``server.compile``).
     """
     p = _check(states, weights)
     _equal_rank_and_scale(states, "FedIT")

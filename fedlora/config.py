@@ -402,9 +402,9 @@ def _check_server(cfg) -> None:
         _require(_is_number(v) and 0 <= v < 1, f"server.{key}={v} must be a number in [0, 1) ({what}, e.g. "
                                                f"server.{key}={0.99 if key == 'beta2' else 0.9}).")
     _number_in(cfg, "server.tau", 0, lo_open=True, hint=" (the adaptivity in step = lr·m/(sqrt(v) + tau), e.g. 1e-3)")
-    _require(isinstance(srv.get("compiled_sum", False), bool),
-             f"server.compiled_sum={srv.get('compiled_sum')} must be true or false (true: fedit and ffa_lora sum "
-             "16-bit replies with a compiled loop).")
+    _require(isinstance(srv.get("compile", False), bool),
+             f"server.compile={srv.get('compile')} must be true or false (true: fedit and ffa_lora sum "
+             "16-bit and int8 replies with a compiled loop and quantise an int8 downlink in one compiled pass).")
     if srv.get("eps") is not None or opt == "fedexp":  # configs written before fedexp have no server.eps
         _number_in(cfg, "server.eps", 0, lo_open=True,
                    hint=" (fedexp's step max(1, spread / (2(|mean|^2 + eps))), e.g. 1e-3)")

@@ -70,21 +70,22 @@ def check(cfg) -> None:
 
     config.validate(cfg)
     strategies.get(cfg.strategy.name).check_config(cfg)
-    check_compiled_sum(cfg)
+    check_compile(cfg)
     _check_against_machine_data_model(cfg)
 
 
-def check_compiled_sum(cfg) -> None:
-    """``server.compiled_sum=true`` needs a C++ compiler (torch.compile on the CPU) and a strategy that sums."""
-    if not (cfg.get("server") or {}).get("compiled_sum", False):
+def check_compile(cfg) -> None:
+    """``server.compile=true`` needs a C++ compiler (torch.compile on the CPU) and a strategy that sums replies as
+    sent (what it compiles: their sum and the int8 quantiser of their downlink)."""
+    if not (cfg.get("server") or {}).get("compile", False):
         return
-    from fedlora import compiled_sum, strategies
+    from fedlora import compiled, strategies
 
     if not strategies.get(cfg.strategy.name).sums_replies:
         able = [n for n, s in strategies.STRATEGIES.items() if s.sums_replies]
-        raise config.ConfigError(f"server.compiled_sum=true applies to the strategies that sum replies as sent "
+        raise config.ConfigError(f"server.compile=true applies to the strategies that sum replies as sent "
                                  f"({' and '.join(able)}), not to strategy={cfg.strategy.name}: set it to false.")
-    if (why := compiled_sum.missing_compiler()) is not None:
+    if (why := compiled.missing_compiler()) is not None:
         raise config.ConfigError(why)
 
 

@@ -94,6 +94,15 @@ def train_metrics(accepted: list[Update]) -> dict:
 DIAGNOSTICS_NOTE_MACS = 1e11
 
 
+def _digest(arrs: dict[str, np.ndarray]) -> bytes:
+    """A hash of a payload's keys, dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(arrs):
+        h.update(k.encode() + b"\0" + str(arrs[k].dtype).encode() + str(arrs[k].shape).encode())
+        h.update(np.ascontiguousarray(arrs[k]).data)
+    return h.digest()
+
+
 class LoraStrategy(FedAvg):
     """Base class: FedIT-style plumbing. Subclasses override the hooks marked *hook*."""
 
@@ -147,7 +156,7 @@ class LoraStrategy(FedAvg):
         self.scaffold = scaffold.ServerControl(cfg)  # train.scaffold: the control variate c (off: as before)
         self.codec_up, self.codec_down = codecs.of_config(cfg, "up"), codecs.of_config(cfg, "down")  # comm.*
         self.diagnostics = bool(cfg.get("diagnostics", True))  # the round's cross_term_error (see cross_term)
-        self.compiled_sum = bool((cfg.get("server") or {}).get("compiled_sum", False))  # fedit, ffa_lora
+        self.compiled = bool((cfg.get("server") or {}).get("compile", False))  # fedit, ffa_lora
         self.down_errors: dict[str, float] = {}  # lossy comm.down: this round's largest error per payload tensor
         # what every node needs of the run config (fedlora.config.for_clients: no server paths): sent once, in
         # the handshake, then named by its digest
@@ -343,21 +352,28 @@ class LoraStrategy(FedAvg):
     def encode_payload(self, arrs: dict[str, np.ndarray], encoded: dict) -> dict[str, np.ndarray]:
         """A payload as ``comm.down`` sends it. A lossy codec's relative error per tensor goes to ``down_errors`` (the
         largest over this round's payloads: the metrics line and the audit). ``encoded``: the round's payloads encoded
-        so far, by content, so a payload sent to many nodes (FedIT's global adapter) is encoded and checked once."""
+        so far, so a payload sent to many nodes (FedIT's global adapter) is encoded and checked once: found by the
+        memory its arrays view (the state's tensors; the arrays are kept for the round, so that memory cannot be
+        reused by another payload), else by content (a hash of every payload, taken only once two are held)."""
         if not self.codec_down.lossy:
             return arrs
-        h = hashlib.blake2b(digest_size=16)
-        for k in sorted(arrs):
-            h.update(k.encode() + b"\0" + str(arrs[k].dtype).encode() + str(arrs[k].shape).encode())
-            h.update(np.ascontiguousarray(arrs[k]).data)
-        if h.digest() not in encoded:
-            enc = codecs.encode(self.codec_down, arrs)
-            sent = codecs.decode(self.codec_down, enc)
-            for k, v in arrs.items():
-                if codecs.applies_to(k):
-                    self.down_errors[k] = max(self.down_errors.get(k, 0.0), codecs.relative_error({k: v}, sent))
-            encoded[h.digest()] = enc
-        return encoded[h.digest()]
+        where = tuple((k, a.ctypes.data, a.shape, a.strides, a.dtype.str) for k, a in sorted(arrs.items()))
+        if where not in encoded:
+            if encoded:
+                for entry in encoded.values():
+                    entry[2] = entry[2] or _digest(entry[0])
+                digest = _digest(arrs)
+                same = next((e for e in encoded.values() if e[2] == digest), None)
+            else:
+                digest, same = None, None
+            if same is None:
+                enc = codecs.encode(self.codec_down, arrs, compiled=self.compiled)
+                sent = codecs.decode(self.codec_down, enc)
+                for k, v in arrs.items():
+                    if codecs.applies_to(k):
+                        self.down_errors[k] = max(self.down_errors.get(k, 0.0), codecs.relative_error({k: v}, sent))
+            encoded[where] = [arrs, enc if same is None else same[1], digest]
+        return encoded[where][1]
 
     def configure_round(self, server_round: int, grid) -> RoundPlan:
         """The round's messages, through the privacy component (client-level DP: Flower's wrapper, which raises

@@ -17,7 +17,7 @@ class FedIT(LoraStrategy):
     sums_replies = True  # a comm.up=fp16|bf16 reply is averaged as sent (algebra._wsum widens in float32)
 
     def aggregate(self, server_round, states, weights, updates):
-        new = algebra.fedit(states, weights, compiled=self.compiled_sum)
+        new = algebra.fedit(states, weights, compiled=self.compiled)
         delta = algebra.effective_update(new, self.state)
         self.state = new
         self.round_diag = self.cross_term(new, states, weights)

@@ -70,7 +70,7 @@ class FFALoRA(LoraStrategy):
         return from_arrays(full, node.scale)
 
     def aggregate(self, server_round, states, weights, updates):
-        new = algebra.ffa_average(states, weights, compiled=self.compiled_sum)
+        new = algebra.ffa_average(states, weights, compiled=self.compiled)
         delta = algebra.effective_update(new, self.state)
         self.state = new
         # A is shared and frozen, so s·B̄·A = ΔW*: this is float rounding only (an invariant the tests check)

@@ -408,3 +408,34 @@ def test_scales_and_shapes_travel_as_two_message_level_arrays_so_headers_do_not_
         assert fp32 / record_bytes(to_record(enc)) >= goal, name
         assert all(np.array_equal(codecs.decode(Codec(name), enc)[k], codecs.decode(Codec(name), codecs.encode(
             Codec(name), {k: v}))[k]) for k, v in list(reply.items())[:3])  # a tensor's code does not depend on others
+
+
+def test_a_payload_is_encoded_once_a_round_whether_found_by_its_memory_or_by_its_content(monkeypatch):
+    """base.encode_payload: FedIT's payload for every node views the state's tensors, so nodes after the first find
+    it by memory (no hash); a copy of it (other memory, same content) finds it by hash; a payload of other content
+    is encoded anew. The error each payload records is the codec's (int8: at most absmax / 254 a value)."""
+    s = make_strategy("fedit", [4, 4, 4, 4], ["comm.down=int8"])
+    calls, encode = [], codecs.encode
+    monkeypatch.setattr(codecs, "encode", lambda c, a, **kw: calls.append(1) or encode(c, a, **kw))
+    encoded = {}
+    first = [s.encode_payload(s.payload(node, 1)[0], encoded) for node in s.nodes.values()]
+    assert len(calls) == 1 and all(e is first[0] for e in first)
+    arrs = s.payload(next(iter(s.nodes.values())), 1)[0]
+    copy_ = {k: v.copy() for k, v in arrs.items()}
+    assert s.encode_payload(copy_, encoded) is first[0] and len(calls) == 1
+    other = {k: v * 2 for k, v in arrs.items()}
+    enc = s.encode_payload(other, encoded)
+    assert len(calls) == 2 and not np.array_equal(enc["#absmax"], first[0]["#absmax"])
+    assert 0 < max(s.down_errors.values()) < 1 / 127
+
+
+def test_relative_error_is_the_float64_one_to_float32_precision():
+    rng = np.random.default_rng(3)
+    true = {"a": rng.standard_normal((64, 16)).astype(np.float32), "b": np.float32(3) * np.ones(5, np.float32)}
+    sent = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * 1e-3).astype(np.float32) for k, v in true.items()}
+    exact = math.sqrt(sum(np.sum((sent[k].astype(np.float64) - true[k]) ** 2) for k in true)
+                      / sum(np.sum(true[k].astype(np.float64) ** 2) for k in true))
+    assert abs(codecs.relative_error(true, sent) - exact) <= 1e-5 * exact
+    big = {"a": np.full(4, 1e30, np.float32)}  # squares overflow float32: summed in float64
+    assert codecs.relative_error(big, {"a": big["a"] * np.float32(1.5)}) == pytest.approx(0.5, rel=1e-6)
+    assert codecs.relative_error({"a": np.zeros(3, np.float32)}, {"a": np.ones(3, np.float32)}) == 0.0

@@ -1,5 +1,5 @@
-"""server.compiled_sum: FedIT's and FFA-LoRA's sum of 16-bit and int8 replies compiled by torch.compile
-(fedlora/compiled_sum.py) is the eager sum within float32 rounding, touches nothing else, and is refused before the
+"""server.compile: FedIT's and FFA-LoRA's sum of 16-bit and int8 replies compiled by torch.compile
+(fedlora/compiled.py) is the eager sum within float32 rounding, touches nothing else, and is refused before the
 run where it cannot work."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from tolerances import assert_within, f32_tol
 
-from fedlora import algebra, compiled_sum, config, preflight
+from fedlora import algebra, compiled, config, preflight
 from fedlora.adapters import AdapterState, LoraFactors
 
 
@@ -25,9 +25,9 @@ def states_of(dtype, K=7, seed=0):
 def test_the_compiled_sum_of_16bit_replies_is_the_eager_sum_within_float32_rounding(monkeypatch, dtype):
     """Groups of GROUP clients (3 here, so 7 clients make groups of 3, 3 and 1: two compiled loop lengths), any
     shape, the head too: sum_k p_k t_k of the widened values within float32 rounding (tolerances.py), in float32."""
-    monkeypatch.setattr(compiled_sum, "GROUP", 3)
-    calls, wsum = [], compiled_sum.wsum
-    monkeypatch.setattr(compiled_sum, "wsum", lambda col, p: calls.append(col[0].shape) or wsum(col, p))
+    monkeypatch.setattr(compiled, "GROUP", 3)
+    calls, wsum = [], compiled.wsum
+    monkeypatch.setattr(compiled, "wsum", lambda col, p: calls.append(col[0].shape) or wsum(col, p))
     states, w = states_of(dtype), [5, 1, 3, 8, 2, 7, 4]
     p = algebra.normalize(w)
     for fn in (algebra.fedit, algebra.ffa_average) if dtype == torch.float16 else (algebra.fedit,):
@@ -56,9 +56,9 @@ def test_the_compiled_sum_of_int8_replies_is_the_eager_sum_within_float32_roundi
     from fedlora import codecs
     from fedlora.adapters import from_arrays, to_arrays
 
-    monkeypatch.setattr(compiled_sum, "GROUP", 3)
-    calls, wsum = [], compiled_sum.wsum
-    monkeypatch.setattr(compiled_sum, "wsum", lambda col, p: calls.append(col[0].shape) or wsum(col, p))
+    monkeypatch.setattr(compiled, "GROUP", 3)
+    calls, wsum = [], compiled.wsum
+    monkeypatch.setattr(compiled, "wsum", lambda col, p: calls.append(col[0].shape) or wsum(col, p))
     c = codecs.Codec("int8")
     states = [from_arrays(codecs.decode(c, codecs.encode(c, to_arrays(st)), wide=False), 2.0)
               for st in states_of(torch.float32)]
@@ -76,41 +76,41 @@ def test_the_compiled_sum_of_int8_replies_is_the_eager_sum_within_float32_roundi
 
 
 def test_fp32_replies_keep_the_eager_sum_bit_for_bit(monkeypatch):
-    monkeypatch.setattr(compiled_sum, "wsum", None)  # never called
+    monkeypatch.setattr(compiled, "wsum", None)  # never called
     states = states_of(torch.float32)
     got, eager = algebra.fedit(states, [1] * 7, compiled=True), algebra.fedit(states, [1] * 7)
     assert all(torch.equal(f.A, eager.lora[n].A) and torch.equal(f.B, eager.lora[n].B) for n, f in got.lora.items())
 
 
 def test_refused_before_the_run_for_a_strategy_that_does_not_sum_or_without_a_compiler(monkeypatch):
-    cfg = config.load(["strategy=flora", "server.compiled_sum=true"])
-    with pytest.raises(config.ConfigError, match=r"server.compiled_sum=true applies to the strategies that sum "
+    cfg = config.load(["strategy=flora", "server.compile=true"])
+    with pytest.raises(config.ConfigError, match=r"server.compile=true applies to the strategies that sum "
                                                  r"replies as sent \(fedit and ffa_lora\), not to strategy=flora"):
-        preflight.check_compiled_sum(cfg)
-    monkeypatch.setattr(compiled_sum.shutil, "which", lambda name: None)
+        preflight.check_compile(cfg)
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     with pytest.raises(config.ConfigError, match="needs a C.. compiler for torch.compile on the CPU, and none of g.., "
                                                  "c.., clang.. is on PATH: install one"):
-        preflight.check_compiled_sum(config.load(["strategy=fedit", "server.compiled_sum=true"]))
-    preflight.check_compiled_sum(config.load(["strategy=fedit"]))  # off: nothing to check
-    with pytest.raises(config.ConfigError, match="server.compiled_sum=yes must be true or false"):
-        config.validate(config.load(["server.compiled_sum=yes"]))
+        preflight.check_compile(config.load(["strategy=fedit", "server.compile=true"]))
+    preflight.check_compile(config.load(["strategy=fedit"]))  # off: nothing to check
+    with pytest.raises(config.ConfigError, match="server.compile=yes must be true or false"):
+        config.validate(config.load(["server.compile=yes"]))
 
 
 @pytest.mark.parametrize("name,up", [("fedit", "fp16"), ("ffa_lora", "fp16"), ("fedit", "int8")])
-def test_a_server_with_compiled_sum_aggregates_coded_replies_as_the_eager_one(monkeypatch, name, up):
-    """Through the strategy: server.compiled_sum=true and comm.up=fp16 or int8, one round of four replies; the compiled
+def test_a_server_with_compile_aggregates_coded_replies_as_the_eager_one(monkeypatch, name, up):
+    """Through the strategy: server.compile=true and comm.up=fp16 or int8, one round of four replies; the compiled
     sum ran, and the served adapter is the eager server's within float32 rounding of a four-term sum (of values < 1)."""
     import numpy as np
     from test_fuzz import make_strategy, message, snapshot, valid_reply
 
     from fedlora import codecs
 
-    calls, wsum = [], compiled_sum.wsum
-    monkeypatch.setattr(compiled_sum, "wsum", lambda col, p: calls.append(1) or wsum(col, p))
+    calls, wsum = [], compiled.wsum
+    monkeypatch.setattr(compiled, "wsum", lambda col, p: calls.append(1) or wsum(col, p))
     rng = np.random.default_rng(5)
     ranks = [4, 4, 4, 4]
-    on, off = (make_strategy(name, ranks, [f"comm.up={up}", *o]) for o in (["server.compiled_sum=true"], []))
-    assert on.compiled_sum and not off.compiled_sum
+    on, off = (make_strategy(name, ranks, [f"comm.up={up}", *o]) for o in (["server.compile=true"], []))
+    assert on.compiled and not off.compiled
     replies = [message(n, codecs.encode(on.codec_up, valid_reply(on, n, rng)[0]), valid_reply(on, n, rng)[1])
                for n in sorted(on.nodes.values(), key=lambda n: n.partition_id)]
     a, b = on.aggregate_round(1, replies), off.aggregate_round(1, replies)
@@ -119,7 +119,7 @@ def test_a_server_with_compiled_sum_aggregates_coded_replies_as_the_eager_one(mo
         assert_within(x, snapshot(off)[k], f32_tol(4, 1.0), k)
 
 
-def test_a_two_round_run_with_compiled_sum_ends_where_the_eager_run_ends(tmp_path):
+def test_a_two_round_run_with_compile_ends_where_the_eager_run_ends(tmp_path):
     """The ServerApp's loop (in-process grid, tiny_llama, 3 clients, bf16 uplink, diagnostics off too): both runs
     aggregate every client in both rounds, and the served adapters agree within float32 rounding carried through
     one more local step (1e-4 relative here; the same start gives the same training)."""
@@ -127,7 +127,7 @@ def test_a_two_round_run_with_compiled_sum_ends_where_the_eager_run_ends(tmp_pat
     from test_codecs import _run
 
     finals = []
-    for label, extra in (("eager", []), ("compiled", ["server.compiled_sum=true", "diagnostics=false"])):
+    for label, extra in (("eager", []), ("compiled", ["server.compile=true", "diagnostics=false"])):
         d, rows = _run(tmp_path, label, ["comm.up=bf16", *extra])
         assert [r["num_clients"] for r in rows[1:]] == [3, 3] and not any(r.get("rejected") for r in rows[1:])
         assert ("cross_term_error" in rows[-1]) == (label == "eager")
@@ -135,3 +135,33 @@ def test_a_two_round_run_with_compiled_sum_ends_where_the_eager_run_ends(tmp_pat
     assert finals[0].keys() == finals[1].keys()
     for k, a in finals[0].items():
         assert float((a - finals[1][k]).abs().max()) <= 1e-4 * max(float(a.abs().max()), 1e-6), k
+
+
+def test_the_compiled_int8_quantiser_is_bitsandbytes_bit_for_bit():
+    """fedlora.compiled.int8_quantise against bitsandbytes' int8_vectorwise_quant (the codec's quantiser): the same
+    codes and scales on blocks over 60 orders of magnitude, exact ties, an all-zero block (codes 0 where
+    bitsandbytes divides 0 by 0) and a padded last block; codecs.encode with compiled=True sends the same arrays."""
+    import bitsandbytes.functional as F
+    import numpy as np
+
+    from fedlora import codecs
+
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randn(20000, 64, generator=g) * torch.exp(torch.randn(20000, 1, generator=g) * 8)
+    rows[3] = 0
+    rows[5] = torch.tensor([127.0, 0.5, -0.5, 1.5, -2.5, 63.5] + [0.25] * 58)  # x * 127 / 127: ties at .5
+    q, absmax = compiled.int8_quantise(rows)
+    qb, ab, _ = F.int8_vectorwise_quant(rows)
+    qb[ab == 0] = 0
+    assert torch.equal(absmax, ab) and torch.equal(q, qb) and not q[3].any()
+    arrays = {"m.lora_A": np.asarray(torch.randn(4, 24, generator=g)), "m.lora_B": np.zeros((40, 4), np.float32),
+              "extra.head.weight": np.asarray(torch.randn(2, 17, generator=g))}  # 96, 160 and 34 values: padded
+    c = codecs.Codec("int8")
+    a, b = codecs.encode(c, arrays, compiled=True), codecs.encode(c, arrays)
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+    from test_fuzz import make_strategy  # through the strategy's downlink: the same payload, the same errors
+
+    on, off = (make_strategy("fedit", [4] * 4, ["comm.down=int8", *o]) for o in (["server.compile=true"], []))
+    node = next(iter(on.nodes.values()))
+    a, b = on.encode_payload(on.payload(node, 1)[0], {}), off.encode_payload(off.payload(node, 1)[0], {})
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) and on.down_errors == off.down_errors
