@@ -133,7 +133,7 @@ def downlink(codec: codecs.Codec, arrays: dict, nodes: int, compiled: bool = Fal
 
     from strategies.base import LoraStrategy
 
-    server, encoded = SimpleNamespace(codec_down=codec, down_errors={}, compiled=compiled), {}
+    server, encoded = SimpleNamespace(codec_down=codec, down_errors={}, compiled=compiled), codecs.Payloads()
     for _ in range(nodes):
         LoraStrategy.encode_payload(server, arrays, encoded)
 

@@ -96,6 +96,8 @@ DIAGNOSTICS_NOTE_MACS = 1e11
 class LoraStrategy(FedAvg):
     """Base class: FedIT-style plumbing. Subclasses override the hooks marked *hook*."""
 
+    _round_arrays: dict | None = None  # :meth:`state_arrays` while :meth:`build_messages` runs
+
     name = "base"
     #: which parts of the adapter clients send back
     client_sends: tuple[str, ...] = (LORA_A, LORA_B, "extra")
@@ -219,7 +221,15 @@ class LoraStrategy(FedAvg):
 
     def payload(self, node: NodeInfo, server_round: int) -> tuple[dict[str, np.ndarray], dict]:
         """*hook* What node starts from: (arrays, extra ``fl.*`` config). Default: the global adapter."""
-        return to_arrays(self.state), {}
+        return self.state_arrays(), {}
+
+    def state_arrays(self, parts: tuple[str, ...] = (LORA_A, LORA_B, "extra")) -> dict[str, np.ndarray]:
+        """``to_arrays(self.state, parts)``: while :meth:`build_messages` runs (the state does not change), one dict
+        for every node, which :meth:`encode_payload` finds again by identity."""
+        memo = self._round_arrays  # (a dict while build_messages runs, else None)
+        if memo is not None and parts not in memo:
+            memo[parts] = to_arrays(self.state, parts)
+        return to_arrays(self.state, parts) if memo is None else memo[parts]
 
     def expected(self, node: NodeInfo) -> dict[str, tuple[int, ...]]:
         """*hook* Keys and shapes node must send back."""
@@ -328,7 +338,7 @@ class LoraStrategy(FedAvg):
         """One TRAIN message per sampled node, with its payload and instructions."""
         self.start_round(server_round)
         messages, sampled, down = [], [], 0
-        self.down_errors, encoded, records = {}, {}, {}
+        self.down_errors, encoded, records, self._round_arrays = {}, codecs.Payloads(), {}, {}
         for nid in self.sample():
             node = self.nodes[nid]
             arrs, extra = self.payload(node, server_round)
@@ -340,34 +350,22 @@ class LoraStrategy(FedAvg):
             sampled.append(node.partition_id)
             content = RecordDict({"arrays": record, "config": self.node_config(node, server_round, extra)})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid))
+        self._round_arrays = None
         return RoundPlan(messages, sampled, down)
 
-    def encode_payload(self, arrs: dict[str, np.ndarray], encoded: dict) -> dict[str, np.ndarray]:
-        """A payload as ``comm.down`` sends it. A lossy codec's relative error per tensor goes to ``down_errors`` (the
-        largest over this round's payloads: the metrics line and the audit). ``encoded``: the round's payloads encoded
-        so far, so a payload sent to many nodes (FedIT's global adapter) is encoded and checked once, and the same
-        object is returned for each (:meth:`build_messages` serialises it once): found by the memory its arrays view
-        (the state's tensors; the arrays are kept for the round, so that memory cannot be reused by another payload),
-        else, under a lossy codec, by content (a hash of every payload, taken only once two are held)."""
-        where = tuple((k, a.ctypes.data, a.shape, a.strides, a.dtype.str) for k, a in sorted(arrs.items()))
-        if not self.codec_down.lossy:  # (found by memory only: a hash costs more than the record it would save)
-            return encoded.setdefault(where, [arrs, arrs, None])[1]
-        if where not in encoded:
-            if encoded:
-                for entry in encoded.values():
-                    entry[2] = entry[2] or codecs.digest(entry[0])
-                digest = codecs.digest(arrs)
-                same = next((e for e in encoded.values() if e[2] == digest), None)
-            else:
-                digest, same = None, None
-            if same is None:
-                enc = codecs.encode(self.codec_down, arrs, compiled=self.compiled)
-                sent = codecs.decode(self.codec_down, enc)
-                for k, v in arrs.items():
-                    if codecs.applies_to(k):
-                        self.down_errors[k] = max(self.down_errors.get(k, 0.0), codecs.relative_error({k: v}, sent))
-            encoded[where] = [arrs, enc if same is None else same[1], digest]
-        return encoded[where][1]
+    def encode_payload(self, arrs: dict[str, np.ndarray], encoded: codecs.Payloads) -> dict[str, np.ndarray]:
+        """A payload as ``comm.down`` sends it, encoded and checked once a round (``encoded``: the round's
+        :class:`fedlora.codecs.Payloads`, which returns the same object for every node that gets the same payload, so
+        :meth:`build_messages` serialises it once). A lossy codec's relative error per tensor goes to ``down_errors``
+        (the largest over this round's payloads: the metrics line and the audit)."""
+        def encode():
+            enc = codecs.encode(self.codec_down, arrs, compiled=self.compiled)
+            sent = codecs.decode(self.codec_down, enc)
+            for k, v in arrs.items():
+                if codecs.applies_to(k):
+                    self.down_errors[k] = max(self.down_errors.get(k, 0.0), codecs.relative_error({k: v}, sent))
+            return enc
+        return encoded.get(arrs, encode if self.codec_down.lossy else None)
 
     def configure_round(self, server_round: int, grid) -> RoundPlan:
         """The round's messages, through the privacy component (client-level DP: Flower's wrapper, which raises

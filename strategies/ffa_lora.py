@@ -14,7 +14,7 @@ import torch
 
 from fedlora import algebra
 from fedlora.adapters import (A_INITS, DEFAULT_A_INIT, LORA_B, AdapterState, LoraFactors, a_fingerprint, from_arrays,
-                              seeded_A, to_arrays)
+                              seeded_A)
 
 from .base import LoraStrategy
 
@@ -55,8 +55,8 @@ class FFALoRA(LoraStrategy):
         self.a_fingerprint = a_fingerprint(self.state)
 
     def payload(self, node, server_round):
-        return to_arrays(self.state, parts=(LORA_B, "extra")), {"fl.a_seed": self.a_seed, "fl.a_init": self.a_init,
-                                                               "fl.freeze_a": True}
+        return self.state_arrays((LORA_B, "extra")), {"fl.a_seed": self.a_seed, "fl.a_init": self.a_init,
+                                                       "fl.freeze_a": True}
 
     def check_replies(self, replies):
         checked = super().check_replies(replies)

@@ -411,15 +411,19 @@ def test_scales_and_shapes_travel_as_two_message_level_arrays_so_headers_do_not_
 
 
 def test_a_payload_is_encoded_once_a_round_whether_found_by_its_memory_or_by_its_content(monkeypatch):
-    """base.encode_payload: FedIT's payload for every node views the state's tensors, so nodes after the first find
-    it by memory (no hash); a copy of it (other memory, same content) finds it by hash; a payload of other content
-    is encoded anew. The error each payload records is the codec's (int8: at most absmax / 254 a value)."""
+    """base.encode_payload through codecs.Payloads: outside build_messages FedIT's payload is a new dict for every
+    node, whose arrays view the state's tensors, so nodes after the first find it by memory (no hash; the same dict
+    again is found by identity); a copy of it (other memory, same content) finds it by hash; a payload of other
+    content is encoded anew. The error each payload records is the codec's (int8: at most absmax / 254 a value)."""
     s = make_strategy("fedit", [4, 4, 4, 4], ["comm.down=int8"])
-    calls, encode = [], codecs.encode
+    calls, encode, digests = [], codecs.encode, []
     monkeypatch.setattr(codecs, "encode", lambda c, a, **kw: calls.append(1) or encode(c, a, **kw))
-    encoded = {}
-    first = [s.encode_payload(s.payload(node, 1)[0], encoded) for node in s.nodes.values()]
-    assert len(calls) == 1 and all(e is first[0] for e in first)
+    monkeypatch.setattr(codecs, "digest", lambda a, d=codecs.digest: digests.append(1) or d(a))
+    encoded = codecs.Payloads()
+    payloads = [s.payload(node, 1)[0] for node in s.nodes.values()]
+    assert len({id(p) for p in payloads}) == 4
+    first = [s.encode_payload(p, encoded) for p in payloads + payloads[:1]]
+    assert len(calls) == 1 and all(e is first[0] for e in first) and not digests
     arrs = s.payload(next(iter(s.nodes.values())), 1)[0]
     copy_ = {k: v.copy() for k, v in arrs.items()}
     assert s.encode_payload(copy_, encoded) is first[0] and len(calls) == 1

@@ -163,5 +163,5 @@ def test_the_compiled_int8_quantiser_is_bitsandbytes_bit_for_bit():
 
     on, off = (make_strategy("fedit", [4] * 4, ["comm.down=int8", *o]) for o in (["server.compile=true"], []))
     node = next(iter(on.nodes.values()))
-    a, b = on.encode_payload(on.payload(node, 1)[0], {}), off.encode_payload(off.payload(node, 1)[0], {})
+    a, b = (s.encode_payload(s.payload(node, 1)[0], codecs.Payloads()) for s in (on, off))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) and on.down_errors == off.down_errors
