@@ -339,18 +339,20 @@ class LoraStrategy(FedAvg):
         self.start_round(server_round)
         messages, sampled, down = [], [], 0
         self.down_errors, encoded, records, self._round_arrays = {}, codecs.Payloads(), {}, {}
-        for nid in self.sample():
-            node = self.nodes[nid]
-            arrs, extra = self.payload(node, server_round)
-            enc = self.encode_payload(arrs, encoded)  # (the same object for nodes that get the same payload)
-            if id(enc) not in records:  # one ArrayRecord a payload: serialising 33.6 MB takes 25 ms
-                records[id(enc)] = to_record(enc)
-            record = records[id(enc)]
-            down += record_bytes(record)
-            sampled.append(node.partition_id)
-            content = RecordDict({"arrays": record, "config": self.node_config(node, server_round, extra)})
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid))
-        self._round_arrays = None
+        try:
+            for nid in self.sample():
+                node = self.nodes[nid]
+                arrs, extra = self.payload(node, server_round)
+                enc = self.encode_payload(arrs, encoded)  # (the same object for nodes that get the same payload)
+                if id(enc) not in records:  # one ArrayRecord a payload: serialising 33.6 MB takes 25 ms
+                    records[id(enc)] = to_record(enc)
+                down += record_bytes(records[id(enc)])
+                sampled.append(node.partition_id)
+                config = self.node_config(node, server_round, extra)
+                content = RecordDict({"arrays": records[id(enc)], "config": config})
+                messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid))
+        finally:  # (state_arrays holds the state's arrays only while the messages are built)
+            self._round_arrays = None
         return RoundPlan(messages, sampled, down)
 
     def encode_payload(self, arrs: dict[str, np.ndarray], encoded: codecs.Payloads) -> dict[str, np.ndarray]:

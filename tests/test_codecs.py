@@ -467,3 +467,24 @@ def test_nodes_that_get_the_same_payload_share_one_serialised_record(down):
         value = codecs.decode(h.codec_down, {k: a.numpy() for k, a in arrays.items()})["extra.head.weight"]
         assert np.all(value == h.nodes[m.metadata.dst_node_id].rank)  # each node its own payload
     assert len({i for ids in got.values() for i in ids}) == (4 if down == "fp32" else 3)
+
+
+def test_the_state_arrays_are_shared_only_while_the_messages_are_built(monkeypatch):
+    """state_arrays gives every node one dict while build_messages runs, and a fresh one outside it, also after a
+    payload hook raised mid-way (a later change to the state is never served stale)."""
+    s = make_strategy("fedit", [4, 4, 4, 4])
+    node = next(iter(s.nodes.values()))
+    assert s.payload(node, 1)[0] is not s.payload(node, 1)[0]
+    payload, seen = s.payload, []
+    monkeypatch.setattr(s, "payload", lambda n, r: seen.append(payload(n, r)[0]) or payload(n, r))
+    s.build_messages(1)
+    assert len(seen) == 4 and all(p is seen[0] for p in seen)
+    monkeypatch.setattr(s, "payload", lambda n, r: payload(n, r) and 1 / 0)  # (after taking the arrays)
+    with pytest.raises(ZeroDivisionError):
+        s.build_messages(2)
+    monkeypatch.setattr(s, "payload", payload)
+    s.state = copy.deepcopy(s.state)  # a new state (as an aggregation makes): served, not the old one's arrays
+    s.state.extra["head.weight"] += 1
+    assert np.array_equal(s.payload(node, 3)[0]["extra.head.weight"], s.state.extra["head.weight"].numpy())
+    assert s.build_messages(3).messages[0].content["arrays"]["extra.head.weight"].numpy().tolist() == \
+        s.state.extra["head.weight"].tolist()
