@@ -89,6 +89,21 @@ def check_compile(cfg) -> None:
         raise config.ConfigError(why)
 
 
+def compile_note(cfg) -> str | None:
+    """A sentence for the run's log when ``server.compile=true`` has nothing to compile (it compiles the sum of
+    fp16, bf16 and int8 replies and an int8 downlink's quantiser), else None."""
+    if not (cfg.get("server") or {}).get("compile", False):
+        return None
+    from . import codecs
+
+    up, down = codecs.of_config(cfg, "up").name, codecs.of_config(cfg, "down").name
+    if up in codecs.AS_SENT or down == "int8":
+        return None
+    return (f"server.compile=true compiles nothing with comm.up={up} and comm.down={down}: it compiles the sum of "
+            f"fp16, bf16 and int8 replies and an int8 downlink's quantiser; set comm.up=bf16 (or fp16, int8) or "
+            f"server.compile=false.")
+
+
 def num_classes(cfg) -> int | None:
     """Classes the model can tell apart: ``model.num_labels`` (seq-cls head), the number of ``data.label_words``
     (a causal LM scores one word per class; 0 when there are none); None for instruction data."""

@@ -178,12 +178,12 @@ def config_warnings(cfg) -> list[str]:
     run's log (Flower's, ``flwr log`` in deployment) and its summary, whatever the process's warning filters."""
     import warnings
 
-    from fedlora import privacy
+    from fedlora import preflight, privacy
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         privacy.validate_config(cfg)
-    notes = [str(w.message) for w in caught]
+    notes = [str(w.message) for w in caught] + [n for n in (preflight.compile_note(cfg),) if n]
     for note in notes:
         log(WARNING, "%s", note)
     return notes

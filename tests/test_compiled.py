@@ -165,3 +165,19 @@ def test_the_compiled_int8_quantiser_is_bitsandbytes_bit_for_bit():
     node = next(iter(on.nodes.values()))
     a, b = (s.encode_payload(s.payload(node, 1)[0], codecs.Payloads()) for s in (on, off))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) and on.down_errors == off.down_errors
+
+
+def test_a_run_says_when_server_compile_has_nothing_to_compile():
+    """server.compile=true with an fp32 (or nf4, top-k) uplink and no int8 downlink: one sentence in the run's log
+    and summary warnings, naming the codecs and the fix; none when a codec it compiles is set, or when it is off."""
+    from fedlora.strategies.server_app import config_warnings
+
+    note = preflight.compile_note(config.load(["strategy=fedit", "server.compile=true"]))
+    assert note == ("server.compile=true compiles nothing with comm.up=fp32 and comm.down=fp32: it compiles the sum "
+                    "of fp16, bf16 and int8 replies and an int8 downlink's quantiser; set comm.up=bf16 (or fp16, "
+                    "int8) or server.compile=false.")
+    assert note in config_warnings(config.load(["strategy=fedit", "server.compile=true"]))
+    assert "comm.up=nf4" in preflight.compile_note(config.load(["server.compile=true", "comm.up=nf4"]))
+    for on in (["comm.up=bf16"], ["comm.up=int8"], ["comm.down=int8"]):
+        assert preflight.compile_note(config.load(["strategy=ffa_lora", "server.compile=true", *on])) is None
+    assert preflight.compile_note(config.load(["strategy=fedit"])) is None
