@@ -324,10 +324,10 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
                 a = _want(enc, k, sent, "values", codec)  # (raises unless merely an equal dtype object)
             a = a if a.flags.writeable else a.copy()
             if codec.name == "int8":
-                first = scales.check(k, a.size, codec)
+                lo = scales.check(k, a.size, codec)  # (where its block scales start)
                 rows = (torch.from_numpy(a.reshape(-1, bs)) if a.size % bs == 0  # (a view)
                         else _rows(torch.from_numpy(a).view(-1), bs))
-                x = Int8Blocks(rows, scales.col, first, a.shape)
+                x = Int8Blocks(rows, scales.col, lo, a.shape)
             else:  # through torch: numpy's float16 -> float32 is slow, and it has no bfloat16
                 x = torch.from_numpy(a) if codec.name == "fp16" else torch.from_numpy(a).view(torch.bfloat16)
             if not wide:

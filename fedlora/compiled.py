@@ -100,6 +100,11 @@ def wsum(column: Sequence, p: Sequence[float]) -> torch.Tensor:
     return out
 
 
+def enabled(cfg) -> bool:
+    """Whether a run config sets ``server.compile=true``."""
+    return bool((cfg.get("server") or {}).get("compile", False))
+
+
 def missing_compiler() -> str | None:
     """A sentence for a server without a C++ compiler for inductor (the replies are summed on the CPU), else None."""
     if any(shutil.which(c) for c in COMPILERS):

@@ -17,6 +17,8 @@ __all__ = ["cross_term_error", "product_cosine", "lora_fair_report", "truncation
 
 #: modules with more elements (m n) than this are measured from Gram matrices of stacked factors, not densely
 DENSE_LIMIT = 16_000_000
+#: multiply-adds a second of :func:`cross_term_error`, measured on 2 cores in float64 (``bench/diagnostics_cost.py``)
+MACS_PER_SECOND = 4.4e10
 
 
 def cross_term_cost(shapes: dict[str, tuple[int, int]], ranks: Sequence[int], served_rank: int,
@@ -24,8 +26,7 @@ def cross_term_cost(shapes: dict[str, tuple[int, int]], ranks: Sequence[int], se
     """Multiply-adds of one :func:`cross_term_error` for clients of ``ranks`` on modules of ``shapes`` (out m, in n),
     served at rank ``served_rank``: densely (m n <= ``dense_limit``) (sum r_k + r) m n for dW* and the served
     product; else (R^2 + (sum r_k)^2)(m + n), R = sum r_k + r, for the Grams of the stacked difference and of dW*
-    (every pair of clients: quadratic in their number; measured at 4.4e10 a second on 2 cores in float64,
-    ``bench/diagnostics_cost.py``)."""
+    (every pair of clients: quadratic in their number; :data:`MACS_PER_SECOND`)."""
     total, R = float(sum(ranks)), float(sum(ranks) + served_rank)
     return sum(R * m * n if m * n <= dense_limit else (R * R + total * total) * (m + n) for m, n in shapes.values())
 

@@ -77,10 +77,10 @@ def check(cfg) -> None:
 def check_compile(cfg) -> None:
     """``server.compile=true`` needs a C++ compiler (torch.compile on the CPU) and a strategy that sums replies as
     sent (what it compiles: their sum and the int8 quantiser of their downlink)."""
-    if not (cfg.get("server") or {}).get("compile", False):
-        return
     from fedlora import compiled, strategies
 
+    if not compiled.enabled(cfg):
+        return
     if not strategies.get(cfg.strategy.name).sums_replies:
         able = [n for n, s in strategies.STRATEGIES.items() if s.sums_replies]
         raise config.ConfigError(f"server.compile=true applies to the strategies that sum replies as sent "
@@ -92,10 +92,10 @@ def check_compile(cfg) -> None:
 def compile_note(cfg) -> str | None:
     """A sentence for the run's log when ``server.compile=true`` has nothing to compile (it compiles the sum of
     fp16, bf16 and int8 replies and an int8 downlink's quantiser), else None."""
-    if not (cfg.get("server") or {}).get("compile", False):
-        return None
-    from . import codecs
+    from . import codecs, compiled
 
+    if not compiled.enabled(cfg):
+        return None
     up, down = codecs.of_config(cfg, "up").name, codecs.of_config(cfg, "down").name
     if up in codecs.AS_SENT or down == "int8":
         return None

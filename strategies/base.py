@@ -18,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedlora import algebra, codecs, diagnostics, server_opt
+from fedlora import algebra, codecs, compiled, diagnostics, server_opt
 from fedlora.adapters import LORA_A, LORA_B, AdapterState, from_arrays, to_arrays
 from fedlora.config import ConfigError, client_ranks, config_digest, for_clients, to_yaml
 from fedlora.messages import DIGEST_KEY
@@ -148,7 +148,7 @@ class LoraStrategy(FedAvg):
         self.scaffold = scaffold.ServerControl(cfg)  # train.scaffold: the control variate c (off: as before)
         self.codec_up, self.codec_down = codecs.of_config(cfg, "up"), codecs.of_config(cfg, "down")  # comm.*
         self.diagnostics = bool(cfg.get("diagnostics", True))  # the round's cross_term_error (see cross_term)
-        self.compiled = bool((cfg.get("server") or {}).get("compile", False))  # fedit, ffa_lora
+        self.compiled = compiled.enabled(cfg)  # server.compile (fedit, ffa_lora)
         self.down_errors: dict[str, float] = {}  # lossy comm.down: this round's largest error per payload tensor
         # what every node needs of the run config (fedlora.config.for_clients: no server paths): sent once, in
         # the handshake, then named by its digest
@@ -189,8 +189,9 @@ class LoraStrategy(FedAvg):
         macs = diagnostics.cross_term_cost(self.shapes, ranks, max(ranks))
         if macs < DIAGNOSTICS_NOTE_MACS:
             return None
+        seconds = macs / diagnostics.MACS_PER_SECOND
         return (f"diagnostics=true: each round's cross_term_error reads every pair of the {clients} clients' "
-                f"factors, about {macs:.1e} multiply-adds (some {macs / 4.4e10:.0f} s on a 2-core server); set "
+                f"factors, about {macs:.1e} multiply-adds (some {seconds:.0f} s on a 2-core server); set "
                 f"diagnostics=false to skip it.")
 
     def cross_term(self, served: AdapterState, states, weights) -> dict:
@@ -227,9 +228,11 @@ class LoraStrategy(FedAvg):
         """``to_arrays(self.state, parts)``: while :meth:`build_messages` runs (the state does not change), one dict
         for every node, which :meth:`encode_payload` finds again by identity."""
         memo = self._round_arrays  # (a dict while build_messages runs, else None)
-        if memo is not None and parts not in memo:
+        if memo is None:
+            return to_arrays(self.state, parts)
+        if parts not in memo:
             memo[parts] = to_arrays(self.state, parts)
-        return to_arrays(self.state, parts) if memo is None else memo[parts]
+        return memo[parts]
 
     def expected(self, node: NodeInfo) -> dict[str, tuple[int, ...]]:
         """*hook* Keys and shapes node must send back."""
