@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlora import algebra as alg  # noqa: E402
-from fedlora import codecs  # noqa: E402
+from fedlora import codecs, payloads  # noqa: E402
 from fedlora import lowrank  # noqa: E402
 from fedlora.adapters import AdapterState, LoraFactors, from_arrays, to_arrays  # noqa: E402
 
@@ -133,7 +133,7 @@ def downlink(codec: codecs.Codec, arrays: dict, nodes: int, compiled: bool = Fal
 
     from strategies.base import LoraStrategy
 
-    server, encoded = SimpleNamespace(codec_down=codec, down_errors={}, compiled=compiled), codecs.Payloads()
+    server, encoded = SimpleNamespace(codec_down=codec, down_errors={}, compiled=compiled), payloads.Payloads()
     for _ in range(nodes):
         LoraStrategy.encode_payload(server, arrays, encoded)
 

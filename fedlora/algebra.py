@@ -85,11 +85,15 @@ def _wsums(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float], compil
     ``add_`` a tensor (``bench/aggregation.py``). A 16-bit input (an fp16/bf16 reply as sent, :func:`fedlora.codecs.
     decode` with ``wide=False``) is widened exactly as it is read, so the sum is the one over its float32 decoding;
     int8 blocks as sent are widened in cache and scaled as they are added (:meth:`fedlora.codecs.Int8Blocks.add_all`:
-    the same sum within float32 rounding). ``compiled``: columns of fp16, bf16 or int8 tensors are summed by
-    :func:`fedlora.compiled.wsum` (``server.compile``; the same sum within float32 rounding)."""
-    if compiled and any(fused := [inductor.applies(c) for c in columns]):
-        rest = iter(_wsums([c for c, f in zip(columns, fused) if not f], p))
-        return [inductor.wsum(c, p) if f else next(rest) for c, f in zip(columns, fused)]
+    the same sum within float32 rounding). ``compiled`` (``server.compile``; the same sums within float32 rounding):
+    int8 replies as whole messages where they are laid out alike (:func:`fedlora.compiled.message_sums`), and the
+    other columns of fp16, bf16 or int8 tensors a column at a time (:func:`fedlora.compiled.wsum`)."""
+    if compiled:  # int8 messages summed whole where they can be, then each fp16, bf16 or int8 column
+        done = inductor.message_sums(columns, p)
+        done.update((j, inductor.wsum(c, p)) for j, c in enumerate(columns) if j not in done and inductor.applies(c))
+        if done:
+            rest = iter(_wsums([c for j, c in enumerate(columns) if j not in done], p))
+            return [done[j] if j in done else next(rest) for j in range(len(columns))]
     sums, group, size = [], [], 0
     for col in columns:
         out_bytes = col[0].numel() * 4

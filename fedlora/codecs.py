@@ -19,7 +19,10 @@ torch's dtypes, not arithmetic written here. An encoded tensor ``k`` is the arra
 the block scales and the shapes of all the message's encoded tensors travel as two message-level arrays, ``#absmax``
 (float32) and ``#shape`` (int64: each tensor's ndim, then its sizes), in the sorted order of the tensors' keys. One
 array per scale or shape would carry a serialization header each (Flower's arrays are ``.npy`` bytes, 128-byte
-headers), which at 4 bits per value and 64 values per block cost more than the scales themselves. Everything crosses
+headers), which at 4 bits per value and 64 values per block cost more than the scales themselves. int8 sends the
+codes of all its tensors in one array too, ``#codes`` (each tensor's values in whole blocks, the last padded with
+0), with their keys, ``#keys`` (UTF-8, one a line): a server reads a message's codes as one tensor, and sums 100
+clients' messages in 10 compiled calls instead of one a tensor and group (:func:`fedlora.compiled.message_sums`). Everything crosses
 the wire, so the bytes a message is counted at include the scales, shapes and headers. :func:`decode` checks what it
 reads and raises :class:`CodecError` (one sentence naming the tensor) on a malformed payload, so a bad reply is
 refused, never a crash. :func:`encode_with_feedback` is error feedback: what the codec dropped is added to the next
@@ -28,7 +31,6 @@ encoding of the same tensor. No Flower here.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -36,8 +38,9 @@ import numpy as np
 import torch
 
 CODECS = ("fp32", "fp16", "bf16", "int8", "nf4", "topk")
-SEP = "#"  # in a companion's key: <tensor key>#idx (top-k), and the message-level #absmax and #shape
+SEP = "#"  # in a companion's key: <tensor key>#idx (top-k), and the message-level arrays #absmax, #shape, ...
 ABSMAX, SHAPES = SEP + "absmax", SEP + "shape"  # every encoded tensor's block scales / shapes, in sorted key order
+KEYS, CODES = SEP + "keys", SEP + "codes"  # int8: the tensors' keys (sorted), and all their codes in one array
 
 
 class CodecError(ValueError):
@@ -87,47 +90,72 @@ def _bnb():
     return F
 
 
-def _rows(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """A flat tensor as rows of one block each, its last block padded with zeros."""
-    pad = -flat.numel() % blocksize
-    return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, blocksize)
-
-
-def _int8_encode(x: torch.Tensor, blocksize: int, compiled: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values of ``x``'s shape, float32 absmax per block): bitsandbytes' row-wise absmax quantiser, a row per
-    block. An all-zero block has absmax 0; its values are 0 (the quantiser would divide 0 by 0). ``compiled``: its
-    arithmetic compiled in one pass (:func:`fedlora.compiled.int8_quantise`; the same bits, 5x faster)."""
+def _int8_pack(keys: list[str], arrays: dict[str, np.ndarray], blocksize: int, compiled: bool = False
+               ) -> dict[str, np.ndarray]:
+    """The int8 arrays of the tensors ``keys`` (sorted) of ``arrays``: each tensor's values as rows of one block, its
+    last block padded with zeros, all in one float32 copy that bitsandbytes' row-wise absmax quantiser takes in one
+    call (``compiled``: its arithmetic compiled in one pass, :func:`fedlora.compiled.int8_quantise`; the same bits).
+    An all-zero block has absmax 0 and codes 0 (the quantiser would divide 0 by 0)."""
+    xs = [torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)) for k in keys]
+    blocks = [-(-x.numel() // blocksize) for x in xs]
+    if not sum(blocks):
+        return {KEYS: _key_array(keys), CODES: np.zeros(0, np.int8), ABSMAX: np.zeros(0, np.float32),
+                SHAPES: _shape_array([x.shape for x in xs])}
+    rows = torch.empty(sum(blocks), blocksize)
+    flat, at = rows.view(-1), 0
+    for x, b in zip(xs, blocks):
+        flat[at:at + x.numel()] = x.view(-1)
+        flat[at + x.numel():at + b * blocksize] = 0
+        at += b * blocksize
     if compiled:
         from .compiled import int8_quantise
 
-        q, absmax = int8_quantise(_rows(x.flatten(), blocksize))
-        return q.flatten()[:x.numel()].reshape(x.shape).numpy(), absmax.numpy()
-    q, absmax, _ = _bnb().int8_vectorwise_quant(_rows(x.flatten(), blocksize))
-    if not absmax.all():  # (a boolean index costs as much as the quantiser: only where a block is zero)
-        q[absmax == 0] = 0
-    return q.flatten()[:x.numel()].reshape(x.shape).numpy(), absmax.float().numpy()
+        q, absmax = int8_quantise(rows)
+    else:
+        q, absmax, _ = _bnb().int8_vectorwise_quant(rows)
+        if not absmax.all():  # (a boolean index costs as much as the quantiser: only where a block is zero)
+            q[absmax == 0] = 0
+    return {KEYS: _key_array(keys), CODES: q.view(-1).numpy(),
+            ABSMAX: absmax.float().numpy(), SHAPES: _shape_array([x.shape for x in xs])}
+
+
+def _key_array(keys: list[str]) -> np.ndarray:
+    """The ``#keys`` array: the tensors' keys in sorted order, UTF-8, one a line."""
+    return np.frombuffer("\n".join(keys).encode(), np.uint8).copy()
+
+
+def _shape_array(shapes: list) -> np.ndarray:
+    """The ``#shape`` array: each tensor's ndim, then its sizes."""
+    return np.asarray([d for s in shapes for d in (len(s), *s)], dtype=np.int64)
 
 
 @dataclass(slots=True)  # (not frozen: a frozen dataclass's __init__ costs 1.5 us, a server builds 12,800 a round)
 class Int8Blocks:
-    """An int8 reply's tensor as sent (:func:`decode` with ``wide=False``): its codes as rows of one block (on the
-    reply's own bytes unless the last block needs padding) and where its block scales start in the message's
-    ``#absmax`` (one column tensor a message, shared). A summing server's weighted sum reads it without a float32
-    copy of the tensor (:meth:`add_all`) and its check reads its sum of squares (:meth:`sum_sq`); any other use sees
-    its float32 decoding (:meth:`float`: ``.to``, ``.double``, numpy's ``asarray`` and every torch function and
-    tensor attribute go through it), so nothing can read the codes as values. Few Python objects a tensor: a server
-    holding 100 replies of 128 tensors spent more time in the garbage collector than in decoding when each tensor
-    held four."""
+    """An int8 reply's tensor as sent (:func:`decode` with ``wide=False``): where its blocks lie in the message's codes
+    (``#codes`` as rows of one block, on the reply's own bytes) and block scales (``#absmax``, a column), both one
+    tensor a message, shared by its tensors. A summing server's weighted sum reads it without a float32 copy of the
+    tensor (:meth:`add_all`; with ``server.compile``, a message's whole codes at once where every client's message
+    lays its tensors out alike, :func:`fedlora.compiled.wsums`) and its check reads its sum of squares
+    (:meth:`sum_sq`); any other use sees its float32 decoding (:meth:`float`: ``.to``, ``.double``, numpy's
+    ``asarray`` and every torch function and tensor attribute go through it), so nothing can read the codes as values.
+    Few Python objects a tensor: a server holding 100 replies of 128 tensors spent more time in the garbage collector
+    than in decoding when each tensor held four."""
 
-    rows: torch.Tensor  # int8 [blocks, blocksize]: the codes (the last block padded with zeros)
+    codes: torch.Tensor  # int8 [all blocks, blocksize]: the message's codes, each tensor's last block padded with 0
     scales: torch.Tensor  # float32 [all blocks, 1]: the message's block scales, a column
     first: int  # this tensor's first block among them
+    blocks: int  # and how many it has
     shape: tuple[int, ...]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """This tensor's codes, rows of one block (the last padded with zeros)."""
+        return self.codes[self.first:self.first + self.blocks]
 
     @property
     def absmax(self) -> torch.Tensor:
         """This tensor's block scales, a column."""
-        return self.scales[self.first:self.first + self.rows.shape[0]]
+        return self.scales[self.first:self.first + self.blocks]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -182,16 +210,17 @@ def encode(codec: Codec, arrays: dict[str, np.ndarray], compiled: bool = False) 
     ``compiled``: int8 through the compiled quantiser (``server.compile``; the same bits)."""
     if codec.name == "fp32":
         return dict(arrays)
+    coded = sorted(k for k in arrays if applies_to(k))
+    if codec.name == "int8":
+        return {**{k: v for k, v in arrays.items() if not applies_to(k)},
+                **_int8_pack(coded, arrays, codec.blocksize, compiled)}
     out, scales, shapes = dict(arrays), [], []
-    for k in sorted(k for k in arrays if applies_to(k)):
+    for k in coded:
         x = torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32))
         if codec.name == "fp16":
             out[k] = x.half().numpy()
         elif codec.name == "bf16":
             out[k] = x.bfloat16().view(torch.int16).numpy()
-        elif codec.name == "int8":
-            out[k], absmax = _int8_encode(x, codec.blocksize, compiled)
-            scales.append(absmax)
         elif codec.name == "nf4":
             q, state = _bnb().quantize_4bit(x.flatten(), blocksize=codec.blocksize, quant_type="nf4")
             out[k] = q.flatten().numpy()
@@ -203,7 +232,7 @@ def encode(codec: Codec, arrays: dict[str, np.ndarray], compiled: bool = False) 
             idx = torch.topk(flat.abs(), kept, sorted=False).indices.sort().values
             out[k], out[k + SEP + "idx"] = flat[idx].numpy(), idx.to(torch.int32).numpy()
             shapes.append([x.dim(), *x.shape])
-    if codec.name in ("int8", "nf4"):
+    if codec.name == "nf4":
         out[ABSMAX] = np.concatenate(scales).astype(np.float32) if scales else np.zeros(0, np.float32)
     if codec.name in ("nf4", "topk"):
         out[SHAPES] = np.asarray([d for s in shapes for d in s], dtype=np.int64)
@@ -240,14 +269,43 @@ class _Stream:
                              f"in key order is this one) take {self.at}")
 
 
-def _shape(shapes: _Stream, k: str) -> tuple[int, ...]:
-    ndim = int(shapes.take(k, 1)[0])
-    if not 0 <= ndim <= 4:
-        raise CodecError(f"{k}: {ndim} dimensions in {SHAPES} (a tensor has 0 to 4)")
-    s = shapes.take(k, ndim)
-    if (s < 0).any() or (s > 2**31).any():
-        raise CodecError(f"{k}: shape {s.tolist()} is not a tensor shape")
-    return tuple(int(d) for d in s)
+def _shapes(enc: dict, codec: Codec, keys: list[str]) -> list[tuple[int, ...]]:
+    """The shape of each tensor ``keys`` names, in order, from the message's ``#shape`` (read as one list: a few
+    Python operations a tensor)."""
+    first = keys[0] if keys else "the payload"
+    v, at, out = _want(enc, SHAPES, np.int64, "shapes", codec, first).tolist(), 0, []
+    for k in keys:
+        ndim = v[at] if at < len(v) else None
+        if ndim is None or at + 1 + ndim > len(v):
+            raise CodecError(f"{k}: {SHAPES} ends after {len(v)} values, before this tensor's shape (from value {at})")
+        if not 0 <= ndim <= 4:
+            raise CodecError(f"{k}: {ndim} dimensions in {SHAPES} (a tensor has 0 to 4)")
+        s = v[at + 1:at + 1 + ndim]
+        if s and (min(s) < 0 or max(s) > 2**31):
+            raise CodecError(f"{k}: shape {s} is not a tensor shape")
+        out.append(tuple(s))
+        at += 1 + ndim
+    if at != len(v):
+        raise CodecError(f"{keys[-1] if keys else first}: {SHAPES} holds {len(v)} values where the payload's tensors "
+                         f"(the last in key order is this one) take {at}")
+    return out
+
+
+def _keys(enc: dict, codec: Codec) -> list[str]:
+    """The tensors' keys from the message's ``#keys``: UTF-8, distinct, sorted, each a tensor the codec encodes and
+    not also sent as an array of its own."""
+    a = _want(enc, KEYS, np.uint8, "tensor keys", codec, "the payload")
+    try:
+        keys = bytes(a).decode("utf-8").split("\n") if a.size else []
+    except UnicodeDecodeError:
+        raise CodecError(f"the {codec.name} payload's {KEYS} is not UTF-8 text") from None
+    bad = next((k for k in keys if SEP in k or k in enc or not applies_to(k)), None)
+    if bad is not None:
+        raise CodecError(f"{bad!r} in the {codec.name} payload's {KEYS} is not an adapter tensor it encodes (or is "
+                         f"also sent as an array of its own)")
+    if any(x >= y for x, y in zip(keys, keys[1:])):
+        raise CodecError(f"the {codec.name} payload's {KEYS} are not distinct and sorted ({keys[0]}, ...)")
+    return keys
 
 
 class _Scales(_Stream):
@@ -279,7 +337,7 @@ class _Scales(_Stream):
 WIRE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-_SENT_AS = {"fp16": np.dtype(np.float16), "bf16": np.dtype(np.int16), "int8": np.dtype(np.int8)}
+_SENT_AS = {"fp16": np.dtype(np.float16), "bf16": np.dtype(np.int16)}
 
 #: the codecs whose replies a summing server reads as sent (``decode(..., wide=False)``), not decoded to float32
 AS_SENT = (*WIRE_DTYPES, "int8")
@@ -297,15 +355,17 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
 
     ``wide=False``: fp16 and bf16 tensors come back as torch tensors of their dtype (:data:`WIRE_DTYPES`) on the
     payload's own bytes, the same values without a float32 copy, and int8 tensors as :class:`Int8Blocks` (codes and
-    scales as sent). A server whose aggregation only takes weighted sums reads them so
+    scales as sent, on the message's ``#codes``). A server whose aggregation only takes weighted sums reads them so
     (:attr:`fedlora.strategies.base.LoraStrategy.sums_replies`: each value widened once, in cache, as the float32
     sum reads it), which is what keeps a 16-bit or int8 uplink cheaper than fp32 on the server. nf4 and top-k
     decode to float32 either way."""
     if codec.name == "fp32":
         return dict(enc)
+    if codec.name == "int8":
+        return _int8_unpack(codec, enc, wide)
     coded = sorted(k for k in enc if SEP not in k and applies_to(k))
     first, last = (coded[0], coded[-1]) if coded else ("the payload", "the payload")
-    streams = {ABSMAX: codec.name in ("int8", "nf4"), SHAPES: codec.name in ("nf4", "topk")}
+    streams = {ABSMAX: codec.name == "nf4", SHAPES: codec.name in ("nf4", "topk")}
     for k in enc:
         if k in streams:
             if not streams[k]:
@@ -313,29 +373,22 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
         elif SEP in k and (k.split(SEP, 1)[0] not in enc or not k.endswith(SEP + "idx") or codec.name != "topk"):
             raise CodecError(f"{k}: a companion array without its tensor {k.split(SEP, 1)[0]} under {codec.name}")
     scales = _Scales(enc, codec, first) if streams[ABSMAX] else None
-    shapes = _Stream(enc, SHAPES, np.int64, "shapes", codec, first) if streams[SHAPES] else None
+    shapes = dict(zip(coded, _shapes(enc, codec, coded))) if streams[SHAPES] else None
     out = {k: v for k, v in enc.items() if SEP not in k}
-    sent = _SENT_AS.get(codec.name)  # (the numpy dtype an fp16/bf16/int8 tensor arrives in)
-    bs = codec.blocksize
     for k in coded:
-        if sent is not None:  # (the lean path of a summing server: a few Python calls a tensor, 100 x 128 a round)
+        if codec.name in WIRE_DTYPES:  # (the lean path of a summing server: a few Python calls a tensor)
             a = enc[k]
-            if a.dtype is not sent:
-                a = _want(enc, k, sent, "values", codec)  # (raises unless merely an equal dtype object)
+            if a.dtype is not _SENT_AS[codec.name]:
+                a = _want(enc, k, _SENT_AS[codec.name], "values", codec)  # (raises unless an equal dtype object)
             a = a if a.flags.writeable else a.copy()
-            if codec.name == "int8":
-                lo = scales.check(k, a.size, codec)  # (where its block scales start)
-                rows = (torch.from_numpy(a.reshape(-1, bs)) if a.size % bs == 0  # (a view)
-                        else _rows(torch.from_numpy(a).view(-1), bs))
-                x = Int8Blocks(rows, scales.col, lo, a.shape)
-            else:  # through torch: numpy's float16 -> float32 is slow, and it has no bfloat16
-                x = torch.from_numpy(a) if codec.name == "fp16" else torch.from_numpy(a).view(torch.bfloat16)
+            # through torch: numpy's float16 -> float32 is slow, and it has no bfloat16
+            x = torch.from_numpy(a) if codec.name == "fp16" else torch.from_numpy(a).view(torch.bfloat16)
             if not wide:
                 out[k] = x
                 continue
             x = x.float()
         elif codec.name == "nf4":
-            shape = _shape(shapes, k)
+            shape = shapes[k]
             n = math.prod(shape)
             q = torch.from_numpy(_want(enc, k, np.uint8, "values", codec).copy())
             if q.shape != ((n + 1) // 2,):
@@ -346,7 +399,7 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
                                  dtype=torch.float32)
             x = F.dequantize_4bit(q.reshape(-1, 1), state).reshape(shape) if n else torch.zeros(shape)
         else:  # topk
-            shape = _shape(shapes, k)
+            shape = shapes[k]
             n = math.prod(shape)
             vals = _want(enc, k, np.float32, "values", codec)
             idx = _want(enc, k + SEP + "idx", np.int32, "indices", codec)
@@ -358,9 +411,44 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
             x[torch.from_numpy(idx.astype(np.int64))] = torch.from_numpy(vals.copy())
             x = x.reshape(shape)
         out[k] = x.numpy()
-    for stream in (scales, shapes):
-        if stream is not None:
-            stream.done(last)
+    if scales is not None:
+        scales.done(last)
+    return out
+
+
+def _int8_unpack(codec: Codec, enc: dict[str, np.ndarray], wide: bool) -> dict[str, np.ndarray | Int8Blocks]:
+    """:func:`decode` of an int8 message: its tensors' keys (``#keys``) and shapes (``#shape``) place each tensor's
+    blocks in ``#codes`` and ``#absmax``; ``wide=False``: each tensor as :class:`Int8Blocks` on the message's codes,
+    else all the codes dequantised by bitsandbytes in one call and each tensor a view of its blocks."""
+    for k in enc:
+        if SEP in k and k not in (KEYS, CODES, ABSMAX, SHAPES):
+            raise CodecError(f"{k}: an array the int8 codec does not send")
+        if SEP not in k and applies_to(k):
+            raise CodecError(f"{k}: an adapter tensor outside {CODES} in an int8 payload")
+    keys = _keys(enc, codec)
+    shapes = _shapes(enc, codec, keys)
+    first, bs = keys[0] if keys else "the payload", codec.blocksize
+    codes = _want(enc, CODES, np.int8, "codes", codec, first)
+    scales = _Scales(enc, codec, first)
+    sizes = [math.prod(s) for s in shapes]
+    blocks = [-(-n // bs) for n in sizes]
+    if codes.size != sum(blocks) * bs:
+        raise CodecError(f"{first}: {CODES} holds {codes.size} codes where the payload's {len(keys)} tensors take "
+                         f"{sum(blocks)} blocks of {bs}")
+    rows = torch.from_numpy(codes if codes.flags.writeable else codes.copy()).view(-1, bs)
+    out, place = {k: v for k, v in enc.items() if SEP not in k}, []
+    for k, n in zip(keys, sizes):
+        lo = scales.check(k, n, codec)  # (where its blocks start)
+        if n % bs and rows[lo + blocks[len(place)] - 1, n % bs:].any():
+            raise CodecError(f"{k}: the padding of its last block in {CODES} is not 0")
+        place.append(lo)
+    scales.done(keys[-1] if keys else first)
+    if not wide:
+        out.update((k, Int8Blocks(rows, scales.col, lo, b, s)) for k, lo, b, s in zip(keys, place, blocks, shapes))
+        return out
+    decoded = _bnb().int8_vectorwise_dequant(rows, scales.t) if len(rows) else torch.zeros(0, bs)
+    out.update((k, decoded[lo:lo + b].view(-1)[:n].view(s).numpy())
+               for k, lo, b, n, s in zip(keys, place, blocks, sizes, shapes))
     return out
 
 
@@ -370,42 +458,6 @@ def _sq(x: np.ndarray) -> float:
     flat = np.ravel(x)
     got = float(np.dot(flat, flat))
     return got if math.isfinite(got) else float(np.sum(flat.astype(np.float64) ** 2))
-
-
-class Payloads:
-    """The payloads of a round's messages as they are sent, each encoded once: a payload sent to many nodes (FedIT's
-    global adapter) is found again, and :meth:`get` returns the same object for it. Found by identity (the same
-    dict), else by the memory its arrays view (the state's tensors: 0.2 ms a payload; every payload is kept for the
-    round, so that memory cannot be reused by another), else, when it is encoded, by content (a hash of each
-    payload, 38 ms for 33.5 MB, taken only once two differ: for fp32 it would cost more than it saves)."""
-
-    def __init__(self):
-        self.found: dict = {}  # id of a payload, or where its arrays are -> [payload, as sent, its hash or None]
-
-    def get(self, arrays: dict[str, np.ndarray], encode=None) -> dict[str, np.ndarray]:
-        """``arrays`` as sent: ``encode()`` the first time they are seen (None: sent as they are)."""
-        if id(arrays) in self.found:
-            return self.found[id(arrays)][1]
-        where = tuple((k, a.ctypes.data, a.shape, a.strides, a.dtype.str) for k, a in sorted(arrays.items()))
-        if where not in self.found:
-            same, h = None, None
-            if encode is not None and self.found:
-                for entry in self.found.values():
-                    entry[2] = entry[2] or digest(entry[0])
-                h = digest(arrays)
-                same = next((e for e in self.found.values() if e[2] == h), None)
-            self.found[where] = [arrays, same[1] if same else encode() if encode else arrays, h]
-        self.found[id(arrays)] = self.found[where]
-        return self.found[where][1]
-
-
-def digest(arrays: dict[str, np.ndarray]) -> bytes:
-    """A hash of a message's keys, dtypes, shapes and bytes (blake2b: 38 ms for 33.5 MB)."""
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(arrays):
-        h.update(k.encode() + b"\0" + str(arrays[k].dtype).encode() + str(arrays[k].shape).encode())
-        h.update(np.ascontiguousarray(arrays[k]).data)
-    return h.digest()
 
 
 def relative_error(true: dict[str, np.ndarray], sent: dict[str, np.ndarray]) -> float:

@@ -18,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedlora import algebra, codecs, compiled, diagnostics, server_opt
+from fedlora import algebra, codecs, compiled, diagnostics, payloads, server_opt
 from fedlora.adapters import LORA_A, LORA_B, AdapterState, from_arrays, to_arrays
 from fedlora.config import ConfigError, client_ranks, config_digest, for_clients, to_yaml
 from fedlora.messages import DIGEST_KEY
@@ -341,7 +341,7 @@ class LoraStrategy(FedAvg):
         """One TRAIN message per sampled node, with its payload and instructions."""
         self.start_round(server_round)
         messages, sampled, down = [], [], 0
-        self.down_errors, encoded, records, self._round_arrays = {}, codecs.Payloads(), {}, {}
+        self.down_errors, encoded, records, self._round_arrays = {}, payloads.Payloads(), {}, {}
         try:
             for nid in self.sample():
                 node = self.nodes[nid]
@@ -358,9 +358,9 @@ class LoraStrategy(FedAvg):
             self._round_arrays = None
         return RoundPlan(messages, sampled, down)
 
-    def encode_payload(self, arrs: dict[str, np.ndarray], encoded: codecs.Payloads) -> dict[str, np.ndarray]:
+    def encode_payload(self, arrs: dict[str, np.ndarray], encoded: payloads.Payloads) -> dict[str, np.ndarray]:
         """A payload as ``comm.down`` sends it, encoded and checked once a round (``encoded``: the round's
-        :class:`fedlora.codecs.Payloads`, which returns the same object for every node that gets the same payload, so
+        :class:`fedlora.payloads.Payloads`, which returns the same object for every node that gets the same payload, so
         :meth:`build_messages` serialises it once). A lossy codec's relative error per tensor goes to ``down_errors``
         (the largest over this round's payloads: the metrics line and the audit)."""
         def encode():

@@ -15,7 +15,7 @@ import torch
 from test_fuzz import make_strategy, message, snapshot, valid_reply
 from tolerances import assert_within, f32_tol, gamma
 
-from fedlora import codecs, config, diagnostics, validate
+from fedlora import codecs, config, diagnostics, payloads, validate
 from fedlora.adapters import to_arrays
 from fedlora.codecs import Codec, CodecError
 
@@ -105,20 +105,25 @@ def test_error_feedback_drops_a_residual_of_another_shape_and_is_off_for_fp32():
 
 def _malformed(name: str, enc: dict, rng) -> tuple[dict, str]:
     """One corruption of an encoded payload that the codec must refuse, and the kind. The block scales and shapes
-    are message-level arrays (``#absmax``, ``#shape``); top-k's indices are the tensor's own (``<key>#idx``)."""
+    are message-level arrays (``#absmax``, ``#shape``); top-k's indices are the tensor's own (``<key>#idx``); int8
+    sends every tensor's codes in one array (``#codes``) and their keys in another (``#keys``)."""
     e = {k: v.copy() for k, v in enc.items()}
-    main = sorted(k for k in e if codecs.SEP not in k)
+    main = sorted(k for k in e if codecs.SEP not in k) or [codecs.CODES]
     k = main[rng.integers(len(main))]
     comp = [x for x in e if x.startswith(k + codecs.SEP)] + [x for x in (codecs.ABSMAX, codecs.SHAPES) if x in e]
+    comp += [codecs.KEYS] if name == "int8" else []
     kinds = ["dtype", "orphan"] + (["drop_companion", "companion_dtype", "companion_2d"] if comp else [])
-    kinds += {"int8": ["absmax_len", "absmax_nan", "absmax_neg"], "nf4": ["absmax_len", "nf4_bytes", "shape"],
-              "topk": ["idx_range", "idx_dup", "idx_len", "shape"]}.get(name, [])
+    kinds += {"int8": ["absmax_len", "absmax_nan", "absmax_neg", "shape", "codes_len", "keys", "padding"],
+              "nf4": ["absmax_len", "nf4_bytes", "shape"], "topk": ["idx_range", "idx_dup", "idx_len", "shape"]
+              }.get(name, [])
     kind = kinds[rng.integers(len(kinds))]
     if kind == "dtype":
         e[k] = e[k].astype(np.float64 if e[k].dtype != np.float64 else np.float32)
-    elif kind == "orphan":  # a companion of a tensor the payload lacks, or a stream this codec does not send
-        e[rng.choice(["layers.9.v.lora_A" + codecs.SEP + "absmax", codecs.ABSMAX if name in ("fp16", "bf16", "topk")
-                      else "layers.9.v.lora_A" + codecs.SEP + "idx"])] = np.ones(3, np.float32)
+    elif kind == "orphan":  # a companion of a tensor the payload lacks, a stream this codec does not send, or
+        # (int8) an adapter tensor outside #codes
+        other = codecs.ABSMAX if name in ("fp16", "bf16", "topk") else "layers.9.v.lora_A" + (
+            "" if name == "int8" else codecs.SEP + "idx")
+        e[rng.choice(["layers.9.v.lora_A" + codecs.SEP + "absmax", other])] = np.ones(3, np.float32)
     elif kind == "drop_companion":
         e.pop(comp[rng.integers(len(comp))])
     elif kind == "companion_dtype":
@@ -141,10 +146,35 @@ def _malformed(name: str, enc: dict, rng) -> tuple[dict, str]:
         s, how = e[codecs.SHAPES], rng.integers(3)
         if how == 0:
             e[codecs.SHAPES] = -s
-        elif how == 1 and name == "nf4":
-            s[-1] += np.int64(rng.integers(1, 3))
+        elif how == 1 and name in ("nf4", "int8"):  # (int8: a block more than the codes hold)
+            s[-1] += np.int64(rng.integers(1, 3) if name == "nf4" else 64)
         else:
             e[codecs.SHAPES] = np.concatenate([s, np.ones(1, np.int64)])
+    elif kind == "codes_len":  # a block short, or one left over
+        c = e[codecs.CODES]
+        e[codecs.CODES] = c[:-64] if rng.integers(2) else np.concatenate([c, np.ones(64, np.int8)])
+    elif kind == "keys":  # not UTF-8, a key twice, out of order, not an adapter tensor, or also sent on its own
+        keys, how = bytes(e[codecs.KEYS]).decode().split("\n"), rng.integers(5)
+        if how == 0:
+            e[codecs.KEYS] = np.concatenate([e[codecs.KEYS], np.full(1, 0xFF, np.uint8)])
+        else:
+            if how == 1:
+                keys[1] = keys[0]
+            elif how == 2:
+                keys = keys[::-1]
+            elif how == 3:
+                keys[-1] = "head.weight"
+            else:
+                e[keys[0]] = np.ones(3, np.float32)
+            e[codecs.KEYS] = np.frombuffer("\n".join(keys).encode(), np.uint8).copy()
+    elif kind == "padding":  # a code in the padding of the last block of a tensor whose size is not whole blocks
+        v, at, end = e[codecs.SHAPES].tolist(), 0, 0
+        while at < len(v):
+            n = math.prod(v[at + 1:at + 1 + v[at]])
+            end, at = end + -(-n // 64) * 64, at + 1 + v[at]
+            if n % 64:
+                break
+        e[codecs.CODES][end - 1] = 1
     elif kind == "idx_range":
         e[k + "#idx"][rng.integers(len(e[k + "#idx"]))] = rng.choice([-1, 10**6])
     elif kind == "idx_dup":
@@ -162,7 +192,8 @@ def test_malformed_encoded_payloads_raise_one_sentence(name):
         bad, kind = _malformed(name, enc, rng)
         with pytest.raises(CodecError) as e:
             codecs.decode(Codec(name), bad)
-        assert str(e.value).count("\n") == 0 and ("lora" in str(e.value) or "extra" in str(e.value)), kind
+        # the message names the tensor, or (int8) the array of keys where the keys cannot be read
+        assert str(e.value).count("\n") == 0 and any(w in str(e.value) for w in ("lora", "extra", codecs.KEYS)), kind
 
 
 def test_fuzz_encoded_replies_are_refused_and_change_nothing():
@@ -227,15 +258,15 @@ def test_a_summing_server_reads_16bit_and_int8_replies_as_sent_and_aggregates_th
     bit those of the same replies decoded to float32 first, and the round's new global state is the same weighted
     sum of the same float32 values (within that sum's rounding, whichever kernel adds a widened 16-bit value: see
     tolerances.py). An int8 reply is held as its codes and block scales (:class:`codecs.Int8Blocks`, the codes on
-    the reply's bytes): its audit states are bit for bit the float32 decoding, its norm the same within float32
+    the reply's bytes, one array a message): its audit states are bit for bit the float32 decoding, its norm the same within float32
     rounding (summed from the codes), and the sum scales each code as it adds it (three more roundings a term).
     A strategy that does more than sum (FLoRA) gets float32."""
     s, wide, replies, arrays = _as_sent_and_wide(strategy, ranks, name, 11)
     enc = codecs.encode(s.codec_up, arrays)
     as_sent = codecs.decode(s.codec_up, enc, wide=False)
-    if name == "int8":  # the codes on the reply's bytes, unless a padded last block needed a copy
-        whole = codecs.encode(s.codec_up, {"m.lora_B": np.ones((64, 2), np.float32)})
-        assert codecs.decode(s.codec_up, whole, wide=False)["m.lora_B"].rows.data_ptr() == whole["m.lora_B"].ctypes.data
+    if name == "int8":  # every tensor's codes on the message's codes (#codes, as it arrived), its scales one column
+        assert {(t.codes.data_ptr(), t.scales.data_ptr()) for t in as_sent.values()} == \
+            {(enc[codecs.CODES].ctypes.data, as_sent["extra.head.weight"].scales.data_ptr())}
     else:
         assert all(t.data_ptr() == enc[k].ctypes.data for k, t in as_sent.items())  # on the payload's bytes
     narrow_checked, wide_checked = s.check_replies(replies), wide.check_replies(replies)
@@ -392,8 +423,9 @@ def test_dp_sgd_epsilon_is_untouched_by_a_lossy_uplink(tmp_path):
 
 def test_scales_and_shapes_travel_as_two_message_level_arrays_so_headers_do_not_eat_the_savings():
     """A MiniLM-shaped reply (12 modules x 2 factors of rank 8 at 384, a 2x384 head) counted as Flower serializes
-    it (``.npy`` bytes, headers included): one array per tensor plus ``#absmax``/``#shape``, so int8 sends >= 3.5x
-    fewer bytes than fp32 and nf4 >= 6x (with one scale and one shape array per tensor, nf4 was 5.8x)."""
+    it (``.npy`` bytes, headers included): one array per tensor plus ``#absmax``/``#shape`` (int8: all the codes in
+    one array, ``#codes``, with the keys, ``#keys``), so int8 sends >= 3.7x fewer bytes than fp32 (3.66x with an
+    array per tensor) and nf4 >= 6x (with one scale and one shape array per tensor, nf4 was 5.8x)."""
     from strategies.base import record_bytes, to_record
 
     rng = np.random.default_rng(4)
@@ -401,28 +433,29 @@ def test_scales_and_shapes_travel_as_two_message_level_arrays_so_headers_do_not_
              for i in range(6) for m in ("query", "value") for f in "AB"}
     reply["extra.head.weight"] = rng.standard_normal((2, 384)).astype(np.float32)
     fp32 = record_bytes(to_record(reply))
-    for name, goal, extra in (("int8", 3.5, [codecs.ABSMAX]), ("nf4", 6.0, [codecs.ABSMAX, codecs.SHAPES]),
-                              ("topk", 1.0, [codecs.SHAPES] + [k + "#idx" for k in reply])):
+    for name, goal, extra in (("int8", 3.7, [codecs.KEYS, codecs.CODES, codecs.ABSMAX, codecs.SHAPES]),
+                              ("nf4", 6.0, [*reply, codecs.ABSMAX, codecs.SHAPES]),
+                              ("topk", 1.0, [*reply, codecs.SHAPES] + [k + "#idx" for k in reply])):
         enc = codecs.encode(Codec(name), reply)
-        assert sorted(enc) == sorted([*reply, *extra]), name
+        assert sorted(enc) == sorted(extra), name
         assert fp32 / record_bytes(to_record(enc)) >= goal, name
         assert all(np.array_equal(codecs.decode(Codec(name), enc)[k], codecs.decode(Codec(name), codecs.encode(
             Codec(name), {k: v}))[k]) for k, v in list(reply.items())[:3])  # a tensor's code does not depend on others
 
 
 def test_a_payload_is_encoded_once_a_round_whether_found_by_its_memory_or_by_its_content(monkeypatch):
-    """base.encode_payload through codecs.Payloads: outside build_messages FedIT's payload is a new dict for every
+    """base.encode_payload through payloads.Payloads: outside build_messages FedIT's payload is a new dict for every
     node, whose arrays view the state's tensors, so nodes after the first find it by memory (no hash; the same dict
     again is found by identity); a copy of it (other memory, same content) finds it by hash; a payload of other
     content is encoded anew. The error each payload records is the codec's (int8: at most absmax / 254 a value)."""
     s = make_strategy("fedit", [4, 4, 4, 4], ["comm.down=int8"])
     calls, encode, digests = [], codecs.encode, []
     monkeypatch.setattr(codecs, "encode", lambda c, a, **kw: calls.append(1) or encode(c, a, **kw))
-    monkeypatch.setattr(codecs, "digest", lambda a, d=codecs.digest: digests.append(1) or d(a))
-    encoded = codecs.Payloads()
-    payloads = [s.payload(node, 1)[0] for node in s.nodes.values()]
-    assert len({id(p) for p in payloads}) == 4
-    first = [s.encode_payload(p, encoded) for p in payloads + payloads[:1]]
+    monkeypatch.setattr(payloads, "digest", lambda a, d=payloads.digest: digests.append(1) or d(a))
+    encoded = payloads.Payloads()
+    sent = [s.payload(node, 1)[0] for node in s.nodes.values()]
+    assert len({id(p) for p in sent}) == 4
+    first = [s.encode_payload(p, encoded) for p in sent + sent[:1]]
     assert len(calls) == 1 and all(e is first[0] for e in first) and not digests
     arrs = s.payload(next(iter(s.nodes.values())), 1)[0]
     copy_ = {k: v.copy() for k, v in arrs.items()}

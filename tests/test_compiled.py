@@ -4,11 +4,12 @@ run where it cannot work."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tolerances import assert_within, f32_tol
 
-from fedlora import algebra, compiled, config, preflight
+from fedlora import algebra, compiled, config, payloads, preflight
 from fedlora.adapters import AdapterState, LoraFactors
 
 
@@ -49,16 +50,22 @@ def test_the_compiled_sum_of_16bit_replies_is_the_eager_sum_within_float32_round
                                                for pk, st in zip(p, states))))
 
 
-def test_the_compiled_sum_of_int8_replies_is_the_eager_sum_within_float32_rounding(monkeypatch):
-    """int8 replies as sent (codes in blocks of 64, the last one padded: 96 and 160 values; the block scales views of
-    one message column): every column took the compiled sum, in groups of 3, 3 and 1, and it is the eager sum of the
-    decoded values within float32 rounding."""
+@pytest.mark.parametrize("whole", [True, False])
+def test_the_compiled_sum_of_int8_replies_is_the_eager_sum_within_float32_rounding(monkeypatch, whole):
+    """int8 replies as sent (codes in blocks of 64, the last one padded: 96 and 160 values; every tensor's codes and
+    block scales views of its message's #codes and #absmax), in groups of 3, 3 and 1 clients: summed as whole
+    messages where the factors make most of every message (10 of its 11 blocks; the head, 1 block, by a column), or
+    a column at a time where they do not (``WHOLE`` above 1 here). Either way the eager sum of the decoded values
+    within float32 rounding."""
     from fedlora import codecs
     from fedlora.adapters import from_arrays, to_arrays
 
     monkeypatch.setattr(compiled, "GROUP", 3)
-    calls, wsum = [], compiled.wsum
+    monkeypatch.setattr(compiled, "WHOLE", 0.75 if whole else 1.01)
+    calls, wsum, message_sums = [], compiled.wsum, compiled.message_sums
     monkeypatch.setattr(compiled, "wsum", lambda col, p: calls.append(col[0].shape) or wsum(col, p))
+    monkeypatch.setattr(compiled, "message_sums",
+                        lambda cols, p: (lambda d: calls.extend(["whole"] * len(d)) or d)(message_sums(cols, p)))
     c = codecs.Codec("int8")
     states = [from_arrays(codecs.decode(c, codecs.encode(c, to_arrays(st)), wide=False), 2.0)
               for st in states_of(torch.float32)]
@@ -66,13 +73,37 @@ def test_the_compiled_sum_of_int8_replies_is_the_eager_sum_within_float32_roundi
     w = [5, 1, 3, 8, 2, 7, 4]
     p = algebra.normalize(w)
     got, eager = algebra.fedit(states, w, compiled=True), algebra.fedit(states, w)
-    assert len(calls) == 5
+    assert calls.count("whole") == (4 if whole else 0) and len(calls) == 5  # the four factors whole, or by column
     for n, f in got.lora.items():
         for part in "AB":
             a, terms = getattr(f, part), [getattr(st.lora[n], part).double() for st in states]
             assert a.dtype == torch.float32 and a.shape == terms[0].shape
             assert_within(a, getattr(eager.lora[n], part), f32_tol(len(states), sum(pk * t.abs() for pk, t in
                                                                                     zip(p, terms))), f"{n}.{part}")
+    assert_within(got.extra["head.weight"], eager.extra["head.weight"], f32_tol(len(states), sum(
+        pk * st.extra["head.weight"].double().abs() for pk, st in zip(p, states))))
+
+
+def test_messages_of_other_layouts_are_summed_a_column_at_a_time(monkeypatch):
+    """The whole-message sum only where every client's message places each tensor at the same blocks: a client
+    whose message also holds another tensor (its blocks shifted) sends the sum back to the columns; the result is
+    the eager sum within float32 rounding either way."""
+    from fedlora import codecs
+    from fedlora.adapters import from_arrays, to_arrays
+
+    c = codecs.Codec("int8")
+    arrays = [to_arrays(st) for st in states_of(torch.float32, K=4)]
+    arrays[2].update({"a.lora_A": np.ones((4, 64), np.float32), "a.lora_B": np.ones((64, 4), np.float32)})  # (first)
+    states = [from_arrays(codecs.decode(c, codecs.encode(c, a), wide=False), 2.0) for a in arrays]
+    cols = [[st.lora["l0.q"].A for st in states], [st.lora["l1.v"].B for st in states]]
+    assert compiled.message_sums(cols, [0.25] * 4) == {}
+    same = [[st.lora[n].A for st in states[:2]] for n in ("l0.q", "l1.v")] + \
+        [[st.lora[n].B for st in states[:2]] for n in ("l0.q", "l1.v")]
+    sums = compiled.message_sums(same, [0.5, 0.5])
+    assert sorted(sums) == [0, 1, 2, 3]
+    for j, col in enumerate(same):
+        exact = sum(0.5 * t.float().double() for t in col)
+        assert_within(sums[j], exact, f32_tol(2, sum(0.5 * t.float().double().abs() for t in col)))
 
 
 def test_fp32_replies_keep_the_eager_sum_bit_for_bit(monkeypatch):
@@ -163,7 +194,7 @@ def test_the_compiled_int8_quantiser_is_bitsandbytes_bit_for_bit():
 
     on, off = (make_strategy("fedit", [4] * 4, ["comm.down=int8", *o]) for o in (["server.compile=true"], []))
     node = next(iter(on.nodes.values()))
-    a, b = (s.encode_payload(s.payload(node, 1)[0], codecs.Payloads()) for s in (on, off))
+    a, b = (s.encode_payload(s.payload(node, 1)[0], payloads.Payloads()) for s in (on, off))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) and on.down_errors == off.down_errors
 
 
