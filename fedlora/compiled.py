@@ -8,15 +8,16 @@ of 16-bit or int8 replies reads half or a quarter of the bytes of fp32 replies a
 (inductor: C++ on the CPU, Triton on a GPU), one loop over a group of :data:`GROUP` clients widens each value in
 registers (and, for int8, scales it by its block's absmax there): 1.2-1.4x the memory-bandwidth floor at 100
 Llama-7B-shaped clients, against 2-2.6x eager (``bench/compiled_sum.py``). The tensors go to it as they are: as 1-D
-views (12,800 views a round at 100 clients) the sum took 0.15-0.25x the floor longer. fp32 tensors keep the eager
-sum (no faster compiled).
+views (12,800 views a round at 100 clients) the sum took 0.15-0.25x the floor longer. int8 replies are summed from
+their messages' codes (:func:`message_sums`: 80 calls a round at 100 clients instead of 1,280, 1.01-1.04x the floor
+with the decode, ``bench/aggregation.py``). fp32 tensors keep the eager sum (no faster compiled).
 
 bitsandbytes' int8 quantiser (``int8_vectorwise_quant``) runs on the CPU as six torch passes over each tensor, with
-fresh memory for each: 240 us for a 4096 x 16 factor, so an int8 downlink of Llama-7B-shaped adapters takes 31 ms to
-encode, 1.5x FedIT's whole aggregation of 10 replies. :func:`int8_quantise` is its arithmetic in one compiled pass
+fresh memory for each: 240 us for a 4096 x 16 factor, so an int8 downlink of Llama-7B-shaped adapters takes 18 ms to
+encode, 0.9x FedIT's whole aggregation of 10 replies. :func:`int8_quantise` is its arithmetic in one compiled pass
 (absmax of each block, then ``round(x * (127 / absmax))``, as its CPU kernel writes it), equal to it bit for bit
-(tested on 1.28 M values over 60 orders of magnitude, ties and all-zero blocks; 128 M in a trial), in about 50 us a
-tensor.
+(tested on 1.28 M values over 60 orders of magnitude, ties and all-zero blocks; 128 M in a trial), written straight
+into the message's codes: 7.8 ms for the payload.
 
 The first round pays the compile, a few seconds per group length and dtype (shapes are dynamic), and needs a C++
 compiler on a CPU server (checked before the run starts).
@@ -33,8 +34,9 @@ from .codecs import Int8Blocks
 
 #: clients added by one compiled call (all 100 in one loop was 8x the floor: the unrolled loop spills)
 GROUP = 10
-#: the least share of a message's blocks that the tensors summed must make for :func:`message_sums` to sum it whole
-WHOLE = 0.75
+#: output of one run of :func:`message_sums`, in bytes: a whole message (33.5 MB for Llama-7B-shaped adapters) is
+#: fresh memory each round (above glibc's mmap threshold), and a float32 sum in cache is read and written once a group
+CHUNK_BYTES = 4 << 20
 COMPILERS = ("g++", "c++", "clang++")
 
 _compiled: dict = {}
@@ -62,11 +64,12 @@ def _acc_int8_(out: torch.Tensor, codes: list[torch.Tensor], absmax: list[torch.
         out += codes[i].float() * absmax[i] * w[i]
 
 
-def _quant_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' row-wise int8 quantiser on float32 rows of one block each: (codes, absmax of each row), with
-    codes 0 in an all-zero row (where bitsandbytes divides 0 by 0)."""
-    absmax = rows.abs().amax(dim=1, keepdim=True)
-    return torch.where(absmax == 0, 0.0, torch.round(rows * (127.0 / absmax))).to(torch.int8), absmax.view(-1)
+def _quant_int8(rows: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> None:
+    """bitsandbytes' row-wise int8 quantiser on float32 rows of one block each, written into ``codes`` and ``absmax``
+    (the absmax of each row), with codes 0 in an all-zero row (where bitsandbytes divides 0 by 0)."""
+    a = rows.abs().amax(dim=1, keepdim=True)
+    codes.copy_(torch.where(a == 0, 0.0, torch.round(rows * (127.0 / a))).to(torch.int8))
+    absmax.copy_(a.view(-1))
 
 
 def _fn(name: str):
@@ -77,10 +80,11 @@ def _fn(name: str):
     return _compiled[name]
 
 
-def int8_quantise(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_quantise(rows: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> None:
     """:func:`fedlora.codecs`' int8 quantiser (bitsandbytes' ``int8_vectorwise_quant`` on rows of one block, an
-    all-zero block's codes 0), compiled: the same codes and scales, bit for bit."""
-    return _fn("quant_int8")(rows)
+    all-zero block's codes 0), compiled, written into ``codes`` (int8, the rows' shape) and ``absmax`` (one a row):
+    the same codes and scales, bit for bit."""
+    _fn("quant_int8")(rows, codes, absmax)
 
 
 def applies(column: Sequence) -> bool:
@@ -111,27 +115,37 @@ def wsum(column: Sequence, p: Sequence[float]) -> torch.Tensor:
 
 
 def message_sums(columns: Sequence[Sequence], p: Sequence[float]) -> dict[int, torch.Tensor]:
-    """{index: sum_k p_k t_k} for the int8 columns of ``columns``, summed as whole messages: where every client's
-    message holds these tensors at the same blocks of its ``#codes`` (the same keys and shapes, as the reply checks
-    require) and they make at least :data:`WHOLE` of it, the clients' codes are summed by one compiled pass over the
-    whole messages (in place, :data:`GROUP` clients a call: 10 calls for 100 clients, not one a tensor and group, 1,280
-    for Llama-7B-shaped adapters) and each tensor is a view of its blocks of the sum. Else {} (:func:`wsum` a column)."""
+    """{index: sum_k p_k t_k} for the int8 columns of ``columns`` whose tensors lie at the same blocks of every
+    client's message (``#codes``; the same keys and shapes, as the reply checks require): their blocks are summed in
+    runs of adjacent tensors of up to :data:`CHUNK_BYTES` of output, by one compiled call (in place) over a run of
+    :data:`GROUP` clients' messages, and each tensor is a view of its blocks of its run's sum. For 100 clients of
+    Llama-7B-shaped adapters that is 80 calls instead of one a tensor and group (1,280). {} where the layouts
+    differ (then :func:`wsum` a column)."""
     idx = [j for j, col in enumerate(columns) if isinstance(col[0], Int8Blocks)]
     if not idx:
         return {}
     codes, scales = [b.codes for b in columns[idx[0]]], [b.scales for b in columns[idx[0]]]
-    heads = [columns[j][0] for j in idx]
-    if sum(h.blocks for h in heads) < WHOLE * codes[0].shape[0] or any(c.shape != codes[0].shape for c in codes):
-        return {}
-    for j, h in zip(idx, heads):
+    heads = sorted(((columns[j][0], j) for j in idx), key=lambda hj: hj[0].first)
+    for h, j in heads:
         for b, c, s in zip(columns[j], codes, scales):
             if b.__class__ is not Int8Blocks or b.codes is not c or b.scales is not s or b.first != h.first \
                     or b.shape != h.shape:
                 return {}
-    acc, w, out = _fn("int8_"), torch.tensor(p, dtype=torch.float32) / 127, torch.zeros(codes[0].shape)
-    for g in range(0, len(codes), GROUP):
-        acc(out, codes[g:g + GROUP], scales[g:g + GROUP], w[g:g + GROUP])
-    return {j: out[h.first:h.first + h.blocks].view(-1)[:h.numel()].view(h.shape) for j, h in zip(idx, heads)}
+    runs, row_bytes = [], codes[0].shape[1] * 4  # [[first block, end block, [(head, index)]]]
+    for h, j in heads:
+        if runs and runs[-1][1] == h.first and (h.first + h.blocks - runs[-1][0]) * row_bytes <= CHUNK_BYTES:
+            runs[-1][1] = h.first + h.blocks
+            runs[-1][2].append((h, j))
+        else:
+            runs.append([h.first, h.first + h.blocks, [(h, j)]])
+    acc, w, sums = _fn("int8_"), torch.tensor(p, dtype=torch.float32) / 127, {}
+    for lo, hi, members in runs:
+        out = torch.zeros(hi - lo, codes[0].shape[1])
+        for g in range(0, len(codes), GROUP):
+            acc(out, [c[lo:hi] for c in codes[g:g + GROUP]], [s[lo:hi] for s in scales[g:g + GROUP]], w[g:g + GROUP])
+        sums.update((j, out[h.first - lo:h.first - lo + h.blocks].view(-1)[:h.numel()].view(h.shape))
+                    for h, j in members)
+    return sums
 
 
 def enabled(cfg) -> bool:

@@ -258,8 +258,9 @@ def test_a_summing_server_reads_16bit_and_int8_replies_as_sent_and_aggregates_th
     bit those of the same replies decoded to float32 first, and the round's new global state is the same weighted
     sum of the same float32 values (within that sum's rounding, whichever kernel adds a widened 16-bit value: see
     tolerances.py). An int8 reply is held as its codes and block scales (:class:`codecs.Int8Blocks`, the codes on
-    the reply's bytes, one array a message): its audit states are bit for bit the float32 decoding, its norm the same within float32
-    rounding (summed from the codes), and the sum scales each code as it adds it (three more roundings a term).
+    the reply's bytes, one array a message): its audit states are bit for bit the float32 decoding, its norm the
+    same within float32 rounding (summed from the codes), and the sum scales each code as it adds it (three more
+    roundings a term).
     A strategy that does more than sum (FLoRA) gets float32."""
     s, wide, replies, arrays = _as_sent_and_wide(strategy, ranks, name, 11)
     enc = codecs.encode(s.codec_up, arrays)

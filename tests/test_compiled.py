@@ -50,18 +50,18 @@ def test_the_compiled_sum_of_16bit_replies_is_the_eager_sum_within_float32_round
                                                for pk, st in zip(p, states))))
 
 
-@pytest.mark.parametrize("whole", [True, False])
-def test_the_compiled_sum_of_int8_replies_is_the_eager_sum_within_float32_rounding(monkeypatch, whole):
+@pytest.mark.parametrize("chunk", [1 << 20, 512])
+def test_the_compiled_sum_of_int8_replies_is_the_eager_sum_within_float32_rounding(monkeypatch, chunk):
     """int8 replies as sent (codes in blocks of 64, the last one padded: 96 and 160 values; every tensor's codes and
-    block scales views of its message's #codes and #absmax), in groups of 3, 3 and 1 clients: summed as whole
-    messages where the factors make most of every message (10 of its 11 blocks; the head, 1 block, by a column), or
-    a column at a time where they do not (``WHOLE`` above 1 here). Either way the eager sum of the decoded values
+    block scales views of its message's #codes and #absmax), in groups of 3, 3 and 1 clients, every column summed
+    from the messages (compiled.message_sums): in one run of adjacent tensors, or in runs of at most two blocks
+    (CHUNK_BYTES 512), which splits a tensor from its neighbours. Either way the eager sum of the decoded values
     within float32 rounding."""
     from fedlora import codecs
     from fedlora.adapters import from_arrays, to_arrays
 
     monkeypatch.setattr(compiled, "GROUP", 3)
-    monkeypatch.setattr(compiled, "WHOLE", 0.75 if whole else 1.01)
+    monkeypatch.setattr(compiled, "CHUNK_BYTES", chunk)
     calls, wsum, message_sums = [], compiled.wsum, compiled.message_sums
     monkeypatch.setattr(compiled, "wsum", lambda col, p: calls.append(col[0].shape) or wsum(col, p))
     monkeypatch.setattr(compiled, "message_sums",
@@ -73,7 +73,7 @@ def test_the_compiled_sum_of_int8_replies_is_the_eager_sum_within_float32_roundi
     w = [5, 1, 3, 8, 2, 7, 4]
     p = algebra.normalize(w)
     got, eager = algebra.fedit(states, w, compiled=True), algebra.fedit(states, w)
-    assert calls.count("whole") == (4 if whole else 0) and len(calls) == 5  # the four factors whole, or by column
+    assert calls == ["whole"] * 5  # the four factors, then the head, from the messages
     for n, f in got.lora.items():
         for part in "AB":
             a, terms = getattr(f, part), [getattr(st.lora[n], part).double() for st in states]
@@ -136,8 +136,10 @@ def test_a_server_with_compile_aggregates_coded_replies_as_the_eager_one(monkeyp
 
     from fedlora import codecs
 
-    calls, wsum = [], compiled.wsum
+    calls, wsum, message_sums = [], compiled.wsum, compiled.message_sums
     monkeypatch.setattr(compiled, "wsum", lambda col, p: calls.append(1) or wsum(col, p))
+    monkeypatch.setattr(compiled, "message_sums", lambda cols, p: (lambda d: calls.extend([1] * len(d)) or d)(
+        message_sums(cols, p)))  # (int8: the messages summed)
     rng = np.random.default_rng(5)
     ranks = [4, 4, 4, 4]
     on, off = (make_strategy(name, ranks, [f"comm.up={up}", *o]) for o in (["server.compile=true"], []))
@@ -181,7 +183,8 @@ def test_the_compiled_int8_quantiser_is_bitsandbytes_bit_for_bit():
     rows = torch.randn(20000, 64, generator=g) * torch.exp(torch.randn(20000, 1, generator=g) * 8)
     rows[3] = 0
     rows[5] = torch.tensor([127.0, 0.5, -0.5, 1.5, -2.5, 63.5] + [0.25] * 58)  # x * 127 / 127: ties at .5
-    q, absmax = compiled.int8_quantise(rows)
+    q, absmax = torch.full((20000, 64), 99, dtype=torch.int8), torch.full((20000,), -1.0)  # (written over)
+    compiled.int8_quantise(rows, q, absmax)
     qb, ab, _ = F.int8_vectorwise_quant(rows)
     qb[ab == 0] = 0
     assert torch.equal(absmax, ab) and torch.equal(q, qb) and not q[3].any()
