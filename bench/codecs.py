@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedlora import algebra, codecs, validate  # noqa: E402
+from fedlora import algebra, codecs, compiled, validate  # noqa: E402
 from fedlora.adapters import from_arrays  # noqa: E402
 from fedlora.strategies.base import record_bytes, to_record  # noqa: E402
 
@@ -128,16 +128,17 @@ def main() -> None:
             server = 10 * row["decode_as_sent_s"] + row["downlink_s"] - row["downlink_audit_s"] + extra
             base_s = row["aggregation_fp32_paired_s"]  # the ratio's denominator: paired with the as-sent runs
             traffic = (fp32_b + enc_b) / (11 * fp32_b)
-            # server.compile=true: the compiled sum, and int8's compiled quantiser on the downlink
-            fedit_c = lambda replies: algebra.fedit([from_arrays(a, 2.0) for a in replies], [1.0] * 10,  # noqa
-                                                    compiled=True)
-            fedit_c(as_sent), downlink(c, clients[0], 1, compiled=True)  # (compile)
-            base_c, row["aggregation_as_sent_compiled_s"] = paired(lambda: fedit(clients), lambda: fedit_c(as_sent))
-            row["downlink_compiled_s"] = timed(lambda: downlink(c, clients[0], 10, compiled=True))
-            server_c = (10 * row["decode_as_sent_s"] + row["downlink_compiled_s"] - row["downlink_audit_s"]
-                        + row["aggregation_as_sent_compiled_s"] - base_c)
-            row |= {"server_round_codec_compiled_s": server_c, "server_ratio_compiled": server_c / base_c,
-                    "server_ratio_compiled_with_audit": (server_c + row["downlink_audit_s"]) / base_c}
+            if name in compiled.CODECS:  # server.compile=true: the compiled sum, and int8's compiled quantiser
+                fedit_c = lambda replies: algebra.fedit([from_arrays(a, 2.0) for a in replies], [1.0] * 10,  # noqa
+                                                        compiled=True)
+                fedit_c(as_sent), downlink(c, clients[0], 1, compiled=True)  # (compile)
+                base_c, row["aggregation_as_sent_compiled_s"] = paired(lambda: fedit(clients),
+                                                                       lambda: fedit_c(as_sent))
+                row["downlink_compiled_s"] = timed(lambda: downlink(c, clients[0], 10, compiled=True))
+                server_c = (10 * row["decode_as_sent_s"] + row["downlink_compiled_s"] - row["downlink_audit_s"]
+                            + row["aggregation_as_sent_compiled_s"] - base_c)
+                row |= {"server_round_codec_compiled_s": server_c, "server_ratio_compiled": server_c / base_c,
+                        "server_ratio_compiled_with_audit": (server_c + row["downlink_audit_s"]) / base_c}
         else:
             as_sent = [codecs.decode(c, e) for e in encoded]
             server = 10 * dec_s + row["downlink_s"] - row["downlink_audit_s"]

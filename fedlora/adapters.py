@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codecs import Int8Blocks
+from .as_sent import AsSent
 
 PEFT_PREFIX = "base_model.model."
 LORA_A, LORA_B, EXTRA = "lora_A", "lora_B", "extra."
@@ -204,10 +204,10 @@ def to_arrays(state: AdapterState, parts: tuple[str, ...] = (LORA_A, LORA_B, "ex
 
 def from_arrays(arrays: dict[str, np.ndarray | torch.Tensor], scales: dict[str, float] | float) -> AdapterState:
     """Inverse of :func:`to_arrays` for states that carry both A and B (a reply's tensors as sent, torch tensors
-    or :class:`~fedlora.codecs.Int8Blocks`, are kept as they are). Unknown key forms raise ValueError."""
+    or :class:`~fedlora.as_sent.AsSent`, are kept as they are). Unknown key forms raise ValueError."""
     state = AdapterState()
     As, Bs = {}, {}
-    held = (torch.Tensor, Int8Blocks)
+    held = (torch.Tensor, AsSent)
     for key, v in arrays.items():  # (a server reads 100 replies of 128 tensors a round: no work a key it can skip)
         t = v if isinstance(v, held) else torch.from_numpy(np.asarray(v))
         if key.startswith(EXTRA):

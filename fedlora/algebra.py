@@ -22,7 +22,7 @@ import torch
 from . import compiled as inductor  # (the module; ``compiled`` is the flag of the functions below)
 from . import fair_solvers
 from .adapters import AdapterState, LoraFactors
-from .codecs import Int8Blocks
+from .as_sent import Int8Blocks, TopkEntries
 
 __all__ = [
     "normalize", "ideal_update", "effective_update", "fedit", "flora_stack", "dense_or_stacked_bytes",
@@ -84,10 +84,11 @@ def _wsums(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float], compil
     ``torch.sum`` over the same bytes with 100 clients of Llama-7B-shaped adapters, against 1.9-2.3x with an
     ``add_`` a tensor (``bench/aggregation.py``). A 16-bit input (an fp16/bf16 reply as sent, :func:`fedlora.codecs.
     decode` with ``wide=False``) is widened exactly as it is read, so the sum is the one over its float32 decoding;
-    int8 blocks as sent are widened in cache and scaled as they are added (:meth:`fedlora.codecs.Int8Blocks.add_all`:
-    the same sum within float32 rounding). ``compiled`` (``server.compile``; the same sums within float32 rounding):
-    int8 replies as whole messages where they are laid out alike (:func:`fedlora.compiled.message_sums`), and the
-    other columns of fp16, bf16 or int8 tensors a column at a time (:func:`fedlora.compiled.wsum`)."""
+    int8 blocks as sent are widened in cache and scaled as they are added (:meth:`fedlora.as_sent.Int8Blocks.add_all`:
+    the same sum within float32 rounding); top-k entries as sent are added at their indices (``index_add_``).
+    ``compiled`` (``server.compile``; the same sums within float32 rounding): int8 replies from their messages where
+    they are laid out alike (:func:`fedlora.compiled.message_sums`), and the other columns of fp16, bf16 or int8
+    tensors a column at a time (:func:`fedlora.compiled.wsum`)."""
     if compiled:  # int8 messages summed whole where they can be, then each fp16, bf16 or int8 column
         done = inductor.message_sums(columns, p)
         done.update((j, inductor.wsum(c, p)) for j, c in enumerate(columns) if j not in done and inductor.applies(c))
@@ -111,19 +112,22 @@ def _wsum_group(columns: Sequence[Sequence[torch.Tensor]], p: Sequence[float]) -
             torch.zeros(col[0].shape, dtype=torch.promote_types(col[0].dtype, torch.float32), device=col[0].device)
             for col, c in zip(columns, coded)]  # int8 blocks: rows of blocks, the last padded
     scratch = [torch.empty_like(o) if c else None for o, c in zip(outs, coded)]  # their codes widened
-    any_coded = any(coded)
+    special = any(coded) or any(isinstance(t, TopkEntries) for col in columns for t in col)
     for k, w in enumerate(p):
         xs = [col[k] for col in columns]
-        if not any_coded:
+        if not special:
             torch._foreach_add_(outs, xs, alpha=w)
             continue
         blocks = [(o, x, s) for o, x, s in zip(outs, xs, scratch) if isinstance(x, Int8Blocks)]
         plain = [(o.view(-1)[:x.numel()].view(x.shape) if c else o, x)
-                 for o, x, c in zip(outs, xs, coded) if not isinstance(x, Int8Blocks)]
+                 for o, x, c in zip(outs, xs, coded) if not isinstance(x, (Int8Blocks, TopkEntries))]
         if blocks:
             Int8Blocks.add_all(*map(list, zip(*blocks)), w)
         if plain:
             torch._foreach_add_([o for o, _ in plain], [x for _, x in plain], alpha=w)
+        for o, x, c in zip(outs, xs, coded):
+            if isinstance(x, TopkEntries):
+                x.add_to(o.view(-1)[:x.numel()] if c else o, w)
     return [o.view(-1)[:col[0].numel()].reshape(col[0].shape) if c else o
             for o, col, c in zip(outs, columns, coded)]
 

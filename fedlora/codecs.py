@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .as_sent import AsSent, Int8Blocks, TopkEntries  # noqa: F401  (codecs.Int8Blocks: what decode returns)
+
 CODECS = ("fp32", "fp16", "bf16", "int8", "nf4", "topk")
 SEP = "#"  # in a companion's key: <tensor key>#idx (top-k), and the message-level arrays #absmax, #shape, ...
 ABSMAX, SHAPES = SEP + "absmax", SEP + "shape"  # every encoded tensor's block scales / shapes, in sorted key order
@@ -121,6 +123,24 @@ def _int8_pack(keys: list[str], arrays: dict[str, np.ndarray], blocksize: int, c
             SHAPES: _shape_array([arrays[k].shape for k in keys])}
 
 
+def _largest(x: np.ndarray, kept: int) -> np.ndarray:
+    """The ascending indices of the ``kept`` entries of largest magnitude of the flat ``x`` (of equal magnitudes at
+    the cut, the first): the kept-th largest magnitude by a selection (``np.partition``), then the entries above it
+    and as many of those equal to it as fit, in index order. 0.45 ms for 65,536 values at 10% where ``torch.topk``
+    and a sort of its indices took 1.1 ms. A tensor with a NaN goes through ``torch.topk``, which keeps the NaN (the
+    server then refuses the update as not finite)."""
+    a = np.abs(x)
+    if kept in (0, a.size) or np.isnan(a[np.argmax(a)]):
+        if kept == a.size:
+            return np.arange(a.size)
+        return np.sort(torch.topk(torch.from_numpy(a), kept, sorted=False).indices.numpy())
+    cut = np.partition(a, a.size - kept)[a.size - kept]
+    above = np.flatnonzero(a > cut)
+    if above.size == kept:
+        return above
+    return np.union1d(above, np.flatnonzero(a == cut)[:kept - above.size])
+
+
 def _key_array(keys: list[str]) -> np.ndarray:
     """The ``#keys`` array: the tensors' keys in sorted order, UTF-8, one a line."""
     return np.frombuffer("\n".join(keys).encode(), np.uint8).copy()
@@ -129,82 +149,6 @@ def _key_array(keys: list[str]) -> np.ndarray:
 def _shape_array(shapes: list) -> np.ndarray:
     """The ``#shape`` array: each tensor's ndim, then its sizes."""
     return np.asarray([d for s in shapes for d in (len(s), *s)], dtype=np.int64)
-
-
-@dataclass(slots=True)  # (not frozen: a frozen dataclass's __init__ costs 1.5 us, a server builds 12,800 a round)
-class Int8Blocks:
-    """An int8 reply's tensor as sent (:func:`decode` with ``wide=False``): where its blocks lie in the message's codes
-    (``#codes`` as rows of one block, on the reply's own bytes) and block scales (``#absmax``, a column), both one
-    tensor a message, shared by its tensors. A summing server's weighted sum reads it without a float32 copy of the
-    tensor (:meth:`add_all`; with ``server.compile``, a message's whole codes at once where every client's message
-    lays its tensors out alike, :func:`fedlora.compiled.wsums`) and its check reads its sum of squares
-    (:meth:`sum_sq`); any other use sees its float32 decoding (:meth:`float`: ``.to``, ``.double``, numpy's
-    ``asarray`` and every torch function and tensor attribute go through it), so nothing can read the codes as values.
-    Few Python objects a tensor: a server holding 100 replies of 128 tensors spent more time in the garbage collector
-    than in decoding when each tensor held four."""
-
-    codes: torch.Tensor  # int8 [all blocks, blocksize]: the message's codes, each tensor's last block padded with 0
-    scales: torch.Tensor  # float32 [all blocks, 1]: the message's block scales, a column
-    first: int  # this tensor's first block among them
-    blocks: int  # and how many it has
-    shape: tuple[int, ...]
-
-    @property
-    def rows(self) -> torch.Tensor:
-        """This tensor's codes, rows of one block (the last padded with zeros)."""
-        return self.codes[self.first:self.first + self.blocks]
-
-    @property
-    def absmax(self) -> torch.Tensor:
-        """This tensor's block scales, a column."""
-        return self.scales[self.first:self.first + self.blocks]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.int8
-
-    def float(self) -> torch.Tensor:
-        decoded = _bnb().int8_vectorwise_dequant(self.rows, self.absmax.view(-1))
-        return decoded.flatten()[:self.numel()].reshape(self.shape)
-
-    def to(self, *args, **kwargs) -> torch.Tensor:
-        return self.float().to(*args, **kwargs)
-
-    def detach(self) -> Int8Blocks:
-        return self
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def __array__(self, dtype=None, copy=None):
-        return self.float().numpy().astype(dtype or np.float32, copy=False)
-
-    def __getattr__(self, name):  # .double(), .numpy(), .reshape(...), ...: on the decoded tensor
-        if name.startswith("_") or name in self.__slots__:  # (copy and pickle look before the fields are set)
-            raise AttributeError(name)
-        return getattr(self.float(), name)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        wide = lambda a: a.float() if isinstance(a, Int8Blocks) else [wide(b) for b in a] \
-            if isinstance(a, (list, tuple)) else a  # noqa: E731
-        return func(*wide(args), **{k: wide(v) for k, v in (kwargs or {}).items()})
-
-    def sum_sq(self) -> float:
-        """sum of the decoded values' squares: each block's sum of squared codes times (absmax / 127)^2."""
-        q = self.rows.float()
-        return float(torch.dot(torch.linalg.vecdot(q, q), (self.absmax.view(-1) / 127).square()))
-
-    @staticmethod
-    def add_all(outs: list[torch.Tensor], blocks: list[Int8Blocks], scratch: list[torch.Tensor], weight: float
-                ) -> None:
-        """``out += weight * decoded`` for each ``out`` (float32 rows of the same blocks) and tensor as sent, in two
-        multi-tensor calls: the codes widened to float32 into ``scratch`` (the caller's, of the rows' shapes: reused
-        from client to client, it stays in cache and needs no new memory), then ``addcmul_`` (code x its block's
-        absmax x weight / 127). In cache, one thread, four 256 KiB outputs: 52 µs (19 to widen, 33 to add), against
-        55 µs for ``addcmul_`` on the int8 codes themselves and 31 µs for a float32 ``add_``."""
-        torch._foreach_copy_(scratch, [b.rows for b in blocks])
-        torch._foreach_addcmul_(outs, scratch, [b.absmax for b in blocks], value=weight / 127)
 
 
 def encode(codec: Codec, arrays: dict[str, np.ndarray], compiled: bool = False) -> dict[str, np.ndarray]:
@@ -231,8 +175,8 @@ def encode(codec: Codec, arrays: dict[str, np.ndarray], compiled: bool = False) 
         else:  # topk
             flat = x.flatten()
             kept = min(flat.numel(), max(1, math.ceil(codec.topk_fraction * flat.numel()))) if flat.numel() else 0
-            idx = torch.topk(flat.abs(), kept, sorted=False).indices.sort().values
-            out[k], out[k + SEP + "idx"] = flat[idx].numpy(), idx.to(torch.int32).numpy()
+            idx = _largest(flat.numpy(), kept)
+            out[k], out[k + SEP + "idx"] = flat.numpy()[idx], idx.astype(np.int32)
             shapes.append([x.dim(), *x.shape])
     if codec.name == "nf4":
         out[ABSMAX] = np.concatenate(scales).astype(np.float32) if scales else np.zeros(0, np.float32)
@@ -342,13 +286,13 @@ WIRE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _SENT_AS = {"fp16": np.dtype(np.float16), "bf16": np.dtype(np.int16)}
 
 #: the codecs whose replies a summing server reads as sent (``decode(..., wide=False)``), not decoded to float32
-AS_SENT = (*WIRE_DTYPES, "int8")
+AS_SENT = (*WIRE_DTYPES, "int8", "topk")
 
 
 def as_sent(a) -> bool:
     """Whether ``a`` is a reply's tensor as :func:`decode` leaves it with ``wide=False`` (a 16-bit torch tensor, whose
-    values are the decoded ones, or :class:`Int8Blocks`) rather than float32."""
-    return isinstance(a, Int8Blocks) or (isinstance(a, torch.Tensor) and a.dtype in WIRE_DTYPES.values())
+    values are the decoded ones, :class:`Int8Blocks` or :class:`TopkEntries`) rather than float32."""
+    return isinstance(a, AsSent) or (isinstance(a, torch.Tensor) and a.dtype in WIRE_DTYPES.values())
 
 
 def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[str, np.ndarray | torch.Tensor]:
@@ -357,10 +301,11 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
 
     ``wide=False``: fp16 and bf16 tensors come back as torch tensors of their dtype (:data:`WIRE_DTYPES`) on the
     payload's own bytes, the same values without a float32 copy, and int8 tensors as :class:`Int8Blocks` (codes and
-    scales as sent, on the message's ``#codes``). A server whose aggregation only takes weighted sums reads them so
-    (:attr:`fedlora.strategies.base.LoraStrategy.sums_replies`: each value widened once, in cache, as the float32
-    sum reads it), which is what keeps a 16-bit or int8 uplink cheaper than fp32 on the server. nf4 and top-k
-    decode to float32 either way."""
+    scales as sent, on the message's ``#codes``), and top-k tensors as :class:`TopkEntries` (the kept entries). A
+    server whose aggregation only takes weighted sums reads them so (:attr:`fedlora.strategies.base.LoraStrategy.
+    sums_replies`: each value widened once, in cache, as the float32 sum reads it; top-k's values added at their
+    indices), which is what keeps a 16-bit, int8 or top-k uplink cheaper than fp32 on the server. nf4 decodes to
+    float32 either way."""
     if codec.name == "fp32":
         return dict(enc)
     if codec.name == "int8":
@@ -405,13 +350,16 @@ def decode(codec: Codec, enc: dict[str, np.ndarray], wide: bool = True) -> dict[
             n = math.prod(shape)
             vals = _want(enc, k, np.float32, "values", codec)
             idx = _want(enc, k + SEP + "idx", np.int32, "indices", codec)
-            if vals.shape != idx.shape or vals.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= n)) \
-                    or len(np.unique(idx)) != idx.size:
+            if vals.shape != idx.shape or vals.ndim != 1 or (idx.size and (idx[0] < 0 or idx[-1] >= n)) \
+                    or not (idx[1:] > idx[:-1]).all():  # (ascending: distinct in O(k), where np.unique sorted)
                 raise CodecError(f"{k}: {idx.size} indices and {vals.size} values do not place distinct entries in "
-                                 f"a tensor of {n}")
-            x = torch.zeros(n)
-            x[torch.from_numpy(idx.astype(np.int64))] = torch.from_numpy(vals.copy())
-            x = x.reshape(shape)
+                                 f"ascending order in a tensor of {n}")
+            x = TopkEntries(torch.from_numpy(idx if idx.flags.writeable else idx.copy()),
+                            torch.from_numpy(vals if vals.flags.writeable else vals.copy()), shape)
+            if not wide:
+                out[k] = x
+                continue
+            x = x.float()
         out[k] = x.numpy()
     if scales is not None:
         scales.done(last)

@@ -30,8 +30,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .codecs import Int8Blocks
+from .as_sent import Int8Blocks
 
+#: the uplink codecs whose replies the compiled sum reads (as sent; fp32 and top-k keep the eager sum)
+CODECS = ("fp16", "bf16", "int8")
 #: clients added by one compiled call (all 100 in one loop was 8x the floor: the unrolled loop spills)
 GROUP = 10
 #: output of one run of :func:`message_sums`, in bytes: a whole message (33.5 MB for Llama-7B-shaped adapters) is

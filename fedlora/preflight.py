@@ -97,7 +97,7 @@ def compile_note(cfg) -> str | None:
     if not compiled.enabled(cfg):
         return None
     up, down = codecs.of_config(cfg, "up").name, codecs.of_config(cfg, "down").name
-    if up in codecs.AS_SENT or down == "int8":
+    if up in compiled.CODECS or down == "int8":
         return None
     return (f"server.compile=true compiles nothing with comm.up={up} and comm.down={down}: it compiles the sum of "
             f"fp16, bf16 and int8 replies and an int8 downlink's quantiser; set comm.up=bf16 (or fp16, int8) or "

@@ -10,7 +10,8 @@ import math
 import numpy as np
 import torch
 
-from .codecs import Int8Blocks, as_sent
+from .as_sent import AsSent
+from .codecs import as_sent
 
 
 def is_number(value) -> bool:
@@ -123,10 +124,10 @@ def check_update(arrays: dict, expected: dict[str, tuple[int, ...]], num_example
 
 def _sum_sq(a) -> float:
     """sum(a**2) of a float32 or 16-bit tensor: one float32 dot product, so one pass (a 16-bit tensor widened in
-    cache; int8 blocks as sent: :meth:`~fedlora.codecs.Int8Blocks.sum_sq`). It is finite exactly when every value
+    cache; int8 blocks and top-k entries as sent: their own ``sum_sq``). It is finite exactly when every value
     is: where the dot is not (a NaN or Inf, or squares beyond float32's range), it is redone in float64, where the
     squares of finite float32 values cannot overflow."""
-    if isinstance(a, Int8Blocks):
+    if isinstance(a, AsSent):
         s = a.sum_sq()
         return s if math.isfinite(s) else float(torch.linalg.vector_norm(a.float(), dtype=torch.float64)) ** 2
     t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a if a.flags.writeable else a.copy())

@@ -286,7 +286,8 @@ def test_effective_update_difference(equal_rank):
 def test_weighted_sums_in_groups_are_the_sums_of_each_column_whatever_the_grouping(monkeypatch):
     """algebra._wsums adds each client's tensors of a group of outputs in one multi-tensor call: every column's sum
     is sum_k p_k t_k of its float32 (or wider) values, within float32 rounding (tolerances.py), for columns of
-    float32, float64, fp16/bf16 as sent and int8 blocks as sent (mixed with float32 in one column); its dtype is
+    float32, float64, fp16/bf16 as sent, int8 blocks and top-k entries as sent (each mixed with float32 in one
+    column too); its dtype is
     float32 or wider, its shape the column's; and which columns share a group changes no bit of any sum."""
     from tolerances import U64, assert_within, f32_tol
 
@@ -294,11 +295,11 @@ def test_weighted_sums_in_groups_are_the_sums_of_each_column_whatever_the_groupi
 
     g = torch.Generator().manual_seed(7)
     K, shapes = 5, [(3, 7), (64, 5), (130,), (1,), (40, 33), (2, 2)]
-    int8 = codecs.Codec("int8")
+    int8, topk = codecs.Codec("int8"), codecs.Codec("topk", topk_fraction=0.3)
     columns, wide = [], []
-    for j, shape in enumerate(shapes * 2):
+    for j, shape in enumerate(shapes * 2 + shapes[:4]):
         ts = [torch.randn(shape, generator=g) for _ in range(K)]
-        kind = ["fp32", "fp64", "fp16", "bf16", "int8", "mixed"][j % 6]
+        kind = ["fp32", "fp64", "fp16", "bf16", "int8", "mixed", "topk", "mixed_topk"][j % 8]
         if kind == "fp64":
             ts = [t.double() for t in ts]
         elif kind in ("fp16", "bf16"):
@@ -307,8 +308,13 @@ def test_weighted_sums_in_groups_are_the_sums_of_each_column_whatever_the_groupi
             coded = [codecs.decode(int8, codecs.encode(int8, {"m.lora_A": t.numpy()}), wide=False)["m.lora_A"]
                      for t in ts]
             ts = coded if kind == "int8" else [c if k % 2 else t for k, (c, t) in enumerate(zip(coded, ts))]
+        elif kind in ("topk", "mixed_topk"):
+            coded = [codecs.decode(topk, codecs.encode(topk, {"m.lora_A": t.numpy()}), wide=False)["m.lora_A"]
+                     for t in ts]
+            assert all(isinstance(c, codecs.TopkEntries) for c in coded)
+            ts = coded if kind == "topk" else [c if k % 2 else t for k, (c, t) in enumerate(zip(coded, ts))]
         columns.append(ts)
-        wide.append([t.float().double() if isinstance(t, codecs.Int8Blocks) else t.double() for t in ts])
+        wide.append([t.float().double() if codecs.as_sent(t) else t.double() for t in ts])
     p = alg.normalize([3, 1, 4, 1, 5])
     sums = alg._wsums(columns, p)
     for col, w, got in zip(columns, wide, sums):

@@ -71,6 +71,27 @@ def test_round_trip_within_the_stated_bound_and_bytes(name):
     assert full / sent >= ratio  # scales, shapes and indices counted
 
 
+def test_topk_sends_the_largest_entries_in_index_order_the_first_of_equal_ones_and_keeps_a_nan():
+    """top-k's selection (a partition, not a sort): the same set as torch.topk where magnitudes differ; of equal
+    magnitudes at the cut, the first in index order; indices ascending (the decoder refuses any other order); a NaN
+    is kept, so the server's check refuses the update rather than receiving a tensor the NaN was dropped from."""
+    c = Codec("topk", topk_fraction=0.1)
+    x = np.random.default_rng(6).standard_normal((70, 31)).astype(np.float32)
+    enc = codecs.encode(c, {"m.lora_A": x})
+    want = np.sort(torch.topk(torch.from_numpy(np.abs(x).ravel()), math.ceil(0.1 * x.size)).indices.numpy())
+    assert np.array_equal(enc["m.lora_A#idx"], want) and np.array_equal(enc["m.lora_A"], x.ravel()[want])
+    ties = np.array([[1.0, -1.0, 0.25, 1.0, -1.0, 0.5]], np.float32)
+    enc = codecs.encode(Codec("topk", topk_fraction=0.5), {"m.lora_A": ties})  # 3 of 6
+    assert enc["m.lora_A#idx"].tolist() == [0, 1, 3] and enc["m.lora_A"].tolist() == [1.0, -1.0, 1.0]
+    enc["m.lora_A#idx"] = enc["m.lora_A#idx"][[0, 2, 1]]
+    with pytest.raises(CodecError, match="ascending order"):
+        codecs.decode(Codec("topk", topk_fraction=0.5), enc)
+    nan = np.array([[1.0, np.nan, 3.0, 0.5]], np.float32)
+    half = Codec("topk", topk_fraction=0.5)
+    dec = codecs.decode(half, codecs.encode(half, {"m.lora_A": nan}))["m.lora_A"]
+    assert np.isnan(dec[0, 1]) and dec[0, 2] == 3.0
+
+
 def test_error_feedback_keeps_the_sum_of_what_is_sent_within_one_residual():
     """Over 40 messages of fresh random tensors: with error feedback the summed decoded messages differ from the
     summed true tensors by exactly the last residual (float32 rounding), which stays one message's codec error in
@@ -249,7 +270,7 @@ def _as_sent_and_wide(strategy, ranks, name, seed, optimizer=None):
     return s, wide, replies, arrays
 
 
-@pytest.mark.parametrize("name", ["fp16", "bf16", "int8"])
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "topk"])
 @pytest.mark.parametrize("strategy, ranks", [("fedit", [4, 4, 4, 4]), ("ffa_lora", [4, 4, 4, 4]),
                                              ("flora", [2, 3, 4, 5])])
 def test_a_summing_server_reads_16bit_and_int8_replies_as_sent_and_aggregates_them_exactly(name, strategy, ranks):
@@ -260,7 +281,8 @@ def test_a_summing_server_reads_16bit_and_int8_replies_as_sent_and_aggregates_th
     tolerances.py). An int8 reply is held as its codes and block scales (:class:`codecs.Int8Blocks`, the codes on
     the reply's bytes, one array a message): its audit states are bit for bit the float32 decoding, its norm the
     same within float32 rounding (summed from the codes), and the sum scales each code as it adds it (three more
-    roundings a term).
+    roundings a term). A top-k reply is held as its kept entries (:class:`codecs.TopkEntries`, on the reply's
+    bytes): its norm is the kept values' (the same within float32 rounding) and the sum adds them at their indices.
     A strategy that does more than sum (FLoRA) gets float32."""
     s, wide, replies, arrays = _as_sent_and_wide(strategy, ranks, name, 11)
     enc = codecs.encode(s.codec_up, arrays)
@@ -268,12 +290,16 @@ def test_a_summing_server_reads_16bit_and_int8_replies_as_sent_and_aggregates_th
     if name == "int8":  # every tensor's codes on the message's codes (#codes, as it arrived), its scales one column
         assert {(t.codes.data_ptr(), t.scales.data_ptr()) for t in as_sent.values()} == \
             {(enc[codecs.CODES].ctypes.data, as_sent["extra.head.weight"].scales.data_ptr())}
+    elif name == "topk":  # indices and values on the payload's bytes
+        assert all((t.idx.data_ptr(), t.vals.data_ptr()) == (enc[k + "#idx"].ctypes.data, enc[k].ctypes.data)
+                   for k, t in as_sent.items())
     else:
         assert all(t.data_ptr() == enc[k].ctypes.data for k, t in as_sent.items())  # on the payload's bytes
     narrow_checked, wide_checked = s.check_replies(replies), wide.check_replies(replies)
     assert len(narrow_checked.accepted) == len(wide_checked.accepted) == 4
     got = {type(a).__name__ + ":" + str(a.dtype) for u in narrow_checked.accepted for a in u.arrays.values()}
-    held = "Int8Blocks:torch.int8" if name == "int8" else f"Tensor:{codecs.WIRE_DTYPES[name]}"
+    held = {"int8": "Int8Blocks:torch.int8", "topk": "TopkEntries:torch.float32"}.get(
+        name, f"Tensor:{codecs.WIRE_DTYPES.get(name)}")
     assert got == ({held} if strategy != "flora" else {"ndarray:float32"})
     for u, v in zip(narrow_checked.accepted, wide_checked.accepted):
         widened = {k: a.float().numpy() if codecs.as_sent(a) else a for k, a in u.arrays.items()}
@@ -281,7 +307,7 @@ def test_a_summing_server_reads_16bit_and_int8_replies_as_sent_and_aggregates_th
         assert all(np.array_equal(widened[k], v.arrays[k]) for k in v.arrays)
         n = sum(a.size for a in v.arrays.values())  # a sum of n positive squares, a scale squared and a product
         assert math.isclose(validate.update_norm(u.arrays), validate.update_norm(v.arrays),
-                            rel_tol=0 if name != "int8" or strategy == "flora" else gamma(n + 6))
+                            rel_tol=0 if name in ("fp16", "bf16") or strategy == "flora" else gamma(n + 6))
     a, b = s.aggregate_round(1, replies), wide.aggregate_round(1, replies)
     assert not a.rejected and not b.rejected and a.metrics.keys() == b.metrics.keys()
     # the clients' own numbers are the same; the cross-term error ||s B A - dW*|| / ||dW*|| moves with the served
