@@ -6,11 +6,12 @@ so the floor, a plain ``torch.sum`` over exactly those bytes, is measured on the
 
     .venv/bin/python bench/aggregation.py            # writes bench/results/aggregation.json
 
-    .venv/bin/python bench/aggregation.py --codecs fp16 bf16 int8 nf4 --codecs-only --out bench/results/aggregation_codecs.json
+    .venv/bin/python bench/aggregation.py --codecs fp16 bf16 int8 nf4 topk --codecs-only \
+        --out bench/results/aggregation_codecs.json
 
 Targets: FedIT and FFA-LoRA within 2x of the floor (FFA-LoRA's floor: the B bytes, as A is frozen and not sent);
-with ``--codecs``, FedIT on encoded replies, decode included (fp16/bf16/int8 read as sent, as FedIT's server reads
-them; nf4, topk decoded to fp32 first), within 2x of the same fp32 floor, and the same time over a floor of the
+with ``--codecs``, FedIT on encoded replies, decode included (fp16/bf16/int8/topk read as sent, as FedIT's server
+reads them; nf4 decoded to fp32 first), within 2x of the same fp32 floor, and the same time over a floor of the
 encoded bytes (a sum over a buffer of their size: what a decode must at least read); and the server's codec work
 of a round (that time over FedIT's on fp32 replies, plus the downlink's encode, as the strategy does once a
 round; recorded with and without the audit's decode of it and error per tensor) as a ratio to FedIT's time;
@@ -34,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlora import algebra as alg  # noqa: E402
-from fedlora import codecs, payloads  # noqa: E402
+from fedlora import codecs, compiled, payloads  # noqa: E402
 from fedlora import lowrank  # noqa: E402
 from fedlora.adapters import AdapterState, LoraFactors, from_arrays, to_arrays  # noqa: E402
 
@@ -182,7 +183,7 @@ def bench_codecs(res: dict, states, weights, names, scale, codec_names, repeats,
             f"{got['x_floor_encoded_bytes']:.1f}x encoded-bytes floor; codec work "
             f"{got['codec_work_x_fp32_aggregation']:.2f}x fp32 aggregation, "
             f"{got['codec_work_with_audit_x_fp32_aggregation']:.2f}x with the downlink's error audit)")
-        if name in codecs.AS_SENT:  # server.compile=true: the 16-bit or int8 sum compiled (fedlora/compiled.py)
+        if name in compiled.CODECS:  # server.compile=true: the 16-bit or int8 sum compiled (fedlora/compiled.py)
             run_c = lambda: alg.fedit([from_arrays(codecs.decode(c, e, wide=False), scale) for e in enc],  # noqa
                                       weights, compiled=True)
             t = time.perf_counter()
