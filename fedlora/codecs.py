@@ -388,9 +388,9 @@ def _int8_unpack(codec: Codec, enc: dict[str, np.ndarray], wide: bool) -> dict[s
                          f"{sum(blocks)} blocks of {bs}")
     rows = torch.from_numpy(codes if codes.flags.writeable else codes.copy()).view(-1, bs)
     out, place = {k: v for k, v in enc.items() if SEP not in k}, []
-    for k, n in zip(keys, sizes):
+    for k, n, b in zip(keys, sizes, blocks):
         lo = scales.check(k, n, codec)  # (where its blocks start)
-        if n % bs and rows[lo + blocks[len(place)] - 1, n % bs:].any():
+        if n % bs and rows[lo + b - 1, n % bs:].any():
             raise CodecError(f"{k}: the padding of its last block in {CODES} is not 0")
         place.append(lo)
     scales.done(keys[-1] if keys else first)

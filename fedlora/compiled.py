@@ -9,7 +9,7 @@ of 16-bit or int8 replies reads half or a quarter of the bytes of fp32 replies a
 registers (and, for int8, scales it by its block's absmax there): 1.2-1.4x the memory-bandwidth floor at 100
 Llama-7B-shaped clients, against 2-2.6x eager (``bench/compiled_sum.py``). The tensors go to it as they are: as 1-D
 views (12,800 views a round at 100 clients) the sum took 0.15-0.25x the floor longer. int8 replies are summed from
-their messages' codes (:func:`message_sums`: 80 calls a round at 100 clients instead of 1,280, 1.01-1.04x the floor
+their messages' codes (:func:`message_sums`: 80 calls a round at 100 clients instead of 1,280, 1.01-1.08x the floor
 with the decode, ``bench/aggregation.py``). fp32 tensors keep the eager sum (no faster compiled).
 
 bitsandbytes' int8 quantiser (``int8_vectorwise_quant``) runs on the CPU as six torch passes over each tensor, with
@@ -50,18 +50,11 @@ def _acc(out: torch.Tensor, xs: list[torch.Tensor], w: torch.Tensor) -> torch.Te
     return out
 
 
-def _acc_int8(out: torch.Tensor, codes: list[torch.Tensor], absmax: list[torch.Tensor], w: torch.Tensor
-              ) -> torch.Tensor:
-    """out + sum_i codes_i * absmax_i * w_i: int8 codes [blocks, blocksize], their block scales a column [blocks, 1],
-    and the weights over 127 (an int8 code's value is code * absmax / 127)."""
-    for i in range(len(codes)):
-        out = out + codes[i].float() * absmax[i] * w[i]
-    return out
-
-
-def _acc_int8_(out: torch.Tensor, codes: list[torch.Tensor], absmax: list[torch.Tensor], w: torch.Tensor) -> None:
-    """:func:`_acc_int8` into ``out`` itself: a message's whole sum is tens of MB, and a new one a call would be
-    fresh memory each time (above glibc's mmap threshold: the pages are faulted in and zeroed anew, 4x slower)."""
+def _acc_int8(out: torch.Tensor, codes: list[torch.Tensor], absmax: list[torch.Tensor], w: torch.Tensor) -> None:
+    """out += sum_i codes_i * absmax_i * w_i, in place: int8 codes [blocks, blocksize], their block scales a column
+    [blocks, 1], and the weights over 127 (an int8 code's value is code * absmax / 127). In place because a new
+    output a call is fresh memory each time where it is large (above glibc's mmap threshold its pages are faulted in
+    and zeroed anew: 2.4-4.3x slower on whole messages in a trial)."""
     for i in range(len(codes)):
         out += codes[i].float() * absmax[i] * w[i]
 
@@ -76,8 +69,7 @@ def _quant_int8(rows: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -
 
 def _fn(name: str):
     if name not in _compiled:
-        _compiled[name] = torch.compile({"16": _acc, "int8": _acc_int8, "int8_": _acc_int8_,
-                                         "quant_int8": _quant_int8}[name],
+        _compiled[name] = torch.compile({"16": _acc, "int8": _acc_int8, "quant_int8": _quant_int8}[name],
                                         dynamic=True, options={"size_asserts": False})
     return _compiled[name]
 
@@ -107,7 +99,7 @@ def wsum(column: Sequence, p: Sequence[float]) -> torch.Tensor:
         codes, absmax = [b.rows for b in column], [b.absmax for b in column]
         out = torch.zeros(codes[0].shape)
         for g in range(0, len(codes), GROUP):
-            out = acc(out, codes[g:g + GROUP], absmax[g:g + GROUP], w[g:g + GROUP])
+            acc(out, codes[g:g + GROUP], absmax[g:g + GROUP], w[g:g + GROUP])
         return out.view(-1)[:column[0].numel()].view(column[0].shape)
     acc, w = _fn("16"), torch.tensor(p, dtype=torch.float32, device=column[0].device)
     out = torch.zeros(column[0].shape, device=column[0].device)
@@ -140,7 +132,7 @@ def message_sums(columns: Sequence[Sequence], p: Sequence[float]) -> dict[int, t
             runs[-1][2].append((h, j))
         else:
             runs.append([h.first, h.first + h.blocks, [(h, j)]])
-    acc, w, sums = _fn("int8_"), torch.tensor(p, dtype=torch.float32) / 127, {}
+    acc, w, sums = _fn("int8"), torch.tensor(p, dtype=torch.float32) / 127, {}
     for lo, hi, members in runs:
         out = torch.zeros(hi - lo, codes[0].shape[1])
         for g in range(0, len(codes), GROUP):

@@ -104,6 +104,16 @@ def test_messages_of_other_layouts_are_summed_a_column_at_a_time(monkeypatch):
     for j, col in enumerate(same):
         exact = sum(0.5 * t.float().double() for t in col)
         assert_within(sums[j], exact, f32_tol(2, sum(0.5 * t.float().double().abs() for t in col)))
+    states[2].lora.pop("a")  # FedIT over the four (the third's blocks still shifted): every column by wsum
+    calls, wsum = [], compiled.wsum
+    monkeypatch.setattr(compiled, "wsum", lambda col, p: calls.append(1) or wsum(col, p))
+    got, eager = algebra.fedit(states, [1, 2, 3, 4], compiled=True), algebra.fedit(states, [1, 2, 3, 4])
+    assert len(calls) == 5  # four factors and the head
+    for n, f in got.lora.items():
+        for part in "AB":
+            terms = [getattr(st.lora[n], part).double() for st in states]
+            assert_within(getattr(f, part), getattr(eager.lora[n], part),
+                          f32_tol(4, sum(t.abs() for t in terms)), f"{n}.{part}")
 
 
 def test_fp32_replies_keep_the_eager_sum_bit_for_bit(monkeypatch):
