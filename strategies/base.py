@@ -118,8 +118,9 @@ class LoraStrategy(FedAvg):
     supports_server_optimizer, server_optimizer_refusal = False, "its aggregate is no average of a common start"
     supports_scaffold = False  # train.scaffold (strategies/scaffold.py): the same condition, the same refusal
     #: whether :meth:`aggregate` only takes example-weighted sums of the replies (float32 accumulation:
-    #: :func:`fedlora.algebra.fedit`), so a ``comm.up=fp16|bf16`` reply reaches it as sent (16-bit torch tensors,
-    #: ``codecs.decode(wide=False)``) and is never written out at float32; every other strategy gets float32
+    #: :func:`fedlora.algebra.fedit`), so a ``comm.up=fp16|bf16|int8|topk`` reply reaches it as sent (16-bit torch
+    #: tensors, :mod:`fedlora.as_sent`; ``codecs.decode(wide=False)``) and is never written out at float32; every
+    #: other strategy gets float32
     sums_replies = False
     #: whether :meth:`aggregate` reports ``cross_term_error`` (:meth:`cross_term`), which ``diagnostics`` governs
     reports_cross_term = True

@@ -14,7 +14,7 @@ class FedIT(LoraStrategy):
     privacy_modes = ("none", "dp_sgd", "client_dp")
     supports_server_optimizer = True  # on A, B and the head (all averaged)
     supports_scaffold = True  # c on A, B and the head
-    sums_replies = True  # a comm.up=fp16|bf16 reply is averaged as sent (algebra._wsum widens in float32)
+    sums_replies = True  # an fp16/bf16/int8/top-k reply is averaged as sent (algebra._wsums, float32 sums)
 
     def aggregate(self, server_round, states, weights, updates):
         new = algebra.fedit(states, weights, compiled=self.compiled)

@@ -31,7 +31,7 @@ class FFALoRA(LoraStrategy):
     privacy_modes = ("none", "dp_sgd", "client_dp")
     supports_server_optimizer = True  # on B and the head (A is frozen, never averaged)
     supports_scaffold = True  # c on B and the head
-    sums_replies = True  # a comm.up=fp16|bf16 reply is averaged as sent (algebra._wsum widens in float32)
+    sums_replies = True  # an fp16/bf16/int8/top-k reply is averaged as sent (algebra._wsums, float32 sums)
 
     @classmethod
     def check_config(cls, cfg) -> None:
