@@ -105,15 +105,17 @@ def _int8_pack(keys: list[str], arrays: dict[str, np.ndarray], blocksize: int, c
     xs = [torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)).view(-1) for k in keys]
     blocks = [-(-x.numel() // blocksize) for x in xs]
     codes, absmax = torch.empty(sum(blocks), blocksize, dtype=torch.int8), torch.empty(sum(blocks))
+    if compiled:
+        from .compiled import int8_quantise
     at = 0
     for x, b in zip(xs, blocks):
+        if not b:  # (an empty tensor: no blocks, nothing to quantise)
+            continue
         rows = (x if x.numel() == b * blocksize else torch.nn.functional.pad(x, (0, b * blocksize - x.numel()))
                 ).view(b, blocksize)
         if compiled:
-            from .compiled import int8_quantise
-
             int8_quantise(rows, codes[at:at + b], absmax[at:at + b])
-        elif b:
+        else:
             q, scale, _ = _bnb().int8_vectorwise_quant(rows)
             if not scale.all():  # (a boolean index costs as much as the quantiser: only where a block is zero)
                 q[scale == 0] = 0
@@ -172,17 +174,17 @@ def encode(codec: Codec, arrays: dict[str, np.ndarray], compiled: bool = False) 
             q, state = _bnb().quantize_4bit(x.flatten(), blocksize=codec.blocksize, quant_type="nf4")
             out[k] = q.flatten().numpy()
             scales.append(state.absmax.float().numpy())
-            shapes.append([x.dim(), *x.shape])
+            shapes.append(x.shape)
         else:  # topk
             flat = x.flatten()
             kept = min(flat.numel(), max(1, math.ceil(codec.topk_fraction * flat.numel()))) if flat.numel() else 0
             idx = _largest(flat.numpy(), kept)
             out[k], out[k + SEP + "idx"] = flat.numpy()[idx], idx.astype(np.int32)
-            shapes.append([x.dim(), *x.shape])
+            shapes.append(x.shape)
     if codec.name == "nf4":
         out[ABSMAX] = np.concatenate(scales).astype(np.float32) if scales else np.zeros(0, np.float32)
     if codec.name in ("nf4", "topk"):
-        out[SHAPES] = np.asarray([d for s in shapes for d in s], dtype=np.int64)
+        out[SHAPES] = _shape_array(shapes)
     return out
 
 
