@@ -44,9 +44,11 @@ def test_the_compiled_sum_of_16bit_replies_is_the_eager_sum_within_float32_round
                 a, b = getattr(f, part), getattr(eager.lora[n], part)
                 terms = [getattr(st.lora[n], part).double() for st in states]
                 assert a.dtype == torch.float32 and a.shape == b.shape
-                assert_within(a, b, f32_tol(len(states), sum(pk * t.abs() for pk, t in zip(p, terms))), f"{n}.{part}")
+                # (each term: its weight rounded to float32, the product, then K additions: K + 2 on a path)
+                assert_within(a, b, f32_tol(len(states) + 2, sum(pk * t.abs() for pk, t in zip(p, terms))),
+                              f"{n}.{part}")
         assert_within(got.extra["head.weight"], eager.extra["head.weight"],
-                      f32_tol(len(states), sum(pk * st.extra["head.weight"].double().abs()
+                      f32_tol(len(states) + 2, sum(pk * st.extra["head.weight"].double().abs()
                                                for pk, st in zip(p, states))))
 
 
@@ -78,9 +80,10 @@ def test_the_compiled_sum_of_int8_replies_is_the_eager_sum_within_float32_roundi
         for part in "AB":
             a, terms = getattr(f, part), [getattr(st.lora[n], part).double() for st in states]
             assert a.dtype == torch.float32 and a.shape == terms[0].shape
-            assert_within(a, getattr(eager.lora[n], part), f32_tol(len(states), sum(pk * t.abs() for pk, t in
+            # (a term: weight to float32, / 127, code x absmax, x weight; K additions: K + 4, as test_codecs')
+            assert_within(a, getattr(eager.lora[n], part), f32_tol(len(states) + 4, sum(pk * t.abs() for pk, t in
                                                                                     zip(p, terms))), f"{n}.{part}")
-    assert_within(got.extra["head.weight"], eager.extra["head.weight"], f32_tol(len(states), sum(
+    assert_within(got.extra["head.weight"], eager.extra["head.weight"], f32_tol(len(states) + 4, sum(
         pk * st.extra["head.weight"].double().abs() for pk, st in zip(p, states))))
 
 
@@ -103,7 +106,7 @@ def test_messages_of_other_layouts_are_summed_a_column_at_a_time(monkeypatch):
     assert sorted(sums) == [0, 1, 2, 3]
     for j, col in enumerate(same):
         exact = sum(0.5 * t.float().double() for t in col)
-        assert_within(sums[j], exact, f32_tol(2, sum(0.5 * t.float().double().abs() for t in col)))
+        assert_within(sums[j], exact, f32_tol(2 + 4, sum(0.5 * t.float().double().abs() for t in col)))
     states[2].lora.pop("a")  # FedIT over the four (the third's blocks still shifted): every column by wsum
     calls, wsum = [], compiled.wsum
     monkeypatch.setattr(compiled, "wsum", lambda col, p: calls.append(1) or wsum(col, p))
@@ -113,7 +116,7 @@ def test_messages_of_other_layouts_are_summed_a_column_at_a_time(monkeypatch):
         for part in "AB":
             terms = [getattr(st.lora[n], part).double() for st in states]
             assert_within(getattr(f, part), getattr(eager.lora[n], part),
-                          f32_tol(4, sum(t.abs() for t in terms)), f"{n}.{part}")
+                          f32_tol(4 + 4, sum(t.abs() for t in terms)), f"{n}.{part}")
 
 
 def test_fp32_replies_keep_the_eager_sum_bit_for_bit(monkeypatch):
@@ -159,7 +162,7 @@ def test_a_server_with_compile_aggregates_coded_replies_as_the_eager_one(monkeyp
     a, b = on.aggregate_round(1, replies), off.aggregate_round(1, replies)
     assert not a.rejected and not b.rejected and calls
     for k, x in snapshot(on).items():
-        assert_within(x, snapshot(off)[k], f32_tol(4, 1.0), k)
+        assert_within(x, snapshot(off)[k], f32_tol(4 + 4, 1.0), k)  # (int8's four roundings a term, as above)
 
 
 def test_a_two_round_run_with_compile_ends_where_the_eager_run_ends(tmp_path):
